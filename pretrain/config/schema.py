@@ -1,0 +1,212 @@
+"""Configuration schema: one dataclass per YAML section, a docstring per field.
+
+The docstring under each field is the user documentation: `docs/CONFIG.md` is
+generated from it (`python -m pretrain.config.docs`), and a test checks the
+committed file is current. Field types are enforced when loading YAML and dotted
+overrides (see `load.py`); cross-field rules live in `validate.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class ModelConfig:
+    """The GPT architecture. Defaults are GPT-2 (learned positions, LayerNorm, GELU, biases, tied embeddings)."""
+
+    n_layer: int = 12
+    """Number of transformer blocks."""
+    n_head: int = 12
+    """Number of attention (query) heads; must divide d_model."""
+    n_kv_head: Optional[int] = None
+    """Key/value heads for grouped-query attention; must divide n_head. null = n_head (multi-head attention)."""
+    d_model: int = 768
+    """Residual stream width (hidden size)."""
+    d_ff: Optional[int] = None
+    """MLP hidden width. null = 4*d_model for gelu, or 8/3*d_model rounded up to a multiple of 256 for swiglu."""
+    vocab_size: Optional[int] = None
+    """Vocabulary size. null = taken from the data manifest; must be >= the data's vocabulary.
+    Padded up to a multiple of vocab_multiple x parallel.tensor."""
+    vocab_multiple: int = 128
+    """Pad the embedding table to a multiple of this (times the tensor-parallel degree) for fast matmuls."""
+    seq_len: int = 1024
+    """Training sequence length; also the number of learned positions (max context)."""
+    position: str = "learned"
+    """Position encoding: 'learned' (GPT-2 absolute positions) or 'rope' (rotary)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency (position: rope only)."""
+    norm: str = "layernorm"
+    """Normalisation: 'layernorm' or 'rmsnorm'."""
+    norm_eps: float = 1e-5
+    """Epsilon of the normalisation layers."""
+    mlp: str = "gelu"
+    """MLP type: 'gelu' (GELU with tanh approximation, GPT-2) or 'swiglu' (Llama)."""
+    bias: bool = True
+    """Biases in linear layers and LayerNorm (GPT-2: true, Llama: false)."""
+    tie_embeddings: bool = True
+    """Share the input embedding and the output head weight."""
+    dropout: float = 0.0
+    """Dropout on attention output, MLP output and embeddings (0 for pretraining at scale)."""
+    init_std: float = 0.02
+    """Std of the normal initialisation; residual output projections use init_std/sqrt(2*n_layer)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass to save memory."""
+
+
+@dataclass
+class DataConfig:
+    """Where the token shards are and how samples are drawn from them."""
+
+    paths: list = field(default_factory=list)
+    """Data sources: manifest directories written by pretrain-prep, or Megatron prefixes (path without .bin/.idx)."""
+    weights: list = field(default_factory=list)
+    """Blend weights, one per path (normalised). Empty = proportional to each source's token count."""
+    train_split: str = "train"
+    """Split of each manifest used for training."""
+    valid_split: str = "valid"
+    """Split used for validation; missing in every source = validation is skipped with a warning."""
+    seed: int = 1234
+    """Seed of the sample-index shuffle (independent of the model seed)."""
+    cache_dir: Optional[str] = None
+    """Where sample indices are cached. null = <train.out_dir>/index_cache."""
+    synthetic: bool = False
+    """Use random tokens instead of shards (benchmarks and smoke tests); needs model.vocab_size."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the job is laid out over processes. data x tensor x pipeline = world size."""
+
+    tensor: int = 1
+    """Tensor-parallel degree (Megatron-style column/row-parallel blocks)."""
+    pipeline: int = 1
+    """Pipeline-parallel degree (DeepSpeed PipelineModule stages)."""
+    data: Optional[int] = None
+    """Data-parallel degree. null = world_size / (tensor * pipeline)."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage 0-3. Pipeline parallelism allows 0 or 1."""
+    offload_optimizer: bool = False
+    """Keep optimizer state on the CPU (ZeRO 2/3 only)."""
+    sequence_parallel: bool = False
+    """Shard norm/dropout activations along the sequence across tensor-parallel ranks."""
+    pipeline_partition: str = "parameters"
+    """How layers are split into stages: 'parameters' (balance parameter counts) or 'uniform' (layers)."""
+    timeout_minutes: float = 30.0
+    """Collective timeout: a dead peer makes the survivors fail after this long instead of hanging."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW."""
+
+    lr: float = 6e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on weight matrices."""
+    decay_norms_and_biases: bool = False
+    """Also decay biases and norm gains (usually not)."""
+    decay_embeddings: bool = False
+    """Also decay the token/position embeddings (usually not)."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule: linear warmup, then a decay to min_lr."""
+
+    kind: str = "cosine"
+    """After warmup: 'cosine', 'linear', 'constant' or 'wsd' (warmup-stable-decay)."""
+    warmup_steps: int = 0
+    """Steps of linear warmup from 0 to optim.lr."""
+    decay_steps: Optional[int] = None
+    """Steps over which the decay runs (after warmup). null = train.max_steps - warmup_steps."""
+    min_lr: float = 0.0
+    """Floor of the decay (absolute learning rate)."""
+    wsd_decay_fraction: float = 0.2
+    """wsd only: the final fraction of decay_steps spent decaying linearly to min_lr."""
+
+
+@dataclass
+class TrainConfig:
+    """The training run itself."""
+
+    out_dir: str = "runs/default"
+    """Run directory: checkpoints, TensorBoard logs, resolved config."""
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward on one data-parallel rank."""
+    global_batch_size: Optional[int] = None
+    """Sequences per optimizer step over all ranks = micro_batch_size x grad accumulation x data-parallel size.
+    null = micro_batch_size x data-parallel size (no accumulation)."""
+    precision: str = "bf16"
+    """'fp32', 'bf16' (autocast-free DeepSpeed bf16) or 'fp16' (dynamic loss scaling, GPU only)."""
+    device: str = "auto"
+    """'auto' (GPU when available), 'cpu' or 'cuda'."""
+    seed: int = 42
+    """Model initialisation and dropout seed."""
+    eval_interval: int = 0
+    """Validate every this many steps (0 = only at the end)."""
+    eval_steps: int = 10
+    """Micro-batches per rank in a validation pass."""
+    max_consecutive_skips: int = 5
+    """Stop with a checkpoint of the last good state after this many non-finite steps in a row."""
+    compile: bool = False
+    """torch.compile each block (GPU)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints: DeepSpeed shards plus our own JSON state, committed atomically."""
+
+    interval: int = 0
+    """Save every this many steps (0 = only at the end and on SIGTERM/SIGUSR1)."""
+    keep_last: int = 3
+    """Committed checkpoints to keep; older ones are deleted after a new one commits."""
+    resume: str = "auto"
+    """'auto' (newest checkpoint whose manifest verifies, else start fresh), 'none', or a checkpoint directory."""
+    dir: Optional[str] = None
+    """Checkpoint directory. null = <train.out_dir>/checkpoints."""
+
+
+@dataclass
+class LoggingConfig:
+    """Console and TensorBoard."""
+
+    interval: int = 10
+    """Print a console line and write TensorBoard scalars every this many steps."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under <train.out_dir>/tensorboard."""
+    peak_flops: Optional[float] = None
+    """Peak FLOP/s of one device for MFU. null = looked up from the device name (CPU: no MFU)."""
+
+
+@dataclass
+class Config:
+    """A whole run. Every section is optional in YAML; omitted keys take these defaults."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deepspeed: dict = field(default_factory=dict)
+    """Extra DeepSpeed config keys merged over the generated config (for keys we do not model)."""
+
+
+def to_dict(cfg: Any) -> Any:
+    """A plain nested dict (YAML/JSON-serialisable) of a config dataclass."""
+    from dataclasses import asdict
+
+    return asdict(cfg)
