@@ -1,0 +1,136 @@
+"""Decoder-only GPT: GPT-2 by default, Llama-style options from ModelConfig.
+
+    idx (B, T) -> Embedding -> Block x n_layer -> Head -> logits (B, T, V)
+
+Options: position learned|rope, norm layernorm|rmsnorm, mlp gelu|swiglu, grouped-query
+attention (n_kv_head), tied or untied output head, biases on/off, dropout, activation
+checkpointing. No DeepSpeed and no torch.distributed here: parallel wrappers reuse the
+layers from `GPT.layers()`.
+
+Parameter names (state_dict keys) and their HF equivalents
+(GPT-2 Conv1D weights are stored transposed in HF: ours = theirs.T):
+
+    ours                          HF GPT2 (transformer.*)   HF Llama (model.*)
+    embed.wte.weight              wte.weight                embed_tokens.weight
+    embed.wpe.weight              wpe.weight                (rope: absent)
+    blocks.{i}.ln_1.{weight,bias} h.{i}.ln_1                layers.{i}.input_layernorm
+    blocks.{i}.attn.qkv.{w,b}     h.{i}.attn.c_attn         cat([q_proj, k_proj, v_proj], dim 0)
+    blocks.{i}.attn.proj.{w,b}    h.{i}.attn.c_proj         layers.{i}.self_attn.o_proj
+    blocks.{i}.ln_2.{weight,bias} h.{i}.ln_2                layers.{i}.post_attention_layernorm
+    blocks.{i}.mlp.fc.{w,b}       h.{i}.mlp.c_fc            (swiglu) mlp.gate / mlp.up =
+    blocks.{i}.mlp.proj.{w,b}     h.{i}.mlp.c_proj            gate_proj / up_proj, mlp.down = down_proj
+    head.ln_f.{weight,bias}       ln_f                      norm
+    head.lm_head.weight           (tied: absent)            lm_head.weight (untied only)
+
+The fused qkv output is [q (n_head*hd) | k (n_kv_head*hd) | v (n_kv_head*hd)]. RoPE uses
+the rotate_half (GPT-NeoX / HF Llama) pairing, so HF Llama q/k weights need no permutation.
+With tied embeddings the output head uses embed.wte.weight; there is no head.lm_head key.
+
+Initialisation (GPT-2): normal(0, init_std) for linear and embedding weights, zero biases,
+unit norm gains, and std init_std/sqrt(2*n_layer) for the residual output projections
+(attn.proj, mlp.proj / mlp.down). Each layer initialises itself in its constructor, so
+construction under a given torch.manual_seed is deterministic.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain.config.schema import ModelConfig
+from pretrain.model.layers import Block, Embedding, Head, KVCache, check_config
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over all positions, computed in fp32. logits (B, T, V), targets (B, T).
+
+    Targets equal to -100 are ignored (F.cross_entropy's ignore_index).
+    """
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+class GPT(nn.Module):
+    """The whole model. `vocab_size` is the (already padded) embedding-table size."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        check_config(cfg)
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.embed = Embedding(cfg, vocab_size)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.head = Head(cfg, vocab_size, tied_embedding=self.embed if cfg.tie_embeddings else None)
+
+    def layers(self) -> list[nn.Module]:
+        """[embed, *blocks, head]: applying them in sequence is the forward pass (without loss)."""
+        return [self.embed, *self.blocks, self.head]
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                cache: Optional[list[KVCache]] = None, start_pos: int = 0) -> torch.Tensor:
+        """idx (B, T) -> logits (B, T, V), or the mean fp32 loss when targets (B, T) are given.
+
+        With `cache` (from `make_cache`), idx holds the tokens at absolute positions
+        start_pos..start_pos+T-1; their keys/values are appended to the cache and they
+        attend to everything cached before them.
+        """
+        x = self.embed(idx, start_pos)  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache[i], start_pos)  # (B, T, C)
+        logits = self.head(x)  # (B, T, V)
+        if targets is None:
+            return logits
+        return loss_fn(logits, targets)
+
+    def make_cache(self, batch_size: int, max_len: Optional[int] = None, dtype: Optional[torch.dtype] = None,
+                   device: Optional[torch.device] = None) -> list[KVCache]:
+        """One empty KVCache per block, for up to max_len (default seq_len) positions.
+
+        dtype/device default to those of the model's parameters.
+        """
+        p = next(self.parameters())
+        cfg = self.cfg
+        return [KVCache(batch_size, cfg.n_kv_head or cfg.n_head, max_len or cfg.seq_len, cfg.d_model // cfg.n_head,
+                        dtype=dtype or p.dtype, device=device or p.device) for _ in self.blocks]
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Number of (unique) parameters.
+
+        non_embedding=True leaves out the lookup-only tables: the position embedding wpe, and
+        the token embedding wte when untied (tied, wte is also the output matmul and is kept).
+        This is nanoGPT's / the baseline's N for FLOPs: 6N + 12*L*d*T per token.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            if self.embed.wpe is not None:
+                n -= self.embed.wpe.weight.numel()
+            if not self.cfg.tie_embeddings:
+                n -= self.embed.wte.weight.numel()
+        return n
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_norms_and_biases: bool = False,
+                 decay_embeddings: bool = False) -> list[dict]:
+    """AdamW parameter groups: [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0}].
+
+    Decayed: weight matrices (>= 2-D), except nn.Embedding tables unless decay_embeddings;
+    biases and norm gains (< 2-D) only if decay_norms_and_biases. Every trainable parameter
+    lands in exactly one group, a shared (tied) parameter once. Empty groups are dropped.
+    Works on any module tree (GPT, a pipeline stage, a wrapper).
+    """
+    embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding)
+                     for p in m.parameters(recurse=False)}
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():  # named_parameters() yields a shared parameter once
+        if not p.requires_grad:
+            continue
+        if id(p) in embedding_ids:
+            use_decay = decay_embeddings
+        elif p.dim() >= 2:
+            use_decay = True
+        else:
+            use_decay = decay_norms_and_biases
+        (decay if use_decay else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
