@@ -1,0 +1,408 @@
+"""Analytic run planning: parameter count, FLOPs, pipeline split and memory per rank.
+
+Nothing here builds a model or touches a device; `--plan` prints `format_plan(cfg, layout)`.
+
+Parameter count (`count_params`) follows the model exactly (a test compares it with
+`pretrain.model.gpt.GPT`): per block two norms, a fused qkv projection with
+(n_head + 2*n_kv_head)*head_dim outputs, an output projection and the MLP (gelu: fc and
+proj; swiglu: gate, up and down); then a final norm, the token embedding (padded
+vocabulary), learned positions when model.position is 'learned', and an untied head.
+model.bias false removes every linear and norm bias; RMSNorm has no bias.
+
+FLOPs per token (`flops_per_token`) = 6*N + 12*L*d*T, the PaLM / nanoGPT / llm.c
+convention (REFERENCE.md, baseline/plain_gpt.py): N is every parameter except the
+position embeddings, i.e. every parameter that takes part in a matmul (with tied
+embeddings the token embedding is the output head's matrix). For an untied head the
+input token embedding is a lookup-only table too and is left out of N as well, so the
+head is counted once; this equals `GPT.num_params(non_embedding=True)`. 6N is the
+forward (2N) and backward (4N) of the weight matmuls; 12*L*d*T is the attention-score
+and weighted-sum matmuls (forward + backward) at full, non-causal cost.
+How it differs from the others:
+  * HF / Kaplan "6N" ignores attention (the 12*L*d*T term) and excludes the embedding
+    and output head, so it reports lower FLOPs (and MFU) than this, most at long T;
+  * Megatron-LM's formula (Narayanan et al. 2021, 72*B*T*L*d^2*(1 + T/(6d) + V/(12*L*d)))
+    counts the QKV/out/MLP matmuls, attention and logits explicitly, assuming 4d MLPs and
+    no GQA (it agrees with this one for GPT-2 shapes up to the biases and norms); with
+    activation recomputation it adds the recomputed forward (96 instead of 72), i.e.
+    hardware FLOPs, whereas this is model FLOPs (recomputation is not counted).
+MFU = tokens/s x flops_per_token / peak FLOP/s (what REFERENCE.md measures with).
+
+Memory (`memory_estimate`): bytes per rank under the ZeRO stage and precision
+(fp32: weights 4 + gradients 4 + Adam 8 bytes per parameter; bf16/fp16 mixed precision:
+weights 2 + gradients 2 + fp32 master weights and Adam moments 12). ZeRO-1 shards the
+optimizer state over the data-parallel ranks, ZeRO-2 also the gradients, ZeRO-3 also the
+weights; tensor parallelism divides each stage's parameters by tp, pipeline parallelism
+gives each stage its own layers. Activations per micro-batch follow Korthikanti et al.
+2022 (see REFERENCE.md): s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit precision,
+s*b*h*(10 + 24/t + 5*a*s/(h*t)) with tensor parallelism t, s*b*h/t*(34 + 5*a*s/h) with
+sequence parallelism, and 2*s*b*h (/t with sequence parallelism) per layer with full
+recomputation (model.activation_checkpointing) plus one layer's full activations while it
+is recomputed. fp32 doubles them. The 5*a*s/h term is the stored attention matrix: fused
+(flash / memory-efficient SDPA) attention does not store it, so the estimate is an upper
+bound there. The loss adds 8 bytes per logit (fp32 log-probabilities and their gradient).
+Under pipeline parallelism (1F1B) stage i keeps up to min(pp - i, grad_accum)
+micro-batches in flight. Not included: CUDA context and kernels' workspaces (~1-3 GiB),
+communication buckets, allocator fragmentation.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pretrain.config.schema import Config, ModelConfig
+
+__all__ = [
+    "ffn_dim", "head_dim", "kv_heads", "count_params", "matmul_params", "flops_per_token", "pipeline_layer_params",
+    "partition_uniform", "partition_balanced", "stage_blocks", "memory_estimate", "format_plan",
+]
+
+GiB = 2**30
+
+
+# --------------------------------------------------------------------------- shapes
+def ffn_dim(m: ModelConfig) -> int:
+    """MLP hidden width: model.d_ff, else 4*d (gelu) or int(8*d/3) rounded up to 256 (swiglu)."""
+    if m.d_ff is not None:
+        return m.d_ff
+    if m.mlp == "swiglu":
+        return -(-int(8 * m.d_model / 3) // 256) * 256
+    return 4 * m.d_model
+
+
+def head_dim(m: ModelConfig) -> int:
+    return m.d_model // m.n_head
+
+
+def kv_heads(m: ModelConfig) -> int:
+    return m.n_kv_head if m.n_kv_head is not None else m.n_head
+
+
+def _norm_params(m: ModelConfig) -> int:
+    return m.d_model * (2 if (m.norm == "layernorm" and m.bias) else 1)
+
+
+def _block_params(m: ModelConfig) -> int:
+    d, f, hd = m.d_model, ffn_dim(m), head_dim(m)
+    q_out = m.n_head * hd
+    qkv_out = (m.n_head + 2 * kv_heads(m)) * hd
+    attn = d * qkv_out + q_out * d + ((qkv_out + d) if m.bias else 0)
+    if m.mlp == "swiglu":
+        mlp = 3 * d * f + ((2 * f + d) if m.bias else 0)
+    else:
+        mlp = 2 * d * f + ((f + d) if m.bias else 0)
+    return attn + mlp + 2 * _norm_params(m)
+
+
+def count_params(model_cfg: ModelConfig, padded_vocab: int) -> dict[str, int]:
+    """Parameter counts of the model (tied weights once).
+
+    total; embedding = token embedding + learned positions + untied head;
+    non_embedding = total - embedding (blocks and final norm); plus the parts:
+    token_embedding, position_embedding, head (0 when tied), per_block, blocks, final_norm.
+    """
+    m = model_cfg
+    wte = padded_vocab * m.d_model
+    wpe = m.seq_len * m.d_model if m.position == "learned" else 0
+    head = 0 if m.tie_embeddings else padded_vocab * m.d_model
+    per_block = _block_params(m)
+    blocks = m.n_layer * per_block
+    final_norm = _norm_params(m)
+    total = wte + wpe + head + blocks + final_norm
+    embedding = wte + wpe + head
+    return {
+        "total": total, "embedding": embedding, "non_embedding": total - embedding,
+        "token_embedding": wte, "position_embedding": wpe, "head": head,
+        "per_block": per_block, "blocks": blocks, "final_norm": final_norm,
+    }
+
+
+def matmul_params(model_cfg: ModelConfig, padded_vocab: int) -> int:
+    """N of the FLOPs formula: all parameters except lookup-only tables (position
+    embeddings, and the token embedding when the head is untied)."""
+    c = count_params(model_cfg, padded_vocab)
+    n = c["total"] - c["position_embedding"]
+    if not model_cfg.tie_embeddings:
+        n -= c["token_embedding"]
+    return n
+
+
+def flops_per_token(model_cfg: ModelConfig, padded_vocab: int) -> int:
+    """Training (model) FLOPs per token: 6*N + 12*L*d*T, N = `matmul_params`."""
+    n = matmul_params(model_cfg, padded_vocab)
+    m = model_cfg
+    return 6 * n + 12 * m.n_layer * m.d_model * m.seq_len
+
+
+# --------------------------------------------------------------------------- pipeline split
+def pipeline_layer_params(model_cfg: ModelConfig, padded_vocab: int) -> list[tuple[str, int]]:
+    """The pipeline's layer list (`GPT.layers()`: embedding, blocks, head = final norm +
+    output matrix) with the parameters each stage holding it stores.
+
+    With tied embeddings the head is DeepSpeed's TiedLayerSpec of the embedding, so the last
+    stage holds (and DeepSpeed's 'parameters' partition counts) a copy of the token embedding.
+    """
+    c = count_params(model_cfg, padded_vocab)
+    layers = [("embedding", c["token_embedding"] + c["position_embedding"])]
+    layers += [(f"block{i}", c["per_block"]) for i in range(model_cfg.n_layer)]
+    layers.append(("head", c["final_norm"] + padded_vocab * model_cfg.d_model))
+    return layers
+
+
+def partition_uniform(num_items: int, num_parts: int) -> list[int]:
+    """Boundaries [0, ..., num_items] as deepspeed.runtime.utils.partition_uniform."""
+    if num_items <= num_parts:
+        return [min(p, num_items) for p in range(num_parts + 1)]
+    chunk, residual = divmod(num_items, num_parts)
+    parts = [p * chunk for p in range(num_parts + 1)]
+    for i in range(residual):
+        for j in range(i + 1, num_parts + 1):
+            parts[j] += 1
+    return parts
+
+
+def partition_balanced(weights: list[int], num_parts: int) -> list[int]:
+    """Boundaries as deepspeed.runtime.utils.partition_balanced (linear-partition DP)."""
+    n, m = len(weights), num_parts
+    if n <= m:
+        return partition_uniform(n, m)
+    inf = math.inf
+    dp_max = [[inf] * (m + 1) for _ in range(n + 1)]
+    dp_min = [[inf] * (m + 1) for _ in range(n + 1)]
+    dp_cost = [[inf] * (m + 1) for _ in range(n + 1)]
+    position = [[0] * (m + 1) for _ in range(n + 1)]
+    prefix = [0.0] * (n + 1)
+    for i, w in enumerate(weights):
+        prefix[i + 1] = prefix[i] + w
+    dp_max[0][0] = 0
+    dp_cost[0][0] = 0
+    for i in range(1, n + 1):
+        for j in range(1, min(i, m) + 1):
+            for k in range(i):
+                seg = prefix[i] - prefix[k]
+                max_sum = max(dp_max[k][j - 1], seg)
+                min_sum = min(dp_min[k][j - 1], seg)
+                cost = max_sum - min_sum
+                if dp_cost[i][j] >= cost:
+                    dp_cost[i][j] = cost
+                    dp_max[i][j] = max_sum
+                    dp_min[i][j] = min_sum
+                    position[i][j] = k
+    parts = [n]
+    for i in reversed(range(1, m + 1)):
+        parts.append(position[parts[-1]][i])
+    parts.reverse()
+    return parts
+
+
+def _stage_bounds(cfg: Config, padded_vocab: int, pp: int) -> list[tuple[int, int]]:
+    layers = pipeline_layer_params(cfg.model, padded_vocab)
+    if cfg.parallel.pipeline_partition == "uniform":
+        parts = partition_uniform(len(layers), pp)
+    else:
+        parts = partition_balanced([w for _, w in layers], pp)
+    return [(parts[i], parts[i + 1]) for i in range(pp)]
+
+
+def stage_blocks(cfg: Config, padded_vocab: int, pp: int) -> list[range]:
+    """Transformer blocks (indices) of each pipeline stage, as DeepSpeed partitions
+    [embedding, block0..blockL-1, head] with parallel.pipeline_partition."""
+    out = []
+    for start, stop in _stage_bounds(cfg, padded_vocab, pp):
+        # layer index i >= 1 is block i-1 for i in 1..L
+        lo = max(start, 1) - 1
+        hi = min(stop, cfg.model.n_layer + 1) - 1
+        out.append(range(lo, max(lo, hi)))
+    return out
+
+
+# --------------------------------------------------------------------------- memory
+def _activation_bytes_per_layer(cfg: Config, micro: int, tp: int, fused: bool = False) -> tuple[float, float]:
+    """(stored bytes per layer, one layer's full activations while recomputed) for one
+    micro-batch. fused=True drops the 5*a*s/h attention-matrix term (flash attention)."""
+    m, p = cfg.model, cfg.parallel
+    s, b, h, a, t = m.seq_len, micro, m.d_model, m.n_head, tp
+    sbh = s * b * h
+    attn = 0.0 if fused else 5 * a * s / h
+    if t == 1:
+        full = sbh * (34 + attn)
+    elif p.sequence_parallel:
+        full = sbh / t * (34 + attn)
+    else:
+        full = sbh * (10 + 24 / t + attn / t)
+    scale = 2.0 if cfg.train.precision == "fp32" else 1.0  # the formula assumes 16-bit activations
+    full *= scale
+    if m.activation_checkpointing:
+        stored = 2 * sbh * scale / (t if p.sequence_parallel else 1)
+        return stored, full
+    return full, 0.0
+
+
+def memory_estimate(cfg: Config, layout: Any) -> dict[str, Any]:
+    """Estimated bytes per rank on the busiest pipeline stage (see the module docstring).
+
+    Keys: params (parameters held by one rank before ZeRO sharding), weights, gradients,
+    optimizer (device), optimizer_cpu (host, when offloading), activations (one micro-batch,
+    logits included), logits, in_flight (micro-batches alive at once), total (device:
+    weights + gradients + optimizer + activations x in_flight), stage, per_stage (totals),
+    and activations_fused_attention / total_fused_attention: the same without the stored
+    attention matrix (flash / memory-efficient attention).
+    """
+    m = cfg.model
+    dp, tp, pp = layout.dp, layout.tp, layout.pp
+    mixed = cfg.train.precision in ("bf16", "fp16")
+    w_b, g_b, o_b = (2, 2, 12) if mixed else (4, 4, 8)
+    zero = layout.zero_stage
+    shard_w = dp if zero >= 3 else 1
+    shard_g = dp if zero >= 2 else 1
+    shard_o = dp if zero >= 1 else 1
+
+    layers = pipeline_layer_params(m, layout.padded_vocab_size)
+    if pp == 1:
+        bounds = [(0, len(layers))]
+        c = count_params(m, layout.padded_vocab_size)  # one copy of a tied embedding
+        layers = layers[:-1] + [("head", c["final_norm"] + c["head"])]
+    else:
+        bounds = _stage_bounds(cfg, layout.padded_vocab_size, pp)
+
+    stored, recompute = _activation_bytes_per_layer(cfg, layout.micro_batch_size, tp)
+    stored_f, recompute_f = _activation_bytes_per_layer(cfg, layout.micro_batch_size, tp, fused=True)
+    logit_bytes = 8 * m.seq_len * layout.micro_batch_size * layout.padded_vocab_size / tp
+
+    stages = []
+    for i, (start, stop) in enumerate(bounds):
+        names = [n for n, _ in layers[start:stop]]
+        stage_params = sum(w for _, w in layers[start:stop])
+        params = math.ceil(stage_params / tp)
+        n_blocks = sum(1 for n in names if n.startswith("block"))
+        logits = logit_bytes if "head" in names else 0.0
+        acts = n_blocks * stored + (recompute if n_blocks else 0) + logits
+        acts_f = n_blocks * stored_f + (recompute_f if n_blocks else 0) + logits
+        in_flight = min(pp - i, layout.grad_accum) if pp > 1 else 1
+        weights = w_b * math.ceil(params / shard_w)
+        grads = g_b * math.ceil(params / shard_g)
+        optim = o_b * math.ceil(params / shard_o)
+        optim_cpu = 0
+        if cfg.parallel.offload_optimizer:
+            optim, optim_cpu = 0, optim
+        states = weights + grads + optim
+        total = states + acts * in_flight
+        total_f = states + acts_f * in_flight
+        stages.append({
+            "stage": i, "params": params, "blocks": n_blocks, "weights": weights,
+            "gradients": grads, "optimizer": optim, "optimizer_cpu": optim_cpu,
+            "activations": int(math.ceil(acts)), "logits": int(math.ceil(logits)),
+            "activations_fused_attention": int(math.ceil(acts_f)),
+            "in_flight": in_flight, "total": int(math.ceil(total)),
+            "total_fused_attention": int(math.ceil(total_f)),
+        })
+    worst = max(stages, key=lambda st: st["total"])
+    out = dict(worst)
+    out["per_stage"] = [st["total"] for st in stages]
+    return out
+
+
+# --------------------------------------------------------------------------- report
+def _si(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:8.2f} GiB"
+
+
+def _ranges(idx: list[int]) -> str:
+    if not idx:
+        return "-"
+    return f"{idx[0]}" if len(idx) == 1 else f"{idx[0]}-{idx[-1]}"
+
+
+def format_plan(cfg: Config, layout: Any) -> str:
+    """The human-readable plan printed by `--plan`."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    V = layout.padded_vocab_size
+    c = count_params(m, V)
+    fpt = flops_per_token(m, V)
+    tokens_step = layout.global_batch_size * m.seq_len
+    lines: list[str] = []
+    add = lines.append
+
+    mlp = f"{'SwiGLU' if m.mlp == 'swiglu' else 'GELU'} MLP {ffn_dim(m)}"
+    attn = f"{m.n_head} heads (head_dim {head_dim(m)})"
+    if kv_heads(m) != m.n_head:
+        attn += f", {kv_heads(m)} kv heads (GQA)"
+    add("Model")
+    add(f"  {m.n_layer} layers x d_model {m.d_model}, {attn}, {mlp}")
+    add(f"  {'RoPE' if m.position == 'rope' else 'learned'} positions, "
+        f"{'RMSNorm' if m.norm == 'rmsnorm' else 'LayerNorm'}, "
+        f"{'tied' if m.tie_embeddings else 'untied'} embeddings, bias {'on' if m.bias else 'off'}, "
+        f"seq_len {m.seq_len}")
+    add(f"  vocabulary: {layout.vocab_size} -> padded {V} (multiple of {m.vocab_multiple} x tp {layout.tp})")
+    add(f"Parameters: {c['total']:,} ({_si(c['total'])}); embedding {c['embedding']:,}, "
+        f"non-embedding {c['non_embedding']:,}")
+    add(f"FLOPs per token: {fpt:,} ({_si(fpt)}) = 6N + 12*L*d*T, N = {matmul_params(m, V):,} "
+        f"(parameters except lookup-only embeddings)")
+    add("")
+    add("Batch")
+    add(f"  micro {layout.micro_batch_size} x accumulation {layout.grad_accum} x data-parallel {layout.dp} "
+        f"= global {layout.global_batch_size} sequences = {tokens_step:,} tokens per step")
+    total_tokens = tokens_step * t.max_steps
+    add(f"  {t.max_steps:,} steps = {total_tokens:,} tokens ({_si(total_tokens)}), "
+        f"{total_tokens * fpt:.3g} FLOPs")
+    add("")
+    add("Layout")
+    add(f"  world {layout.world_size} = data {layout.dp} x tensor {layout.tp} x pipeline {layout.pp}; "
+        f"ZeRO-{layout.zero_stage}{' + optimizer offload' if p.offload_optimizer else ''}, "
+        f"{t.precision}, device {layout.device}"
+        f"{', sequence parallel' if p.sequence_parallel else ''}"
+        f"{', activation checkpointing' if m.activation_checkpointing else ''}")
+    add("  global rank = (pp_idx * dp + dp_idx) * tp + tp_idx  (DeepSpeed axis order: pipe, data, model)")
+    if layout.tp == 1:  # a stage's ranks are contiguous: one line per stage
+        for pi in range(layout.pp):
+            first, last = layout.rank(pi, 0, 0), layout.rank(pi, layout.dp - 1, 0)
+            add(f"  pp {pi}: rank{'s' if last > first else ''} {_ranges(list(range(first, last + 1)))} "
+                f"= dp {_ranges(list(range(layout.dp)))}")
+    else:
+        rows = [(pi, di) for pi in range(layout.pp) for di in range(layout.dp)]
+        shown = rows if len(rows) <= 32 else rows[:16] + [None] + rows[-8:]
+        for row in shown:
+            if row is None:
+                add(f"  ... ({len(rows) - 24} more)")
+                continue
+            pi, di = row
+            ranks = [layout.rank(pi, di, ti) for ti in range(layout.tp)]
+            add(f"  pp {pi}, dp {di}: ranks {_ranges(ranks)} (tp 0-{layout.tp - 1})")
+    if layout.pp > 1:
+        add("")
+        add(f"Pipeline stages ({p.pipeline_partition} partition)")
+        bounds = _stage_bounds(cfg, V, layout.pp)
+        names = [n for n, _ in pipeline_layer_params(m, V)]
+        for i, (blocks, (start, stop)) in enumerate(zip(stage_blocks(cfg, V, layout.pp), bounds)):
+            extra = [n for n in names[start:stop] if not n.startswith("block")]
+            add(f"  stage {i}: {len(blocks)} blocks"
+                + (f" ({blocks.start}-{blocks.stop - 1})" if len(blocks) else "")
+                + (f" + {', '.join(extra)}" if extra else ""))
+    add("")
+    mem = memory_estimate(cfg, layout)
+    where = f" for pipeline stage {mem['stage']}, the largest" if layout.pp > 1 else ""
+    add(f"Memory per rank (estimate{where})")
+    add(f"  parameters       {mem['params']:,} per rank before ZeRO sharding"
+        + (f" (/ tp {layout.tp})" if layout.tp > 1 else ""))
+    add(f"  weights          {_gib(mem['weights'])}")
+    add(f"  gradients        {_gib(mem['gradients'])}")
+    add(f"  optimizer        {_gib(mem['optimizer'])}"
+        + (f"   (+{_gib(mem['optimizer_cpu']).strip()} on the CPU)" if mem["optimizer_cpu"] else ""))
+    acts = f"  activations      {_gib(mem['activations'])}   per micro-batch (logits {_gib(mem['logits']).strip()})"
+    if mem["in_flight"] > 1:
+        acts += f" x {mem['in_flight']} in flight"
+    add(acts)
+    add(f"  total            {_gib(mem['total'])}")
+    add(f"  total, fused attention {_gib(mem['total_fused_attention']).strip()} "
+        f"(flash/memory-efficient SDPA does not store the s x s attention matrix: "
+        f"activations {_gib(mem['activations_fused_attention']).strip()})")
+    if layout.pp > 1:
+        add("  per stage: " + ", ".join(f"{x / GiB:.1f}" for x in mem["per_stage"]) + " GiB")
+    add("  (not included: CUDA context/workspaces ~1-3 GiB, communication buckets, fragmentation)")
+    return "\n".join(lines)

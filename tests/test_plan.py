@@ -1,0 +1,232 @@
+"""The analytic planner: parameter counts against the real model, FLOPs, memory, layout."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+import pytest
+
+from pretrain.config import load_config, resolve
+from pretrain.config.schema import Config, ModelConfig
+from pretrain.plan import (count_params, ffn_dim, flops_per_token, format_plan, matmul_params,
+                           memory_estimate, partition_balanced, partition_uniform, stage_blocks)
+
+GiB = 2**30
+
+ARCHS = {
+    "gpt2": dict(),
+    "gpt2-nobias": dict(bias=False),
+    "gpt2-untied": dict(tie_embeddings=False),
+    "llama": dict(position="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False, n_kv_head=2),
+    "llama-bias-layernorm": dict(position="rope", mlp="swiglu", bias=True, n_kv_head=1),
+    "rmsnorm-bias-learned": dict(norm="rmsnorm", bias=True, d_ff=100),
+    "gqa-gelu": dict(n_kv_head=2, d_ff=96),
+    "swiglu-default-dff": dict(mlp="swiglu", d_model=96, n_head=4),
+}
+
+
+def _model_cfg(**kw) -> ModelConfig:
+    base = dict(n_layer=2, n_head=4, d_model=64, seq_len=16)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_count_params_matches_model(name):
+    """The analytic count equals the real model's (tied weights counted once)."""
+    from pretrain.model.gpt import GPT
+
+    mcfg = _model_cfg(**ARCHS[name])
+    vocab = 256
+    model = GPT(mcfg, vocab)
+    real = sum(p.numel() for p in model.parameters())  # parameters() yields a shared one once
+    c = count_params(mcfg, vocab)
+    assert c["total"] == real
+    assert c["embedding"] + c["non_embedding"] == c["total"]
+    if hasattr(model, "num_params"):
+        assert model.num_params() == real
+        # the FLOPs' N is the model's non-embedding count (nanoGPT / baseline convention)
+        assert matmul_params(mcfg, vocab) == model.num_params(non_embedding=True)
+
+
+def test_ffn_dim_matches_model():
+    from pretrain.model.layers import resolve_d_ff
+
+    for kw in ({}, {"mlp": "swiglu"}, {"mlp": "swiglu", "d_model": 4096}, {"d_ff": 123}):
+        m = _model_cfg(**kw)
+        assert ffn_dim(m) == resolve_d_ff(m)
+    assert ffn_dim(_model_cfg(mlp="swiglu", d_model=4096)) == 11008
+    assert ffn_dim(_model_cfg(mlp="swiglu", d_model=2048)) == 5632
+
+
+def test_known_model_sizes():
+    # GPT-2 124M with the vocabulary padded to 50304 (nanoGPT / llm.c figure)
+    assert count_params(ModelConfig(), 50304)["total"] == 124_475_904
+    # Llama 2 7B: 6,738,415,616 parameters
+    llama7 = ModelConfig(n_layer=32, n_head=32, d_model=4096, seq_len=4096, position="rope",
+                         norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)
+    assert count_params(llama7, 32000)["total"] == 6_738_415_616
+
+
+def test_flops_per_token_convention():
+    m = ModelConfig()  # GPT-2 124M, tied, learned positions
+    c = count_params(m, 50304)
+    n = c["total"] - m.seq_len * m.d_model  # all but the position embeddings
+    assert flops_per_token(m, 50304) == 6 * n + 12 * 12 * 768 * 1024
+    untied = dataclasses.replace(m, tie_embeddings=False)
+    cu = count_params(untied, 50304)
+    # untied: the input embedding is lookup-only, the head is the matmul: same N as tied
+    assert cu["total"] == c["total"] + 50304 * 768
+    assert flops_per_token(untied, 50304) == flops_per_token(m, 50304)
+    rope = dataclasses.replace(m, position="rope")
+    assert flops_per_token(rope, 50304) == 6 * count_params(rope, 50304)["total"] + 12 * 12 * 768 * 1024
+
+
+def _layout(overrides, world, vocab=50257, gpu=True):
+    cfg = load_config(None, ["data.synthetic=true", f"model.vocab_size={vocab}"] + list(overrides))
+    return cfg, resolve(cfg, world, None, cuda_available=gpu)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_zero3_bf16_states_are_16_psi_over_n(precision):
+    cfg, lay = _layout(["parallel.zero_stage=3", f"train.precision={precision}"], 8)
+    psi = count_params(cfg.model, lay.padded_vocab_size)["total"]
+    assert psi % 8 == 0
+    mem = memory_estimate(cfg, lay)
+    assert mem["weights"] + mem["gradients"] + mem["optimizer"] == 16 * psi // 8
+
+
+@pytest.mark.parametrize("stage, formula", [
+    (0, lambda p, n: 16 * p),
+    (1, lambda p, n: 4 * p + 12 * p // n),
+    (2, lambda p, n: 2 * p + 14 * p // n),
+    (3, lambda p, n: 16 * p // n),
+])
+def test_zero_stages_reference_formulas(stage, formula):
+    """REFERENCE.md: ZeRO-0 16Psi; ZeRO-1 4Psi + 12Psi/N; ZeRO-2 2Psi + 14Psi/N; ZeRO-3 16Psi/N."""
+    cfg, lay = _layout([f"parallel.zero_stage={stage}", "train.precision=bf16"], 4)
+    psi = count_params(cfg.model, lay.padded_vocab_size)["total"]
+    mem = memory_estimate(cfg, lay)
+    assert mem["params"] == psi
+    assert mem["weights"] + mem["gradients"] + mem["optimizer"] == formula(psi, 4)
+
+
+def test_fp32_and_offload_and_tp():
+    cfg, lay = _layout(["parallel.zero_stage=0", "train.precision=fp32", "train.device=cpu"], 1, gpu=False)
+    psi = count_params(cfg.model, lay.padded_vocab_size)["total"]
+    mem = memory_estimate(cfg, lay)
+    assert (mem["weights"], mem["gradients"], mem["optimizer"]) == (4 * psi, 4 * psi, 8 * psi)
+    cfg, lay = _layout(["parallel.zero_stage=2", "parallel.offload_optimizer=true"], 2)
+    mem = memory_estimate(cfg, lay)
+    assert mem["optimizer"] == 0 and mem["optimizer_cpu"] == 12 * psi // 2
+    cfg, lay = _layout(["parallel.tensor=4", "parallel.zero_stage=0"], 4)
+    psi = count_params(cfg.model, lay.padded_vocab_size)["total"]
+    assert memory_estimate(cfg, lay)["params"] == math.ceil(psi / 4)
+
+
+def test_activation_formula():
+    """Korthikanti et al.: s*b*h*(34 + 5as/h) per layer (16-bit), SP divides by t,
+    full recompute keeps 2*s*b*h per layer."""
+    s, b, h, a, L, V = 1024, 4, 768, 12, 12, 50304
+    base = ["model.seq_len=1024", "train.micro_batch_size=4", "parallel.zero_stage=0"]
+    logits = 8 * s * b * V
+    cfg, lay = _layout(base, 1)
+    mem = memory_estimate(cfg, lay)
+    assert mem["activations"] == pytest.approx(L * s * b * h * (34 + 5 * a * s / h) + logits, rel=1e-9)
+    assert mem["activations_fused_attention"] == pytest.approx(L * s * b * h * 34 + logits, rel=1e-9)
+    cfg, lay = _layout(base + ["parallel.tensor=4", "parallel.sequence_parallel=true"], 4)
+    mem = memory_estimate(cfg, lay)
+    Vp = lay.padded_vocab_size
+    assert mem["activations"] == pytest.approx(
+        L * s * b * h / 4 * (34 + 5 * a * s / h) + 8 * s * b * Vp / 4, rel=1e-9)
+    cfg, lay = _layout(base + ["parallel.tensor=4"], 4)
+    assert memory_estimate(cfg, lay)["activations"] == pytest.approx(
+        L * s * b * h * (10 + 24 / 4 + 5 * a * s / (h * 4)) + 8 * s * b * Vp / 4, rel=1e-9)
+    cfg, lay = _layout(base + ["model.activation_checkpointing=true"], 1)
+    one_layer = s * b * h * (34 + 5 * a * s / h)
+    assert memory_estimate(cfg, lay)["activations"] == pytest.approx(L * 2 * s * b * h + one_layer + logits,
+                                                                     rel=1e-9)
+    cfg, lay = _layout(base + ["train.precision=fp32", "train.device=cpu"], 1, gpu=False)
+    assert memory_estimate(cfg, lay)["activations"] == pytest.approx(
+        2 * L * s * b * h * (34 + 5 * a * s / h) + logits, rel=1e-9)
+
+
+def test_partitions_match_deepspeed():
+    from deepspeed.runtime import utils as ds_utils
+
+    rng = random.Random(0)
+    for _ in range(30):
+        n = rng.randint(1, 30)
+        parts = rng.randint(1, 8)
+        weights = [rng.choice([0, 1, 100, rng.randint(1, 10**6)]) for _ in range(n)]
+        assert partition_uniform(n, parts) == list(ds_utils.partition_uniform(n, parts))
+        assert partition_balanced(weights, parts) == list(ds_utils.partition_balanced(weights, parts))
+
+
+def test_pipeline_stages_and_plan():
+    cfg, lay = _layout(["model.n_layer=24", "model.d_model=1024", "model.n_head=16",
+                        "parallel.pipeline=4", "train.global_batch_size=64"], 8)
+    blocks = stage_blocks(cfg, lay.padded_vocab_size, 4)
+    assert sum(len(r) for r in blocks) == 24
+    assert [r.start for r in blocks] == sorted(r.start for r in blocks)
+    assert blocks[0].start == 0 and blocks[-1].stop == 24
+    # the embedding and the (tied) head are heavy: end stages get fewer blocks
+    assert len(blocks[0]) < len(blocks[1]) and len(blocks[-1]) < len(blocks[1])
+    cfg.parallel.pipeline_partition = "uniform"
+    assert [len(r) for r in stage_blocks(cfg, lay.padded_vocab_size, 4)] == [6, 7, 6, 5]
+    plan = format_plan(cfg, lay)
+    assert "Pipeline stages (uniform partition)" in plan
+    assert "stage 0: 6 blocks (0-5) + embedding" in plan
+    mem = memory_estimate(cfg, lay)
+    assert len(mem["per_stage"]) == 4 and mem["in_flight"] >= 1
+
+
+def test_format_plan_contents():
+    cfg, lay = _layout(["parallel.tensor=2", "parallel.pipeline=2", "train.global_batch_size=64",
+                        "train.micro_batch_size=4"], 8)
+    plan = format_plan(cfg, lay)
+    assert "micro 4 x accumulation 8 x data-parallel 2 = global 64 sequences = 65,536 tokens per step" in plan
+    assert "world 8 = data 2 x tensor 2 x pipeline 2" in plan
+    # DeepSpeed order pipe, data, model: rank = (pp*dp + dp_idx)*tp + tp_idx
+    assert "pp 0, dp 1: ranks 2-3 (tp 0-1)" in plan
+    assert "pp 1, dp 0: ranks 4-5 (tp 0-1)" in plan
+    assert f"{count_params(cfg.model, lay.padded_vocab_size)['total']:,}" in plan
+    assert f"{flops_per_token(cfg.model, lay.padded_vocab_size):,}" in plan
+    for key in ("weights", "gradients", "optimizer", "activations", "total"):
+        assert key in plan
+
+
+def test_llama_7b_plan_fits_80gb():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "llama-7b.yaml"
+    cfg = load_config(str(path), [])
+    lay = resolve(cfg, 8, 32000, cuda_available=True)
+    mem = memory_estimate(cfg, lay)
+    assert mem["total"] + 3 * GiB < 80e9
+    assert "total" in format_plan(cfg, lay)
+
+
+def test_plan_needs_no_model_or_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom pretrain.config import load_config, resolve\nfrom pretrain.plan import format_plan\n"
+            "cfg = load_config('configs/llama-7b.yaml', [])\n"
+            "print(format_plan(cfg, resolve(cfg, 16, 32000, cuda_available=True)))\n"
+            "assert 'torch' not in sys.modules\n")
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "Memory per rank" in r.stdout
+
+
+def test_default_config_plan():
+    cfg = Config()
+    cfg.model.vocab_size = 50257
+    cfg.data.synthetic = True
+    lay = resolve(cfg, 1, None, cuda_available=False)
+    assert "124,475,904" in format_plan(cfg, lay)
