@@ -1,0 +1,55 @@
+"""Helpers for tests that run the trainer as real processes (python -m / torchrun)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# A tiny model on seeded random tokens: fast on 2 CPU cores, exercises dropout RNG too.
+TINY = [
+    "data.synthetic=true", "model.vocab_size=258", "model.n_layer=2", "model.d_model=64",
+    "model.n_head=4", "model.seq_len=32", "model.dropout=0.1", "train.micro_batch_size=2",
+    "train.global_batch_size=8", "train.precision=fp32", "train.device=cpu", "train.max_steps=6",
+    "train.eval_steps=2", "logging.interval=1", "checkpoint.interval=3", "parallel.timeout_minutes=2",
+    "schedule.warmup_steps=2",
+]
+
+
+def run_train(out_dir: Path, overrides=(), nproc: int = 1, faults: str = "", timeout: float = 300,
+              wait: bool = True):
+    """Run the trainer; returns CompletedProcess (or the Popen when wait=False)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("PRETRAIN_FAULTS", None)
+    if faults:
+        env["PRETRAIN_FAULTS"] = faults
+    args = ["-m", "pretrain.train", *TINY, f"train.out_dir={out_dir}", *overrides]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "--no-python", sys.executable, *args]
+    else:
+        cmd = [sys.executable, *args]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout)
+
+
+def metrics(out_dir: Path) -> list[dict]:
+    path = Path(out_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    """Train loss per step; a step logged twice (re-done after a resume) keeps its last value."""
+    return {m["step"]: m["train/loss"] for m in metrics(out_dir) if "train/loss" in m}
+
+
+def grad_norms(out_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["train/grad_norm"] for m in metrics(out_dir) if "train/grad_norm" in m}
+
+
+def check(proc, rc: int = 0) -> str:
+    assert proc.returncode == rc, f"exit {proc.returncode} (wanted {rc}):\n{proc.stdout[-4000:]}"
+    return proc.stdout
