@@ -81,13 +81,13 @@ class RunData:
         self.tokenizer_dir = self.train.tokenizer_dir
 
     def _open_valid(self, cache: str):
-        from pretrain.data.loader import open_dataset
+        from pretrain.data.loader import MissingSplit, open_dataset
 
         d = self.cfg.data
         try:
             return open_dataset(d.paths, d.weights or None, d.valid_split, self.cfg.model.seq_len,
                                 d.seed, self.valid_samples, cache)
-        except UserError as e:
+        except MissingSplit as e:  # a corrupt validation shard is still an error
             self.log(f"warning: no validation data ({e}); validation is skipped")
             return None
 
