@@ -1,0 +1,26 @@
+"""The README's main job, shortened: corpus -> BPE + shards -> training -> checkpoint -> sample."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from pretrain import checkpoint
+
+
+def test_quickstart_end_to_end(tmp_path):
+    out = tmp_path / "qs"
+    cmd = [sys.executable, "-m", "pretrain.quickstart", "--out", str(out), "--max-mb", "1", "--vocab", "320",
+           "train.max_steps=8", "schedule.warmup_steps=2", "logging.interval=4", "checkpoint.interval=4",
+           "train.eval_interval=4", "train.eval_steps=2", "train.micro_batch_size=4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    log = proc.stdout
+    for stage in ("[1/4]", "[2/4]", "[3/4]", "[4/4]", "validation at step 8", "tensorboard --logdir"):
+        assert stage in log, stage
+    sample = log.split("[4/4] sample from the final checkpoint:")[1].split("-" * 60)[1]
+    assert sample.strip().startswith("def") and len(sample.strip()) > len("def ")
+    assert (out / "data" / "manifest.json").is_file() and (out / "data" / "tokenizer.json").is_file()
+    assert checkpoint.verify(checkpoint.resolve_tag_dir(str(out))) is None
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
