@@ -61,12 +61,7 @@ GiB = 2**30
 
 # --------------------------------------------------------------------------- shapes
 def ffn_dim(m: ModelConfig) -> int:
-    """MLP hidden width: model.d_ff, else 4*d (gelu) or int(8*d/3) rounded up to 256 (swiglu)."""
-    if m.d_ff is not None:
-        return m.d_ff
-    if m.mlp == "swiglu":
-        return -(-int(8 * m.d_model / 3) // 256) * 256
-    return 4 * m.d_model
+    return m.ffn_dim()
 
 
 def head_dim(m: ModelConfig) -> int:

@@ -53,6 +53,14 @@ class ModelConfig:
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass to save memory."""
 
+    def ffn_dim(self) -> int:
+        """The MLP hidden width: d_ff, else 4*d_model (gelu) or 8/3*d_model rounded up to 256 (swiglu)."""
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.mlp == "swiglu":
+            return -(-int(8 * self.d_model / 3) // 256) * 256
+        return 4 * self.d_model
+
 
 @dataclass
 class DataConfig:
