@@ -218,18 +218,71 @@ def resolve_tag_dir(path: str) -> Path:
 
 
 def load_model_weights(tag_dir: Path) -> dict:
-    """The full model state dict (fp32, CPU) of a committed checkpoint, from any ZeRO stage.
+    """The full plain-GPT state dict (fp32, CPU) of a committed checkpoint, from any layout.
 
+    ZeRO 1-3 shards are consolidated (fp32 master weights); tensor-parallel pieces are
+    merged (`pretrain.parallel.apply.merge_tp_shards`); pipeline stages' per-layer files are
+    renamed to the plain names (the last stage's tied copy of the embedding is dropped). Those
+    layer files, like ZeRO-0's model files, hold the module weights (bf16 in a bf16 run); ZeRO 1-3
+    runs without a pipeline give the fp32 master weights.
     DeepSpeed's files are pickles, so this unpickles: only for checkpoints you trust.
     """
-    state = read_state(tag_dir)
-    if state["layout"]["zero_stage"] == 0:
-        files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise UserError(f"{tag_dir}: no mp_rank_*_model_states.pt; the checkpoint is incomplete")
-        sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from pretrain.config.schema import ModelConfig
+    from pretrain.parallel.apply import merge_tp_shards
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    state = read_state(tag_dir)
+    lay = state["layout"]
+    tp, pp, zero = int(lay.get("tp", 1)), int(lay.get("pp", 1)), int(lay["zero_stage"])
+    if pp > 1:
+        shards = [_pipeline_weights(tag_dir, m, int(state["model_shape"]["n_layer"])) for m in range(tp)]
+    elif zero == 0:
+        shards = []
+        for m in range(tp):
+            f = tag_dir / f"mp_rank_{m:02d}_model_states.pt"
+            if not f.is_file():
+                raise UserError(f"{tag_dir}: no {f.name}; the checkpoint is incomplete")
+            shards.append(torch.load(f, map_location="cpu", weights_only=False)["module"])
+    else:
+        shards = [_zero_fp32_weights(tag_dir, m, tp) for m in range(tp)]
+    if tp > 1:
+        model = ModelConfig(**{k: v for k, v in state["config"]["model"].items()
+                               if k in ModelConfig.__dataclass_fields__})
+        sd = merge_tp_shards(shards, model)
+    else:
+        sd = shards[0]
     return {k: v.float() for k, v in sd.items()}
+
+
+def _zero_fp32_weights(tag_dir: Path, mp_rank: int, tp: int) -> dict:
+    """fp32 weights of one tensor-parallel rank from ZeRO 1-3 shards (DeepSpeed's zero_to_fp32)."""
+    import tempfile
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if tp == 1:
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    # zero_to_fp32 reads every *_states.pt of a directory: show it one TP rank's files only.
+    with tempfile.TemporaryDirectory(prefix="pretrain_merge_") as tmp:
+        view = Path(tmp) / tag_dir.name
+        view.mkdir()
+        for f in tag_dir.glob(f"*mp_rank_{mp_rank:02d}_*states.pt"):
+            (view / f.name).symlink_to(f.resolve())
+        sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag_dir.name)
+        return {k: v.clone() for k, v in sd.items()}
+
+
+def _pipeline_weights(tag_dir: Path, mp_rank: int, n_layer: int) -> dict:
+    """One tensor-parallel rank's weights from a pipeline checkpoint's per-layer files."""
+    from pretrain.parallel.pipeline import layer_prefix
+
+    sd = {}
+    for idx in range(n_layer + 2):
+        f = tag_dir / f"layer_{idx:02d}-model_{mp_rank:02d}-model_states.pt"
+        if not f.is_file():
+            raise UserError(f"{tag_dir}: no {f.name}; the pipeline checkpoint is incomplete")
+        prefix = layer_prefix(idx, n_layer)
+        for name, t in torch.load(f, map_location="cpu", weights_only=False).items():
+            if prefix == "head." and name.startswith("wte."):
+                continue  # the last stage's copy of the tied embedding (embed.wte is the original)
+            sd[prefix + name] = t
+    return sd

@@ -379,6 +379,13 @@ def format_plan(cfg: Config, layout: Any) -> str:
             add(f"  stage {i}: {len(blocks)} blocks"
                 + (f" ({blocks.start}-{blocks.stop - 1})" if len(blocks) else "")
                 + (f" + {', '.join(extra)}" if extra else ""))
+        m_b, n_st = layout.grad_accum, layout.pp
+        add(f"  1F1B schedule: {m_b} micro-batches per step, pipeline bubble (pp-1)/(m+pp-1) = "
+            f"{(n_st - 1) / (m_b + n_st - 1):.0%}"
+            + ("; fewer micro-batches than stages: raise train.global_batch_size" if m_b < n_st else ""))
+        if m.tie_embeddings:
+            add(f"  tied embeddings: stage {n_st - 1} holds a copy of the token table (gradients all-reduced "
+                f"with stage 0)")
     add("")
     mem = memory_estimate(cfg, layout)
     where = f" for pipeline stage {mem['stage']}, the largest" if layout.pp > 1 else ""

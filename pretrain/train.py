@@ -107,12 +107,15 @@ class Trainer:
 
     def _run(self) -> int:
         from pretrain.engine import build_engine
-        from pretrain.model.gpt import GPT
         from pretrain.monitor import Monitor
-        from pretrain.plan import flops_per_token
+        from pretrain.parallel.apply import build_model
+        from pretrain.parallel.topology import Topology
+        from pretrain.plan import count_params, flops_per_token
 
         cfg, lay = self.cfg, self.layout
-        self.dp_rank = self.rank // lay.tp % lay.dp  # DeepSpeed's axis order: pipe, data, model
+        self.topo = Topology(lay)  # every rank/group question goes here (DeepSpeed's grid)
+        self.dp_rank = self.topo.dp_rank  # tensor-parallel peers (and pipeline stages) read the same batches
+        self.pipe = lay.pp > 1
         self.monitor = Monitor(self.out_dir, self.rank == 0, cfg.logging.tensorboard, cfg.train.max_steps)
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -120,16 +123,22 @@ class Trainer:
         self.data = RunData(cfg, lay, self.rank, self.dp_rank, self.out_dir, self.monitor.print)
 
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        model = GPT(cfg.model, lay.padded_vocab_size)
-        self.engine, self.opt = build_engine(cfg, lay, model)
+        model = build_model(cfg, lay, self.topo)  # plain GPT, tensor-parallel GPT or this pipeline stage
+        if cfg.checkpoint.init_from:  # imported weights (pretrain-convert import-hf); a resume overrides them
+            from pretrain.interop.init_weights import load_init_weights
+
+            load_init_weights(model, cfg.checkpoint.init_from, cfg, lay, self.topo, self.monitor.print)
+        self.engine, self.opt = build_engine(cfg, lay, model, self.topo)
         self.flops_per_token = flops_per_token(cfg.model, lay.padded_vocab_size)
 
         self.step, self.consumed, self.skipped_total = 0, 0, 0
         tag_dir = checkpoint.choose_resume(cfg.checkpoint.resume, self.ckpt_dir, self.monitor.print)
         if tag_dir is not None:
             self._resume(tag_dir)
-        self.monitor.print(f"training {model.num_params():,} parameters on {lay.world_size} "
-                           f"{self.device.type} process(es) from step {self.step} to {cfg.train.max_steps}")
+        n_params = count_params(cfg.model, lay.padded_vocab_size)["total"]
+        self.monitor.print(f"training {n_params:,} parameters on {lay.world_size} {self.device.type} process(es) "
+                           f"(data {lay.dp} x tensor {lay.tp} x pipeline {lay.pp}) "
+                           f"from step {self.step} to {cfg.train.max_steps}")
         return self._loop()
 
     # ------------------------------------------------------------------ resume
@@ -166,9 +175,11 @@ class Trainer:
                             f"{self.data.fingerprint}); restore data.* or start a new train.out_dir")
         now = self._state()["layout"]
         if saved.get("layout") != now:
-            raise UserError(f"{where} was saved with layout {saved.get('layout')}, this run is {now}; "
-                            "resume with the same parallel.* settings and world size")
-        state = checkpoint.load(self.engine, tag_dir)
+            from pretrain.interop.reshard import load_resharded  # UserError naming the fix when it cannot
+
+            state = load_resharded(self.engine, tag_dir, saved.get("layout") or {}, now, self.monitor.print)
+        else:
+            state = checkpoint.load(self.engine, tag_dir)
         self.step, self.consumed = state["step"], state["consumed_samples"]
         self.skipped_total = state.get("skipped_steps", 0)
         self.monitor.print(f"resumed from {tag_dir} at step {self.step}")
@@ -179,6 +190,8 @@ class Trainer:
         from pretrain.engine import grad_norm
 
         batches = self.data.train_batches(self.consumed)
+        if self.pipe:  # DeepSpeed reads (inputs, labels) on the first and last stages only
+            pairs = ((b[:, :-1], b[:, 1:]) for b in batches)
         window_loss, window_steps, consecutive = 0.0, 0, 0
         t_window = time.perf_counter()
         while self.step < cfg.train.max_steps:
@@ -188,7 +201,11 @@ class Trainer:
             engine.train()
             bad = torch.zeros((), dtype=torch.bool, device=self.device)
             loss_sum = torch.zeros((), device=self.device)
-            for micro in range(lay.grad_accum):
+            if self.pipe:  # 1F1B over grad_accum micro-batches; the loss comes from the last stage
+                engine.module.loss_fn.poison = faults.active("nan", self.step, self.rank)
+                opt.bad_loss, opt.stepped = False, False
+                loss_sum += engine.train_batch(data_iter=pairs).detach().float() * lay.grad_accum
+            for micro in range(0 if self.pipe else lay.grad_accum):
                 batch = next(batches).to(self.device, non_blocking=True)
                 loss = engine(batch[:, :-1], batch[:, 1:])
                 if faults.active("nan", self.step, self.rank):
@@ -246,9 +263,11 @@ class Trainer:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
     def _mean_over_dp(self, value: float) -> float:
+        """Mean over the data-parallel replicas. Tensor-parallel peers hold the same loss, and a
+        pipeline's `train_batch`/`eval_batch` give every stage the last stage's DP-mean loss."""
         t = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
-        dist.all_reduce(t)
-        return float(t.item()) / dist.get_world_size()
+        dist.all_reduce(t, group=self.topo.dp_group)
+        return float(t.item()) / self.layout.dp
 
     def _log(self, loss_total: float, n: int, elapsed: float, lr: float, gnorm: float) -> None:
         from pretrain.monitor import memory_gib, peak_flops
@@ -276,8 +295,12 @@ class Trainer:
             return
         self.engine.eval()
         total, n = 0.0, 0
+        if self.pipe:  # mean over the micro-batches and data-parallel replicas, on every stage
+            steps = self.cfg.train.eval_steps
+            total = float(self.engine.eval_batch(((b[:, :-1], b[:, 1:]) for b in batches), num_micro_batches=steps))
+            n = 1
         with torch.no_grad():
-            for batch in batches:
+            for batch in ([] if self.pipe else batches):
                 batch = batch.to(self.device)
                 total += float(self.engine(batch[:, :-1], batch[:, 1:]))
                 n += 1

@@ -22,12 +22,8 @@ from pretrain.errors import UserError
 
 
 def resolve_d_ff(cfg: ModelConfig) -> int:
-    """MLP hidden width: cfg.d_ff, else 4*d (gelu) or int(8*d/3) rounded up to a multiple of 256 (swiglu)."""
-    if cfg.d_ff is not None:
-        return cfg.d_ff
-    if cfg.mlp == "swiglu":
-        return -(-int(8 * cfg.d_model / 3) // 256) * 256
-    return 4 * cfg.d_model
+    """MLP hidden width (see ModelConfig.ffn_dim)."""
+    return cfg.ffn_dim()
 
 
 def check_config(cfg: ModelConfig) -> None:
@@ -146,9 +142,10 @@ class CausalSelfAttention(nn.Module):
         _init_linear(self.proj, cfg.init_std / math.sqrt(2 * cfg.n_layer))  # residual projection
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, start_pos: int = 0) -> torch.Tensor:
-        B, T, C = x.shape
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        qkv = self.qkv(x)  # (B, T, (nh + 2*nkv)*hd); T from qkv: a sequence-parallel qkv gathers x's T/tp rows
+        B, T = qkv.shape[:2]
+        q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         q = q.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)

@@ -1,0 +1,229 @@
+"""Pipeline parallelism: a DeepSpeed `PipelineModule` built from the plain GPT's own layers.
+
+The pipeline's layer list is `GPT.layers()`: [embedding, block 0 .. block L-1, head]
+(L + 2 layers). Stages are split by `parallel.pipeline_partition`:
+
+* 'uniform'    -- DeepSpeed's `partition_uniform` over the L + 2 layers;
+* 'parameters' -- DeepSpeed's `partition_balanced` over the per-layer parameter counts of
+                  `pretrain.plan.pipeline_layer_params` (the tied head counted with its copy
+                  of the embedding, as DeepSpeed counts a TiedLayerSpec).
+
+These are exactly the functions `--plan` prints the stage split with, so the plan and the
+built pipeline agree (checked after construction).
+
+Weights: every rank builds the layers one at a time in `GPT`'s order under the run's
+seed (`apply.plain_layers`), keeps (and tensor-parallel-shards) only its stage's layers and
+drops the others at once. So each stage starts from exactly the weights of the
+single-process model, at the memory cost of one full layer.
+
+Tied input/output embeddings (model.tie_embeddings): the first stage's embedding and the
+last stage's head are DeepSpeed `TiedLayerSpec`s with the key 'embed' and the tied
+attribute 'wte.weight': the head holds a copy of the token table, DeepSpeed broadcasts it
+from the first stage at start-up and after loading, and all-reduces the two gradients
+before every optimizer step (the copy is marked `ds_pipe_replicated`, so gradient norms
+count it once). Untied: the head owns `lm_head`.
+
+Loss: on the last stage, in fp32 -- `gpt.loss_fn`, or with tensor parallelism the mean of
+`vocab_parallel_cross_entropy` over the vocab-split logits. DeepSpeed's 1F1B schedule runs
+through `engine.train_batch(data_iter)` / `engine.eval_batch(...)`, where `data_iter`
+yields (inputs, labels); DeepSpeed reads it only on the first stage (inputs) and the last
+stage (labels).
+
+Activation checkpointing (model.activation_checkpointing) is per stage: PipelineModule's
+`activation_checkpoint_interval=1` over the `Block` layers with torch's non-reentrant
+checkpoint (the RNG state is restored for the recomputation).
+
+Checkpoint files (DeepSpeed's, per stage and TP rank): `layer_{i:02d}-model_{tp:02d}-model_states.pt`
+hold layer i's state dict with the plain names (embedding: wte/wpe; block: ln_1, attn.qkv,
+...; head: ln_f, lm_head or the tied copy wte). `checkpoint.load_model_weights` merges them.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule, TiedLayerSpec
+
+from pretrain.model.layers import Block, Embedding
+from pretrain.parallel.apply import (
+    ParallelHead,
+    _keep,
+    parallel_loss,
+    plain_layers,
+    shard_block,
+    shard_embedding,
+)
+from pretrain.parallel.tensor import VocabParallelEmbedding, get_world_size
+from pretrain.plan import partition_balanced, partition_uniform, pipeline_layer_params
+
+__all__ = ["GPTPipe", "PipeLoss", "build_pipeline", "stage_parts", "TIED_KEY", "layer_prefix"]
+
+TIED_KEY = "embed"
+TIED_ATTR = "wte.weight"
+
+
+def stage_parts(cfg, padded_vocab: int, pp: int) -> list[int]:
+    """Stage boundaries over the L + 2 pipeline layers (stage s holds [parts[s], parts[s+1]))."""
+    counts = [w for _, w in pipeline_layer_params(cfg.model, padded_vocab)]
+    if cfg.parallel.pipeline_partition == "uniform":
+        return partition_uniform(len(counts), pp)
+    return partition_balanced(counts, pp)
+
+
+def layer_prefix(idx: int, n_layer: int) -> str:
+    """Plain-GPT name prefix of pipeline layer `idx` ('embed.', 'blocks.{i}.', 'head.')."""
+    if idx == 0:
+        return "embed."
+    if idx <= n_layer:
+        return f"blocks.{idx - 1}."
+    return "head."
+
+
+# ---------------------------------------------------------------------- layer specs
+class _Built(LayerSpec):
+    """A layer built (and sharded) beforehand; DeepSpeed's build() hands it over."""
+
+    def __init__(self, module: nn.Module, num_params: int):
+        super().__init__(type(module))
+        self.module, self.num_params = module, num_params
+
+    def build(self, log=False):
+        return self.module
+
+
+class _BuiltTied(TiedLayerSpec):
+    def __init__(self, module: nn.Module, num_params: int):
+        super().__init__(TIED_KEY, type(module), tied_weight_attr=[TIED_ATTR])
+        self.module, self.num_params = module, num_params
+
+    def build(self, log=False):
+        return self.module
+
+
+class _Remote(LayerSpec):
+    """A layer of another stage: only its type and size are known here."""
+
+    def __init__(self, typename, num_params: int):
+        super().__init__(typename)
+        self.num_params = num_params
+
+    def build(self, log=False):
+        raise RuntimeError(f"{self.typename.__name__} belongs to another pipeline stage")
+
+
+class _RemoteTied(TiedLayerSpec):
+    def __init__(self, typename, num_params: int):
+        super().__init__(TIED_KEY, typename, tied_weight_attr=[TIED_ATTR])
+        self.num_params = num_params
+
+    def build(self, log=False):
+        raise RuntimeError(f"{self.typename.__name__} belongs to another pipeline stage")
+
+
+class PipeLoss:
+    """The last stage's loss: fp32 mean cross entropy (vocab-parallel with TP).
+
+    `poison` (set by the trainer's fault injection) turns the loss into NaN for one step."""
+
+    def __init__(self, group):
+        self.group = group
+        self.poison = False
+        self.__name__ = "PipeLoss"
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = parallel_loss(logits, labels, self.group)
+        if self.poison:
+            loss = loss * float("nan")
+        return loss
+
+
+class GPTPipe(PipelineModule):
+    """DeepSpeed's PipelineModule on the job's one `Topology` grid, with plan-consistent partitioning."""
+
+    def __init__(self, specs: list, topo, loss: PipeLoss, partition_method: str,
+                 activation_checkpointing: bool):
+        import deepspeed.runtime.pipe.module as ds_pipe_module
+
+        kwargs = {}
+        if activation_checkpointing:
+            kwargs = {"activation_checkpoint_interval": 1,
+                      "activation_checkpoint_func": functools.partial(torch.utils.checkpoint.checkpoint,
+                                                                      use_reentrant=False),
+                      "checkpointable_layers": [Block.__name__]}
+        # PipelineModule builds its own PipelineParallelGrid from the topology; hand it ours
+        # instead so the TP layers, the trainer and DeepSpeed share one set of process groups.
+        original = ds_pipe_module.PipelineParallelGrid
+        ds_pipe_module.PipelineParallelGrid = lambda process_group=None, topology=None: topo.grid
+        try:
+            super().__init__(specs, topology=topo.topo, loss_fn=loss, partition_method=partition_method, **kwargs)
+        finally:
+            ds_pipe_module.PipelineParallelGrid = original
+
+    def _count_layer_params(self):
+        # DeepSpeed would build every layer to count it; the counts of the plan are the same
+        # ones `--plan` partitions with (and need no building).
+        return [spec.num_params for spec in self._layer_specs]
+
+
+def build_pipeline(cfg, layout, topo) -> GPTPipe:
+    """This rank's pipeline stage (call under the run's seed, on every rank)."""
+    m = cfg.model
+    V, L, pp = layout.padded_vocab_size, m.n_layer, layout.pp
+    if pp < 2:
+        raise ValueError("build_pipeline needs parallel.pipeline >= 2")
+    counts = [w for _, w in pipeline_layer_params(m, V)]
+    parts = stage_parts(cfg, V, pp)
+    lo, hi = parts[topo.pp_rank], parts[topo.pp_rank + 1]
+    group, sp, tied = topo.tp_group, cfg.parallel.sequence_parallel, m.tie_embeddings
+    ckpt = m.activation_checkpointing
+
+    specs: list = []
+    table = None  # the full token table, for the tied head copy on the last stage
+    for i, layer in enumerate(plain_layers(m, V)):
+        local = lo <= i < hi
+        if i == 0:
+            if tied and topo.is_last_stage:
+                table = layer.wte
+            module = shard_embedding(layer, group, sp) if local else None
+            kind = Embedding
+        elif i <= L:
+            module = shard_block(layer, group, sp) if local else None
+            if module is not None and ckpt:
+                module.activation_checkpointing = False  # the pipeline checkpoints whole blocks
+            kind = Block
+        else:
+            module = None
+            if local:
+                wte = None
+                if tied:
+                    if get_world_size(group) == 1:
+                        wte = table
+                    else:
+                        w = table.weight
+                        wte = VocabParallelEmbedding(w.shape[0], w.shape[1], group, init_method=_keep,
+                                                     dtype=w.dtype, device=w.device)
+                        wte.load_full_weight(w)
+                module = ParallelHead(layer, group, sp, wte=wte)
+            kind = ParallelHead
+        del layer
+        is_tied = tied and (i == 0 or i == L + 1)
+        if module is not None:
+            specs.append(_BuiltTied(module, counts[i]) if is_tied else _Built(module, counts[i]))
+        else:
+            specs.append(_RemoteTied(kind, counts[i]) if is_tied else _Remote(kind, counts[i]))
+    table = None
+
+    pipe = GPTPipe(specs, topo, PipeLoss(group), cfg.parallel.pipeline_partition, ckpt)
+    if list(pipe.parts) != list(parts):
+        raise RuntimeError(f"DeepSpeed partitioned the pipeline as {pipe.parts}, the plan says {parts}")
+    if pipe._grid is not topo.grid:
+        raise RuntimeError("the pipeline module did not adopt the job's topology grid")
+    # DeepSpeed marks *every* parameter of a non-owning tied module as a replica (skipped by
+    # gradient norms); only the tied table is one. The head's own ln_f (and lm_head) count.
+    for comm in pipe.tied_comms.values():
+        shared = {id(pipe._recursive_getattr(comm["module"], a)) for a in comm["weight_attr"]}
+        for p in comm["module"].parameters():
+            if id(p) not in shared:
+                p.ds_pipe_replicated = False
+    return pipe

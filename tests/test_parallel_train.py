@@ -1,0 +1,188 @@
+"""Data x tensor x pipeline parallel training end to end (gloo, the TINY model, fp32, dropout 0).
+
+For the same global batch and data, every layout's losses and gradient norms equal the
+single-process run's within 1e-5: TP=2 (ZeRO 0, 1, 3), TP=2 x DP=2 (ZeRO-2, sequence
+parallel), PP=2 (ZeRO-0), PP=2 x DP=2 (ZeRO-1), TP=2 x PP=2 (ZeRO-1, 4 processes); resume
+after SIGKILL is bitwise exact under TP=2 and PP=2; the TP/PP/ZeRO checkpoint pieces merge
+back into the single-process model's weights.
+
+Runs are shared by the tests below (each layout trains once, on first use): 2 cores spawn
+processes slowly, so there are as few runs as the checks allow, and multi-process runs are
+started directly (`launch`, the environment torchrun would set) rather than through
+torchrun, whose own interpreter costs seconds per run; tests/test_train_zero.py covers torchrun.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain import checkpoint
+from train_util import TINY, check, grad_norms, losses, metrics, run_train
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(out: Path, overrides=(), nproc: int = 1, faults: str = "", timeout: float = 300):
+    """Run the trainer on `nproc` local ranks; like torchrun, the first rank to fail takes the
+    others down (they would otherwise wait for it in a collective). Returns CompletedProcess."""
+    if nproc == 1:
+        return run_train(out, overrides, faults=faults, timeout=timeout)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
+    env.pop("PRETRAIN_FAULTS", None)
+    if faults:
+        env["PRETRAIN_FAULTS"] = faults
+    cmd = [sys.executable, "-m", "pretrain.train", *TINY, f"train.out_dir={out}", *overrides]
+    logs = [tempfile.TemporaryFile("w+") for _ in range(nproc)]
+    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=logs[r],
+                              stderr=subprocess.STDOUT, text=True) for r in range(nproc)]
+    deadline, rc = time.monotonic() + timeout, None
+    try:
+        while rc is None:
+            codes = [p.poll() for p in procs]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed:
+                rc = failed[0]
+            elif all(c == 0 for c in codes):
+                rc = 0
+            elif time.monotonic() > deadline:
+                rc = -9
+            else:
+                time.sleep(0.05)
+    finally:
+        for p in procs:  # only the processes started here
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    text = []
+    for r, f in enumerate(logs):
+        f.seek(0)
+        text.append(f.read() if r == 0 else "".join(f"[rank {r}] {line}" for line in f))
+        f.close()
+    return subprocess.CompletedProcess(cmd, rc, stdout="".join(text))
+
+# Dropout 0 (exact comparisons); vocab 512 = a multiple of 128 x tp for tp 1, 2 and 4, so
+# every layout pads to the same embedding table and builds the same model.
+COMMON = ["model.dropout=0.0", "model.vocab_size=512", "train.max_steps=5", "checkpoint.interval=3"]
+
+LAYOUTS = {
+    # name: (processes, overrides)
+    "single": (1, ["parallel.zero_stage=0"]),
+    "tp2": (2, ["parallel.tensor=2", "parallel.zero_stage=0"]),
+    "pp2": (2, ["parallel.pipeline=2", "parallel.zero_stage=0"]),
+    "tp2-zero1": (2, ["parallel.tensor=2", "parallel.zero_stage=1"]),
+    "tp2-dp2-zero2-sequence-parallel": (4, ["parallel.tensor=2", "parallel.data=2", "parallel.zero_stage=2",
+                                            "parallel.sequence_parallel=true"]),
+    "pp2-dp2-zero1": (4, ["parallel.pipeline=2", "parallel.data=2", "parallel.zero_stage=1"]),
+    "tp2-pp2-zero1": (4, ["parallel.tensor=2", "parallel.pipeline=2", "parallel.zero_stage=1"]),
+    "tp2-zero3": (2, ["parallel.tensor=2", "parallel.zero_stage=3"]),
+}
+
+
+class Runs:
+    """Each layout's uninterrupted run, trained on first use."""
+
+    def __init__(self, tmp_path_factory):
+        self.factory, self.dirs = tmp_path_factory, {}
+
+    def __getitem__(self, name: str) -> Path:
+        if name not in self.dirs:
+            nproc, overrides = LAYOUTS[name]
+            out = self.factory.mktemp(name)
+            check(launch(out, COMMON + overrides, nproc=nproc))
+            self.dirs[name] = out
+        return self.dirs[name]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return Runs(tmp_path_factory)
+
+
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "single"])
+def test_layout_matches_single_process(runs, layout):
+    ref, ref_norms = losses(runs["single"]), grad_norms(runs["single"])
+    assert sorted(ref) == [1, 2, 3, 4, 5] and all(math.isfinite(v) for v in ref.values())
+    got, norms = losses(runs[layout]), grad_norms(runs[layout])
+    assert got.keys() == ref.keys() and norms.keys() == ref_norms.keys()
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=0), (layout, step)
+        assert norms[step] == pytest.approx(ref_norms[step], rel=1e-5, abs=0), (layout, step)
+    perf = [m["perf/tokens_per_sec"] for m in metrics(runs[layout]) if "perf/tokens_per_sec" in m]
+    assert len(perf) == 5 and all(v > 0 for v in perf)
+    state = json.loads((checkpoint.resolve_tag_dir(str(runs[layout])) / "state.json").read_text())
+    nproc, overrides = LAYOUTS[layout]
+    want = {"tp": 1, "pp": 1}
+    for o in overrides:
+        key, value = o.split("=")
+        if key in ("parallel.tensor", "parallel.pipeline"):
+            want[{"parallel.tensor": "tp", "parallel.pipeline": "pp"}[key]] = int(value)
+    assert state["layout"]["tp"] == want["tp"] and state["layout"]["pp"] == want["pp"]
+    assert state["layout"]["dp"] * want["tp"] * want["pp"] == nproc
+
+
+def test_validation_loss_matches_single_process(runs):
+    def val(out):
+        return [m["val/loss"] for m in metrics(out) if "val/loss" in m]
+
+    ref = val(runs["single"])
+    assert len(ref) == 1
+    for layout in ("tp2", "pp2", "tp2-pp2-zero1"):
+        assert val(runs[layout]) == pytest.approx(ref, rel=1e-5), layout
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_sigkill_then_auto_resume_is_bitwise_exact(runs, tmp_path, layout):
+    nproc, overrides = LAYOUTS[layout]
+    out = tmp_path / "run"
+    # Rank 0 SIGKILLs itself after step 4 (the last commit was step 3); torchrun fails.
+    killed = launch(out, COMMON + overrides, nproc=nproc, faults="kill@4:0")
+    assert killed.returncode != 0
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    resumed = check(launch(out, COMMON + overrides, nproc=nproc))
+    assert "resumed from" in resumed and "step_00000003" in resumed
+    straight = runs[layout]
+    assert losses(out) == losses(straight)  # exact float equality, every step
+    assert grad_norms(out) == grad_norms(straight)
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2-pp2-zero1", "tp2-dp2-zero2-sequence-parallel", "tp2-zero3"])
+def test_checkpoint_merges_into_the_single_process_weights(runs, layout):
+    ref = checkpoint.load_model_weights(checkpoint.resolve_tag_dir(str(runs["single"])))
+    got = checkpoint.load_model_weights(checkpoint.resolve_tag_dir(str(runs[layout])))
+    assert got.keys() == ref.keys()
+    for name in ref:
+        assert got[name].shape == ref[name].shape, name
+        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_generate_from_a_tensor_and_pipeline_parallel_checkpoint(runs):
+    from pretrain.generate import main
+
+    assert main(["--checkpoint", str(runs["tp2-pp2-zero1"]), "--prompt", "ab", "--tokenizer", "byte",
+                 "--max-new-tokens", "4"]) == 0
+
+
+def test_nan_on_the_last_pipeline_stage_skips_the_step(tmp_path):
+    out = tmp_path / "run"
+    log = check(launch(out, COMMON + ["parallel.pipeline=2", "parallel.zero_stage=0", "train.max_steps=3"],
+                       nproc=2, faults="nan@1:1"))
+    assert "step 2: non-finite" in log
+    last = [m for m in metrics(out) if "train/skipped_steps" in m][-1]
+    assert last["step"] == 3 and last["train/skipped_steps"] == 1
+    steps = losses(out)
+    assert math.isnan(steps.pop(2)) and all(math.isfinite(v) for v in steps.values())
