@@ -183,6 +183,10 @@ class CheckpointConfig:
     """'auto' (newest checkpoint whose manifest verifies, else start fresh), 'none', or a checkpoint directory."""
     dir: Optional[str] = None
     """Checkpoint directory. null = <train.out_dir>/checkpoints."""
+    init_from: Optional[str] = None
+    """Start from these model weights instead of a random initialisation: a directory written by
+    `pretrain-convert import-hf` (or its model.safetensors). Optimizer state starts fresh; a checkpoint
+    being resumed takes precedence. null = random initialisation."""
 
 
 @dataclass

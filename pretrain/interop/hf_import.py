@@ -1,0 +1,184 @@
+"""Start a run from a local transformers checkpoint (GPT-2 or Llama family).
+
+    pretrain-convert import-hf --model HF_DIR --config FILE --out RUN_DIR
+    pretrain-train --config FILE train.out_dir=RUN_DIR checkpoint.init_from=RUN_DIR/init
+
+import-hf reads HF_DIR/config.json and its safetensors weights (a pytorch_model.bin is
+refused: we never unpickle a downloaded file), checks the config's model section against
+the HF config (every mismatching field is named, with the value to set), checks the
+vocabulary and -- when both are Hugging Face tokenizers -- that the data was tokenized with
+the model's tokenizer, and writes RUN_DIR/init/ (see `init_weights.py`). Training then
+starts from those weights with a fresh optimizer, at step 0.
+
+The embedding is padded to the run's padded vocabulary with zero rows. Their logits are 0
+and take part in the softmax, so the first loss equals transformers' loss on the same batch
+exactly only when the padded vocabulary equals the model's (choose model.vocab_multiple so);
+otherwise it is close (import-hf says how many rows are padding).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from pretrain.errors import UserError
+from pretrain.interop import names
+from pretrain.interop.init_weights import mismatches, write_init
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+def read_hf_config(model_dir: Path) -> dict:
+    f = model_dir / "config.json"
+    if not model_dir.is_dir():
+        raise UserError(f"--model {model_dir}: no such directory (a local transformers model directory; "
+                        "nothing is downloaded)")
+    try:
+        return json.loads(f.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--model {model_dir}: no config.json; not a transformers model directory") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{f}: unreadable ({e})") from None
+
+
+def read_hf_weights(model_dir: Path) -> dict:
+    """All tensors of model.safetensors or of the shards its index names (never a pickle)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = model_dir / "model.safetensors.index.json"
+    if (model_dir / "model.safetensors").is_file():
+        files = [model_dir / "model.safetensors"]
+    elif index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"{index}: unreadable safetensors index ({e})") from None
+        files = [model_dir / f for f in sorted(set(weight_map.values()))]
+    else:
+        pickles = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
+        hint = (f" (found {', '.join(pickles[:3])}: pickles are never loaded; convert them where you trust them "
+                "with `AutoModelForCausalLM.from_pretrained(d).save_pretrained(d2, safe_serialization=True)`)"
+                if pickles else "")
+        raise UserError(f"--model {model_dir}: no model.safetensors or model.safetensors.index.json{hint}")
+    tensors = {}
+    for f in files:
+        if not f.is_file():
+            raise UserError(f"{f}: missing (named by the safetensors index)")
+        try:
+            tensors.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{f}: not a readable safetensors file ({e})") from None
+    return tensors
+
+
+def _data_tokenizers(cfg) -> list:
+    """The data's tokenizers (from the sources' manifests), for the tokenizer check."""
+    from pretrain.data.tokenizer import tokenizer_from_manifest
+
+    toks = []
+    for p in cfg.data.paths:
+        if (Path(p) / "manifest.json").is_file():
+            toks.append((p, tokenizer_from_manifest(p)))
+    return toks
+
+
+def _check_tokenizer(model_dir: Path, cfg, allow: bool, log) -> None:
+    if cfg.data.synthetic:
+        return
+    hf_file = model_dir / "tokenizer.json"
+    if not hf_file.is_file():
+        log(f"note: {model_dir} has no tokenizer.json; cannot check that the data was tokenized with its tokenizer")
+        return
+    import tokenizers
+
+    try:
+        theirs = tokenizers.Tokenizer.from_file(str(hf_file)).get_vocab(with_added_tokens=True)
+    except Exception as e:  # the library raises a bare Exception on malformed files
+        raise UserError(f"{hf_file}: not a valid tokenizer.json ({e})") from None
+    for path, tok in _data_tokenizers(cfg):
+        if tok.kind == "hf":
+            same = tok.tok.get_vocab(with_added_tokens=True) == theirs
+        else:
+            same = False
+        if not same:
+            msg = (f"data.paths {path} was tokenized with {tok.spec or tok.kind!r}, not with the imported model's "
+                   f"tokenizer ({hf_file}); its token ids would mean other words. Re-run pretrain-prep with "
+                   f"--tokenizer hf:{hf_file}")
+            if not allow:
+                raise UserError(msg + " (or pass --allow-tokenizer-mismatch)")
+            log(f"warning: {msg}")
+
+
+def import_hf(model_dir: str, config: str | None, out: str, overrides=(), allow_tokenizer_mismatch: bool = False,
+              force: bool = False, log=print) -> Path:
+    """Write `<out>/init/` from the transformers model in `model_dir` for the run config `config`."""
+    from pretrain.config.load import load_config
+    from pretrain.config.validate import padded_vocab, resolve
+
+    src = Path(model_dir)
+    hf_cfg = read_hf_config(src)
+    arch, want, hf_vocab = names.model_from_hf_config(hf_cfg)
+    cfg = load_config(config, list(overrides))
+    m = asdict(cfg.model)
+    bad = mismatches(m, want)
+    if bad:
+        keys = ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "position", "norm", "mlp", "bias",
+                "tie_embeddings", "norm_eps", "rope_theta")
+        wanted = " ".join(f"model.{k}={want[k] if isinstance(want[k], str) else json.dumps(want[k])}"
+                          for k in keys if k in want)
+        raise UserError(f"{config or 'the config'}: the model section does not match {src}/config.json: "
+                        + "; ".join(bad) + f" (the imported model is: {wanted})")
+
+    # Vocabulary: every data token id must have a row, and every imported row must fit.
+    data_vocab = None
+    if not cfg.data.synthetic:
+        from pretrain.run_data import data_vocab_size
+
+        data_vocab = data_vocab_size(cfg.data.paths)
+        if data_vocab is not None and data_vocab > hf_vocab:
+            raise UserError(f"the data's vocabulary ({data_vocab}) is larger than the imported model's ({hf_vocab}); "
+                            "was it tokenized with another tokenizer?")
+    rows = max(data_vocab or 0, cfg.model.vocab_size or 0)
+    if rows < hf_vocab:
+        raise UserError(f"the run's vocabulary ({rows}: model.vocab_size={cfg.model.vocab_size}, data "
+                        f"{data_vocab}) is smaller than the imported model's {hf_vocab} rows; set "
+                        f"model.vocab_size: {hf_vocab}")
+    par = cfg.parallel
+    world = (par.data or 1) * par.tensor * par.pipeline
+    resolve(cfg, world, data_vocab)  # the whole config must be valid for its own run
+    padded = padded_vocab(rows, cfg.model.vocab_multiple, par.tensor)
+    _check_tokenizer(src, cfg, allow_tokenizer_mismatch, log)
+
+    run = Path(out)
+    init = run / "init"
+    ckpts = run / "checkpoints"
+    if ckpts.is_dir() and any(ckpts.glob("step_*/manifest.json")) and not force:
+        raise UserError(f"{run} already has checkpoints: checkpoint.resume=auto would resume them and ignore the "
+                        "imported weights; choose a new --out (or --force)")
+    if init.exists() and not force:
+        raise UserError(f"{init} exists (an earlier import); choose a new --out or pass --force to replace it")
+    if init.exists():
+        shutil.rmtree(init)
+
+    sd = names.from_hf(read_hf_weights(src), arch, want)
+    tok_files = []
+    init.mkdir(parents=True, exist_ok=True)
+    for f in TOKENIZER_FILES:
+        if (src / f).is_file():
+            shutil.copyfile(src / f, init / f)
+            tok_files.append(f)
+    meta = {"architecture": names.ARCHITECTURES[arch], "source": str(src.resolve()), "model": want,
+            "vocab_rows": hf_vocab, "bos_token_id": hf_cfg.get("bos_token_id"),
+            "eos_token_id": hf_cfg.get("eos_token_id"), "tokenizer_files": tok_files, "hf_config": hf_cfg}
+    write_init(init, sd, meta)
+    n = sum(t.numel() for t in sd.values())
+    log(f"imported {names.ARCHITECTURES[arch]} ({n:,} parameters, vocabulary {hf_vocab}) from {src} into {init}")
+    if padded > hf_vocab:
+        log(f"note: the run pads the vocabulary to {padded}: {padded - hf_vocab} zero rows whose logits (0) join the "
+            "softmax, so the first loss is close to, not equal to, transformers'. For exact equality choose "
+            f"model.vocab_multiple so that the padded vocabulary is {hf_vocab}.")
+    cfg_arg = f"--config {config} " if config else ""
+    log(f"next: pretrain-train {cfg_arg}train.out_dir={run} checkpoint.init_from={init}")
+    return init
