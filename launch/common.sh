@@ -1,0 +1,162 @@
+# shellcheck shell=bash
+# launch/common.sh: functions the launchers in launch/ share. Sourced, not run.
+#
+# pretrain_help FILE         print FILE's leading comment block (the scripts' --help)
+# pretrain_die MESSAGE       `error: MESSAGE` on stderr, exit 2 (a user error: not retried)
+# pretrain_nproc             processes per node: $NPROC_PER_NODE, else the GPUs, else 1
+# pretrain_trainer_args CONFIG [overrides...]   set PRETRAIN_ARGS for `python -m pretrain.train`
+# pretrain_run LAUNCHER...   run torchrun with the stop signals routed to the ranks, and
+#                            return the node's status (the trainer's own 2 or 3 when a rank
+#                            ended with it, 0 when all $PRETRAIN_NPROC ranks exited 0)
+
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then  # run rather than sourced: show this help
+    sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"
+    exit 0
+fi
+
+PRETRAIN_LAUNCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+export PRETRAIN_LAUNCH_DIR
+
+# Print the comment block at the top of a script (after #! and #SBATCH lines) as its help.
+pretrain_help() {
+    local line
+    while IFS= read -r line; do
+        case "$line" in
+            '#!'* | '#SBATCH'* | '# shellcheck'*) ;;
+            '#') echo ;;
+            '# '*) echo "${line#\# }" ;;
+            *) break ;;
+        esac
+    done <"$1"
+}
+
+# `error: ...` on stderr and exit 2: the trainer's convention for mistakes the user can fix
+# (the auto-resume wrapper does not retry those).
+pretrain_die() {
+    echo "error: $*" >&2
+    exit 2
+}
+
+# Processes per node: $NPROC_PER_NODE, else every visible GPU, else 1 (CPU).
+pretrain_nproc() {
+    if [ -n "${NPROC_PER_NODE:-}" ]; then
+        echo "$NPROC_PER_NODE"
+        return
+    fi
+    local n=0
+    if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+        local IFS=,
+        # shellcheck disable=SC2086  # split the list on commas
+        set -- $CUDA_VISIBLE_DEVICES
+        n=$#
+    elif command -v nvidia-smi >/dev/null 2>&1; then
+        n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    fi
+    if [ "${n:-0}" -gt 0 ]; then echo "$n"; else echo 1; fi
+}
+
+# Set PRETRAIN_ARGS to the trainer's arguments for `CONFIG [overrides...]`.
+pretrain_trainer_args() {
+    [ $# -ge 1 ] || pretrain_die "missing CONFIG (a YAML file, see configs/); run with --help for usage"
+    local config=$1
+    shift
+    [ -f "$config" ] || pretrain_die "config file $config not found (run from the repository root, or give a path)"
+    PRETRAIN_ARGS=(-m pretrain.train --config "$config")
+    if [ -n "${PRETRAIN_TIMEOUT_MINUTES:-}" ]; then
+        PRETRAIN_ARGS+=("parallel.timeout_minutes=$PRETRAIN_TIMEOUT_MINUTES")
+    fi
+    PRETRAIN_ARGS+=("$@")
+}
+
+# PIDs of every process below $1 (read from /proc: no procps needed).
+pretrain_descendants() {
+    local f line ppid pid kids=()
+    for f in /proc/[0-9]*/stat; do
+        { read -r line <"$f"; } 2>/dev/null || continue
+        line=${line##*) }  # after "pid (comm) ": "STATE PPID ..."
+        ppid=${line#* }
+        ppid=${ppid%% *}
+        if [ "$ppid" = "$1" ]; then
+            pid=${f#/proc/}
+            kids+=("${pid%/stat}")
+        fi
+    done
+    for pid in "${kids[@]}"; do
+        echo "$pid"
+        pretrain_descendants "$pid"
+    done
+}
+
+_pretrain_signal_ranks() {
+    local pid
+    [ -n "${_PRETRAIN_CHILD:-}" ] || return 0
+    echo "launch: got SIG$1; passing it to the ranks (they save a checkpoint and exit 0)" >&2
+    for pid in $(pretrain_descendants "$_PRETRAIN_CHILD"); do
+        kill -s "$1" "$pid" 2>/dev/null || true
+    done
+}
+
+_pretrain_signal_child() {
+    [ -n "${_PRETRAIN_CHILD:-}" ] || return 0
+    echo "launch: got SIG$1; passing it to the launcher (pid $_PRETRAIN_CHILD)" >&2
+    kill -s "$1" "$_PRETRAIN_CHILD" 2>/dev/null || true
+}
+
+# The node's exit status from the launcher's ($1) and the ranks' own (written by rank.sh):
+# torchrun exits 1 whatever its ranks did, but the trainer's 2 (configuration error) and
+# 3 (non-finite losses) must reach the auto-resume wrapper, which does not retry them; and
+# when all $PRETRAIN_NPROC ranks of the node exited 0 (finished, or saved a checkpoint on
+# SIGTERM, after which torchrun still exits 1), the node succeeded.
+pretrain_node_status() {
+    local rc=$1 f code best='' zeros=0
+    if [ "$rc" != 0 ] && [ -d "${PRETRAIN_STATUS_DIR:-}" ]; then
+        for f in "$PRETRAIN_STATUS_DIR"/rank_*; do
+            [ -f "$f" ] || continue
+            read -r code <"$f" || continue
+            case "$code" in
+                0) zeros=$((zeros + 1)) ;;
+                2) best=2 ;;
+                3) [ "$best" = 2 ] || best=3 ;;
+            esac
+        done
+        if [ -z "$best" ] && [ "$zeros" -gt 0 ] && [ "$zeros" = "${PRETRAIN_NPROC:-}" ]; then
+            best=0
+        fi
+    fi
+    echo "${best:-$rc}"
+}
+
+# Run a launcher (torchrun) and return the node's exit status, with signals handled for
+# training:
+#   SIGUSR1 (SLURM's warning before the time limit, or yours): the launcher itself ignores it
+#     and every rank gets it, so the ranks save a checkpoint and exit 0, and so does the launcher.
+#   SIGTERM / SIGINT: passed to the launcher, which passes SIGTERM on to the ranks (checkpoint,
+#     exit 0) and kills them after PET_SHUTDOWN_TIMEOUT seconds; the node exits 0 when all
+#     its ranks did (set PRETRAIN_NPROC to their number).
+pretrain_run() {
+    _PRETRAIN_CHILD=
+    PRETRAIN_STATUS_DIR=$(mktemp -d "${TMPDIR:-/tmp}/pretrain-status.XXXXXX")
+    export PRETRAIN_STATUS_DIR
+    trap '_pretrain_signal_ranks USR1' USR1
+    trap '_pretrain_signal_child TERM' TERM
+    trap '_pretrain_signal_child INT' INT
+    (
+        trap '' USR1  # inherited through exec: the launcher survives SIGUSR1 sent to the whole job
+        exec "$@"
+    ) &
+    _PRETRAIN_CHILD=$!
+    local rc
+    while :; do
+        rc=0
+        wait "$_PRETRAIN_CHILD" || rc=$?
+        # >128 with the child still there: `wait` was interrupted by one of our traps.
+        if [ "$rc" -gt 128 ] && kill -0 "$_PRETRAIN_CHILD" 2>/dev/null; then
+            continue
+        fi
+        break
+    done
+    trap - USR1 TERM INT
+    rc=$(pretrain_node_status "$rc")
+    rm -rf "$PRETRAIN_STATUS_DIR"
+    return "$rc"
+}
