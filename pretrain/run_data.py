@@ -50,10 +50,16 @@ class SyntheticData:
         return self.num_samples
 
     def __getitem__(self, i: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, i])
-        return rng.integers(0, self.vocab_size, self.seq_len + 1, dtype=np.int64)
+        return self.get(i)
 
-    get = __getitem__  # the name the loader's micro_batches uses
+    def get(self, i: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Sample i, into `out` when given (the loader's micro_batches fills a batch in place)."""
+        rng = np.random.default_rng([self.seed, i])
+        sample = rng.integers(0, self.vocab_size, self.seq_len + 1, dtype=np.int64)
+        if out is None:
+            return sample
+        out[:] = sample
+        return out
 
 
 class RunData:

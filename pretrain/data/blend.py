@@ -57,6 +57,10 @@ class Blend:
 
     def map(self, i) -> tuple[np.ndarray, np.ndarray]:
         """(source, sample number within that source) of global samples i (array or int)."""
+        if isinstance(i, int):  # the loader's per-sample call: plain ints, no array round trip
+            b, p = divmod(i, self.block)
+            s = int(self.src[p])
+            return s, b * int(self.counts[s]) + int(self.local[p])
         i = np.asarray(i, dtype=np.int64)
         b, p = np.divmod(i, self.block)
         s = self.src[p]
