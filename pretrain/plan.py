@@ -27,22 +27,34 @@ How it differs from the others:
     hardware FLOPs, whereas this is model FLOPs (recomputation is not counted).
 MFU = tokens/s x flops_per_token / peak FLOP/s (what REFERENCE.md measures with).
 
-Memory (`memory_estimate`): bytes per rank under the ZeRO stage and precision
-(fp32: weights 4 + gradients 4 + Adam 8 bytes per parameter; bf16/fp16 mixed precision:
-weights 2 + gradients 2 + fp32 master weights and Adam moments 12). ZeRO-1 shards the
-optimizer state over the data-parallel ranks, ZeRO-2 also the gradients, ZeRO-3 also the
-weights; tensor parallelism divides each stage's parameters by tp, pipeline parallelism
-gives each stage its own layers. Activations per micro-batch follow Korthikanti et al.
-2022 (see REFERENCE.md): s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit precision,
-s*b*h*(10 + 24/t + 5*a*s/(h*t)) with tensor parallelism t, s*b*h/t*(34 + 5*a*s/h) with
-sequence parallelism, and 2*s*b*h (/t with sequence parallelism) per layer with full
-recomputation (model.activation_checkpointing) plus one layer's full activations while it
-is recomputed. fp32 doubles them. The 5*a*s/h term is the stored attention matrix: fused
-(flash / memory-efficient SDPA) attention does not store it, so the estimate is an upper
-bound there. The loss adds 8 bytes per logit (fp32 log-probabilities and their gradient).
-Under pipeline parallelism (1F1B) stage i keeps up to min(pp - i, grad_accum)
-micro-batches in flight. Not included: CUDA context and kernels' workspaces (~1-3 GiB),
-communication buckets, allocator fragmentation.
+Memory (`memory_estimate`): bytes per rank under the ZeRO stage and precision, checked
+against measured ranks by tools/bench_memory.py (docs/PERFORMANCE.md).
+  weights + gradients + optimizer per parameter: fp32 4 + 4 + 8 (Adam moments); mixed
+  precision (bf16/fp16) 2 + 2 + 12 (fp32 master weights and moments). ZeRO-1 shards the
+  optimizer state over the data-parallel ranks, ZeRO-2 also the gradients, ZeRO-3 also the
+  weights. What DeepSpeed actually allocates on top (measured, DeepSpeed 0.19):
+  * ZeRO-1/2 in fp32 keep a separate fp32 master partition: 12 bytes per parameter / dp
+    (ZeRO-3 fp32 steps its fp32 partitions in place: 8);
+  * ZeRO-2's gradient partition comes with its reduce bucket (reduce_bucket_size elements,
+    5e8), so a rank holds min(P, P/dp + bucket) gradients;
+  * ZeRO-3 keeps gathered full weights alive up to stage3_max_live_parameters (1e9 in our
+    config: a whole stage below that size), and the largest layer's gradient (usually the
+    embedding's) exists whole before its reduce-scatter.
+  Tensor parallelism divides each stage's parameters by tp, pipeline parallelism gives each
+  stage its own layers.
+Activations per micro-batch follow Korthikanti et al. 2022 (see REFERENCE.md):
+s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit precision, s*b*h*(10 + 24/t + 5*a*s/(h*t))
+with tensor parallelism t, s*b*h/t*(34 + 5*a*s/h) with sequence parallelism, and 2*s*b*h
+(/t with sequence parallelism) per layer with full recomputation
+(model.activation_checkpointing) plus one layer's full activations while it is recomputed.
+fp32 doubles them (measured: 68 bytes per s*b*h per layer, fp32, no dropout). The 5*a*s/h
+term is the stored attention matrix: the model's SDPA (flash / memory-efficient on GPU,
+the flash kernel on CPU) does not store it, so `total` leaves it out and
+`total_stored_attention` is the upper bound for a math-attention fallback. The loss peaks
+at 12 bytes per logit (/t): fp32 log-probabilities saved for the backward, their gradient
+and the logits' gradient. Under pipeline parallelism (1F1B) stage i keeps up to
+min(pp - i, grad_accum) micro-batches in flight. Not included: CUDA context and kernels'
+workspaces (~1-3 GiB), allocator fragmentation.
 """
 from __future__ import annotations
 
@@ -236,20 +248,23 @@ def memory_estimate(cfg: Config, layout: Any) -> dict[str, Any]:
     """Estimated bytes per rank on the busiest pipeline stage (see the module docstring).
 
     Keys: params (parameters held by one rank before ZeRO sharding), weights, gradients,
-    optimizer (device), optimizer_cpu (host, when offloading), activations (one micro-batch,
-    logits included), logits, in_flight (micro-batches alive at once), total (device:
-    weights + gradients + optimizer + activations x in_flight), stage, per_stage (totals),
-    and activations_fused_attention / total_fused_attention: the same without the stored
-    attention matrix (flash / memory-efficient attention).
+    optimizer (device), optimizer_cpu (host, when offloading), buffers (ZeRO-3's gathered
+    layer), activations (one micro-batch, logits included, no stored attention matrix),
+    logits, in_flight (micro-batches alive at once), total (device: weights + gradients +
+    optimizer + buffers + activations x in_flight), stage, per_stage (totals), and
+    activations_stored_attention / total_stored_attention: the same when the attention
+    implementation stores the s x s matrix (math SDPA).
     """
     m = cfg.model
     dp, tp, pp = layout.dp, layout.tp, layout.pp
     mixed = cfg.train.precision in ("bf16", "fp16")
-    w_b, g_b, o_b = (2, 2, 12) if mixed else (4, 4, 8)
     zero = layout.zero_stage
+    w_b, g_b = (2, 2) if mixed else (4, 4)
+    o_b = 12 if mixed or zero in (1, 2) else 8  # + fp32 master partition (DeepSpeed ZeRO-1/2 also in fp32)
     shard_w = dp if zero >= 3 else 1
-    shard_g = dp if zero >= 2 else 1
     shard_o = dp if zero >= 1 else 1
+    bucket = 500_000_000  # ZeRO-2 reduce_bucket_size (pretrain.config.deepspeed)
+    max_live = 1_000_000_000  # ZeRO-3 stage3_max_live_parameters (pretrain.config.deepspeed)
 
     layers = pipeline_layer_params(m, layout.padded_vocab_size)
     if pp == 1:
@@ -259,9 +274,9 @@ def memory_estimate(cfg: Config, layout: Any) -> dict[str, Any]:
     else:
         bounds = _stage_bounds(cfg, layout.padded_vocab_size, pp)
 
-    stored, recompute = _activation_bytes_per_layer(cfg, layout.micro_batch_size, tp)
-    stored_f, recompute_f = _activation_bytes_per_layer(cfg, layout.micro_batch_size, tp, fused=True)
-    logit_bytes = 8 * m.seq_len * layout.micro_batch_size * layout.padded_vocab_size / tp
+    stored, recompute = _activation_bytes_per_layer(cfg, layout.micro_batch_size, tp, fused=True)
+    stored_a, recompute_a = _activation_bytes_per_layer(cfg, layout.micro_batch_size, tp)
+    logit_bytes = 12 * m.seq_len * layout.micro_batch_size * layout.padded_vocab_size / tp
 
     stages = []
     for i, (start, stop) in enumerate(bounds):
@@ -271,24 +286,33 @@ def memory_estimate(cfg: Config, layout: Any) -> dict[str, Any]:
         n_blocks = sum(1 for n in names if n.startswith("block"))
         logits = logit_bytes if "head" in names else 0.0
         acts = n_blocks * stored + (recompute if n_blocks else 0) + logits
-        acts_f = n_blocks * stored_f + (recompute_f if n_blocks else 0) + logits
+        acts_a = n_blocks * stored_a + (recompute_a if n_blocks else 0) + logits
         in_flight = min(pp - i, layout.grad_accum) if pp > 1 else 1
         weights = w_b * math.ceil(params / shard_w)
-        grads = g_b * math.ceil(params / shard_g)
+        if zero >= 3:
+            grads = g_b * math.ceil(params / dp)
+        elif zero == 2:
+            grads = g_b * min(params, math.ceil(params / dp) + bucket)
+        else:
+            grads = g_b * params
         optim = o_b * math.ceil(params / shard_o)
         optim_cpu = 0
         if cfg.parallel.offload_optimizer:
             optim, optim_cpu = 0, optim
-        states = weights + grads + optim
+        # ZeRO-3 keeps gathered weights alive up to stage3_max_live_parameters (1e9, our config),
+        # and the largest layer's gradient exists whole before its reduce-scatter.
+        largest = math.ceil(max(w for _, w in layers[start:stop]) / tp)
+        buffers = w_b * min(params, max_live) + g_b * largest if zero >= 3 and dp > 1 else 0
+        states = weights + grads + optim + buffers
         total = states + acts * in_flight
-        total_f = states + acts_f * in_flight
+        total_a = states + acts_a * in_flight
         stages.append({
             "stage": i, "params": params, "blocks": n_blocks, "weights": weights,
-            "gradients": grads, "optimizer": optim, "optimizer_cpu": optim_cpu,
+            "gradients": grads, "optimizer": optim, "optimizer_cpu": optim_cpu, "buffers": buffers,
             "activations": int(math.ceil(acts)), "logits": int(math.ceil(logits)),
-            "activations_fused_attention": int(math.ceil(acts_f)),
+            "activations_stored_attention": int(math.ceil(acts_a)),
             "in_flight": in_flight, "total": int(math.ceil(total)),
-            "total_fused_attention": int(math.ceil(total_f)),
+            "total_stored_attention": int(math.ceil(total_a)),
         })
     worst = max(stages, key=lambda st: st["total"])
     out = dict(worst)
@@ -396,15 +420,16 @@ def format_plan(cfg: Config, layout: Any) -> str:
     add(f"  gradients        {_gib(mem['gradients'])}")
     add(f"  optimizer        {_gib(mem['optimizer'])}"
         + (f"   (+{_gib(mem['optimizer_cpu']).strip()} on the CPU)" if mem["optimizer_cpu"] else ""))
+    if mem["buffers"]:
+        add(f"  ZeRO-3 gathered  {_gib(mem['buffers'])}   (live full weights, the largest layer's gradient)")
     acts = f"  activations      {_gib(mem['activations'])}   per micro-batch (logits {_gib(mem['logits']).strip()})"
     if mem["in_flight"] > 1:
         acts += f" x {mem['in_flight']} in flight"
     add(acts)
     add(f"  total            {_gib(mem['total'])}")
-    add(f"  total, fused attention {_gib(mem['total_fused_attention']).strip()} "
-        f"(flash/memory-efficient SDPA does not store the s x s attention matrix: "
-        f"activations {_gib(mem['activations_fused_attention']).strip()})")
+    add(f"  (with math attention storing the s x s matrix: {_gib(mem['total_stored_attention']).strip()}, "
+        f"activations {_gib(mem['activations_stored_attention']).strip()})")
     if layout.pp > 1:
         add("  per stage: " + ", ".join(f"{x / GiB:.1f}" for x in mem["per_stage"]) + " GiB")
-    add("  (not included: CUDA context/workspaces ~1-3 GiB, communication buckets, fragmentation)")
+    add("  (not included: CUDA context/workspaces ~1-3 GiB, allocator fragmentation)")
     return "\n".join(lines)

@@ -100,16 +100,33 @@ def test_zero3_bf16_states_are_16_psi_over_n(precision):
 @pytest.mark.parametrize("stage, formula", [
     (0, lambda p, n: 16 * p),
     (1, lambda p, n: 4 * p + 12 * p // n),
-    (2, lambda p, n: 2 * p + 14 * p // n),
+    # ZeRO-2: 2Psi + 14Psi/N, plus its reduce bucket (5e8 elements) beside the gradient partition
+    (2, lambda p, n: 2 * p + 12 * p // n + 2 * min(p, p // n + 500_000_000)),
     (3, lambda p, n: 16 * p // n),
 ])
-def test_zero_stages_reference_formulas(stage, formula):
+@pytest.mark.parametrize("big", [False, True])
+def test_zero_stages_reference_formulas(stage, formula, big):
     """REFERENCE.md: ZeRO-0 16Psi; ZeRO-1 4Psi + 12Psi/N; ZeRO-2 2Psi + 14Psi/N; ZeRO-3 16Psi/N."""
-    cfg, lay = _layout([f"parallel.zero_stage={stage}", "train.precision=bf16"], 4)
+    shape = ["model.n_layer=32", "model.d_model=4096", "model.n_head=32"] if big else []
+    cfg, lay = _layout(shape + [f"parallel.zero_stage={stage}", "train.precision=bf16"], 4)
     psi = count_params(cfg.model, lay.padded_vocab_size)["total"]
     mem = memory_estimate(cfg, lay)
     assert mem["params"] == psi
     assert mem["weights"] + mem["gradients"] + mem["optimizer"] == formula(psi, 4)
+    if big and stage == 2:  # the bucket is smaller than the unsharded gradients: they are sharded
+        assert mem["gradients"] < 2 * psi
+    # ZeRO-3: live gathered weights (up to 1e9 parameters) and the largest layer's (the embedding's) gradient
+    emb = lay.padded_vocab_size * cfg.model.d_model + cfg.model.seq_len * cfg.model.d_model
+    assert mem["buffers"] == (2 * min(psi, 10**9) + 2 * emb if stage == 3 else 0)
+
+
+def test_fp32_zero_master_partition():
+    """DeepSpeed's ZeRO-1/2 keep an fp32 master partition even in fp32 (measured); ZeRO-0/3 do not."""
+    for stage, per_param in ((0, 8), (1, 12 / 2), (2, 12 / 2), (3, 8 / 2)):
+        cfg, lay = _layout([f"parallel.zero_stage={stage}", "train.precision=fp32", "train.device=cpu"], 2,
+                           gpu=False)
+        psi = count_params(cfg.model, lay.padded_vocab_size)["total"]
+        assert memory_estimate(cfg, lay)["optimizer"] == pytest.approx(per_param * psi, abs=16)
 
 
 def test_fp32_and_offload_and_tp():
@@ -130,26 +147,27 @@ def test_activation_formula():
     full recompute keeps 2*s*b*h per layer."""
     s, b, h, a, L, V = 1024, 4, 768, 12, 12, 50304
     base = ["model.seq_len=1024", "train.micro_batch_size=4", "parallel.zero_stage=0"]
-    logits = 8 * s * b * V
+    logits = 12 * s * b * V  # fp32 log-probabilities, their gradient, the logits' gradient
     cfg, lay = _layout(base, 1)
     mem = memory_estimate(cfg, lay)
-    assert mem["activations"] == pytest.approx(L * s * b * h * (34 + 5 * a * s / h) + logits, rel=1e-9)
-    assert mem["activations_fused_attention"] == pytest.approx(L * s * b * h * 34 + logits, rel=1e-9)
+    assert mem["activations_stored_attention"] == pytest.approx(L * s * b * h * (34 + 5 * a * s / h) + logits,
+                                                                rel=1e-9)
+    assert mem["activations"] == pytest.approx(L * s * b * h * 34 + logits, rel=1e-9)  # SDPA: no s x s matrix
+    assert mem["total"] < mem["total_stored_attention"]
     cfg, lay = _layout(base + ["parallel.tensor=4", "parallel.sequence_parallel=true"], 4)
     mem = memory_estimate(cfg, lay)
     Vp = lay.padded_vocab_size
-    assert mem["activations"] == pytest.approx(
-        L * s * b * h / 4 * (34 + 5 * a * s / h) + 8 * s * b * Vp / 4, rel=1e-9)
+    assert mem["activations_stored_attention"] == pytest.approx(
+        L * s * b * h / 4 * (34 + 5 * a * s / h) + 12 * s * b * Vp / 4, rel=1e-9)
     cfg, lay = _layout(base + ["parallel.tensor=4"], 4)
-    assert memory_estimate(cfg, lay)["activations"] == pytest.approx(
-        L * s * b * h * (10 + 24 / 4 + 5 * a * s / (h * 4)) + 8 * s * b * Vp / 4, rel=1e-9)
+    assert memory_estimate(cfg, lay)["activations_stored_attention"] == pytest.approx(
+        L * s * b * h * (10 + 24 / 4 + 5 * a * s / (h * 4)) + 12 * s * b * Vp / 4, rel=1e-9)
     cfg, lay = _layout(base + ["model.activation_checkpointing=true"], 1)
-    one_layer = s * b * h * (34 + 5 * a * s / h)
+    one_layer = s * b * h * 34
     assert memory_estimate(cfg, lay)["activations"] == pytest.approx(L * 2 * s * b * h + one_layer + logits,
                                                                      rel=1e-9)
     cfg, lay = _layout(base + ["train.precision=fp32", "train.device=cpu"], 1, gpu=False)
-    assert memory_estimate(cfg, lay)["activations"] == pytest.approx(
-        2 * L * s * b * h * (34 + 5 * a * s / h) + logits, rel=1e-9)
+    assert memory_estimate(cfg, lay)["activations"] == pytest.approx(2 * L * s * b * h * 34 + logits, rel=1e-9)
 
 
 def test_partitions_match_deepspeed():
