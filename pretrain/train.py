@@ -168,8 +168,7 @@ class Trainer:
         saved = checkpoint.read_state(tag_dir)
         where = f"checkpoint {tag_dir}"
         if saved.get("model_shape") != self._model_shape():
-            raise UserError(f"{where} holds a model of shape {saved.get('model_shape')}, the config asks for "
-                            f"{self._model_shape()}; restore the model section or set checkpoint.resume=none")
+            raise UserError(self._shape_mismatch(where, saved.get("model_shape") or {}))
         if saved.get("data_fingerprint") != self.data.fingerprint:
             raise UserError(f"{where} was trained on other data (fingerprint {saved.get('data_fingerprint')} vs "
                             f"{self.data.fingerprint}); restore data.* or start a new train.out_dir")
@@ -177,12 +176,26 @@ class Trainer:
         if saved.get("layout") != now:
             from pretrain.interop.reshard import load_resharded  # UserError naming the fix when it cannot
 
-            state = load_resharded(self.engine, tag_dir, saved.get("layout") or {}, now, self.monitor.print)
+            state = load_resharded(self.engine, tag_dir, saved.get("layout") or {}, now, self.monitor.print,
+                                   topo=self.topo)
         else:
             state = checkpoint.load(self.engine, tag_dir)
         self.step, self.consumed = state["step"], state["consumed_samples"]
         self.skipped_total = state.get("skipped_steps", 0)
         self.monitor.print(f"resumed from {tag_dir} at step {self.step}")
+
+    def _shape_mismatch(self, where: str, shape: dict) -> str:
+        want = self._model_shape()
+        rows, new_rows, tp = shape.get("padded_vocab_size"), want["padded_vocab_size"], self.layout.tp
+        if {**shape, "padded_vocab_size": new_rows} != want or not rows:
+            return (f"{where} holds a model of shape {shape}, the config asks for {want}; restore the model "
+                    "section or set checkpoint.resume=none")
+        # Only the padding differs (model.vocab_multiple x parallel.tensor): padding rows are trained
+        # and take part in the softmax, so they cannot be cut or added without changing the loss.
+        fix = (f"set model.vocab_multiple={rows // tp} to keep {rows}" if rows % tp == 0 else
+               f"no model.vocab_multiple keeps {rows} at parallel.tensor {tp}: use a tensor degree dividing {rows}")
+        return (f"{where} has a padded vocabulary of {rows} rows, this run {new_rows} (model.vocab_multiple x "
+                f"parallel.tensor); the padding rows are part of the model: {fix}")
 
     # ------------------------------------------------------------------ loop
     def _loop(self) -> int:

@@ -1,4 +1,4 @@
-"""pretrain-convert: checkpoints to and from transformers, and across layouts.
+"""pretrain-convert: checkpoints to and from transformers, and across parallel layouts.
 
     pretrain-convert export-hf --run RUN_DIR [--step N] --out DIR [--dtype bfloat16] [--max-shard-size 5GB]
     pretrain-convert import-hf --model HF_DIR --config FILE --out RUN_DIR [overrides ...]
@@ -37,7 +37,8 @@ def parse_args(argv):
                    help="import even though the data was tokenized with another tokenizer")
     i.add_argument("--force", action="store_true", help="replace an earlier import / ignore existing checkpoints")
 
-    r = sub.add_parser("reshard", help="make a checkpoint resumable at another data-parallel size / ZeRO stage")
+    r = sub.add_parser("reshard", help="make a checkpoint resumable in another data/tensor/pipeline layout "
+                                       "or ZeRO stage")
     r.add_argument("--run", required=True, help="run directory, checkpoints/ dir or step_* dir")
     r.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest committed)")
     r.add_argument("--verbose", action="store_true", help="show DeepSpeed's conversion output")
@@ -57,9 +58,9 @@ def main(argv=None) -> int:
         import_hf(a.model, a.config, a.out, a.overrides, a.allow_tokenizer_mismatch, a.force)
     elif a.cmd == "reshard":
         from pretrain.interop.hf_export import find_tag_dir
-        from pretrain.interop.reshard import to_universal
+        from pretrain.interop.reshard import reshard_checkpoint
 
-        to_universal(find_tag_dir(a.run, a.step), verbose=a.verbose)
+        reshard_checkpoint(find_tag_dir(a.run, a.step), verbose=a.verbose)
     else:  # pragma: no cover - argparse enforces the choices
         raise UserError(f"unknown command {a.cmd}")
     return 0

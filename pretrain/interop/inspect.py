@@ -1,11 +1,11 @@
 """What a checkpoint is, from its JSON alone: `pretrain-inspect-ckpt PATH [--step N] [--json]`.
 
 Prints the step, layout, model, training config, data (fingerprint and the data manifest
-of the tokenizer directory), the committed checkpoints of the run, whether a universal
-(reshardable) copy exists, and whether the export to transformers is possible -- and
-verifies the commit manifest (sizes and sha256 of every file). Nothing is unpickled: only
-`state.json`, `manifest.json`, `latest` and the data `manifest.json` are parsed; the
-DeepSpeed files are only hashed as bytes.
+of the tokenizer directory), the committed checkpoints of the run, whether converted
+(reshardable: universal, consolidated) copies exist, and whether the export to
+transformers is possible -- and verifies the commit manifest (sizes and sha256 of every
+file). Nothing is unpickled: only `state.json`, `manifest.json`, `latest` and the data
+`manifest.json` are parsed; the DeepSpeed files are only hashed as bytes.
 
 Exit status: 0 intact, 1 the checkpoint fails verification (the reason is printed),
 2 not a checkpoint (one `error:` line).
@@ -102,9 +102,10 @@ def inspect(path: str, step: int | None = None, verify: bool = True) -> dict:
         report["files"] = {"count": len(files), "bytes": sum(int(f.get("size", 0)) for f in files.values())}
     except (OSError, ValueError, AttributeError):
         report["files"] = None
-    u = tag_dir / "universal"
-    report["universal"] = ("committed" if u.is_dir() and checkpoint.verify(u) is None
-                           else "incomplete" if u.exists() else None)
+    for copy in ("universal", "consolidated"):  # pretrain-convert reshard
+        u = tag_dir / copy
+        report[copy] = ("committed" if u.is_dir() and checkpoint.verify(u) is None
+                        else "incomplete" if u.exists() else None)
     if state is not None:
         report.update({"step": state.get("step"), "consumed_samples": state.get("consumed_samples"),
                        "consumed_tokens": state.get("consumed_tokens"), "skipped_steps": state.get("skipped_steps"),
@@ -158,8 +159,8 @@ def _fmt(report: dict) -> str:
     f = report.get("files")
     if f:
         lines.append(f"files        {f['count']} ({mb(f['bytes'])})")
-    u = report.get("universal")
-    lines.append("reshardable  " + (f"universal copy {u}" if u else "no universal copy (pretrain-convert reshard)"))
+    copies = [f"{c} copy {report[c]}" for c in ("universal", "consolidated") if report.get(c)]
+    lines.append("reshardable  " + (", ".join(copies) if copies else "no converted copy (pretrain-convert reshard)"))
     if "verified" in report:
         lines.append("manifest     " + ("OK: every file's size and sha256 match" if report["verified"]
                                         else f"FAILED: {report.get('problem')}"))

@@ -1,32 +1,38 @@
-"""Resume a run in another data-parallel layout: DeepSpeed's universal checkpoint.
+"""Resume a run in another parallel layout: data, tensor, pipeline degree or ZeRO stage.
 
-ZeRO 1-3 (and bf16) optimizer state is saved flat and partitioned over the data-parallel
-ranks, so a checkpoint written at DP=2 cannot be loaded at DP=1 as it is. DeepSpeed's
-universal checkpoint (`deepspeed.checkpoint.ds_to_universal`) rewrites it once per
-parameter -- `zero/<name>/{fp32,exp_avg,exp_avg_sq,step}.pt` -- from which any DP degree
-re-partitions at load time (`load_universal`).
+Two converted forms, both written once by
 
     pretrain-convert reshard --run RUN_DIR [--step N]
 
-writes `<step_dir>/universal/` (its own `manifest.json`, written last, is the commit
-record) next to the original files, which stay untouched. The trainer uses it when the
-layout it resumes in differs from the saved one (`load_resharded`, called from
-`Trainer._resume`).
+next to the original files (which stay untouched), each committed by its own `manifest.json`
+(written last):
 
-What can change (tensor = pipeline = 1 on both sides):
-    data-parallel degree           yes, with the optimizer state (moments, step) kept (ZeRO 1, 2, 3)
-    ZeRO stage 1 <-> 2             yes (universal)
-    ZeRO stage 1/2 <-> 3           refused: DeepSpeed writes and reads ZeRO-3's universal
-                                   optimizer state differently (fails inside DeepSpeed 0.19)
-    from or to ZeRO-0              ZeRO-0 fp32 keeps the whole optimizer in one file, so
-                                   only its DP degree may change (no conversion needed);
-                                   0 <-> 1-3 is refused (bf16 ZeRO-0 goes through the
-                                   universal copy: untested, no bf16 on our CPU CI)
-    tensor / pipeline degree       refused: our fused, head-regrouped qkv and vocab-parallel
-                                   tables carry no universal-checkpoint TP metadata yet
+* `<step_dir>/universal/` -- DeepSpeed's universal checkpoint (`ds_to_universal`): ZeRO 1-3
+  (and bf16) state rewritten once per parameter, from which any data-parallel degree
+  re-partitions at load time (`load_universal`). Only for tensor = pipeline = 1 sources: the
+  format has no metadata for our fused, head-regrouped qkv and vocab-parallel tables.
+* `<step_dir>/consolidated/` -- ours (`pretrain.interop.consolidate`): full fp32 weights and
+  Adam moments by plain GPT parameter name, plus the Adam step count (safetensors + JSON).
+  `load_consolidated` copies each parameter's piece into a live engine of any layout.
 
-The universal files are DeepSpeed pickles, produced from the run's own (equally pickled)
-files: only convert and load checkpoints you trust.
+The trainer calls `load_resharded` (from `Trainer._resume`) when the layout it resumes in
+differs from the saved one. What it uses:
+
+    ZeRO-0 fp32, same tensor/pipeline degrees   the checkpoint as it is (the whole optimizer
+                                                is in one file per model-parallel rank)
+    tensor = pipeline = 1 on both sides, ZeRO   universal (as tested since the DP resharding
+    1-3 -> 1-3 other than 1/2 <-> 3             landed); consolidated if only that exists
+    anything else (tensor or pipeline degree,   consolidated: fp32 runs only (bf16/fp16 are
+    ZeRO-0 <-> 1-3, ZeRO 1/2 <-> 3)             refused, untested); ZeRO-3 sources and targets
+                                                included, pipelines with ZeRO 0 or 1
+
+The padded vocabulary (a multiple of `model.vocab_multiple` x tensor degree) must stay the
+same: the padding rows are trained like the others and take part in the softmax, so cutting
+or adding rows would change the loss (by 4% on a fresh tiny model). The trainer refuses a
+change, naming the `model.vocab_multiple` that keeps the saved size.
+
+The universal files and the checkpoint's own files are DeepSpeed pickles: only convert and
+load checkpoints you trust. The consolidated files are safetensors.
 """
 from __future__ import annotations
 
@@ -68,11 +74,11 @@ def to_universal(tag_dir: Path, log=print, verbose: bool = False) -> Path:
     state = checkpoint.read_state(tag_dir)
     lay = state["layout"]
     if int(lay.get("tp", 1)) != 1 or int(lay.get("pp", 1)) != 1:
-        raise UserError(f"{tag_dir}: saved with {_layout_str(lay)}; resharding supports tensor = pipeline = 1 "
-                        "only (the universal format has no metadata for our tensor-parallel qkv/vocab split)")
+        raise UserError(f"{tag_dir}: saved with {_layout_str(lay)}; the universal format needs tensor = "
+                        "pipeline = 1 (no metadata for our tensor-parallel qkv/vocab split): use consolidate()")
     if not _needs_universal(state):
         log(f"{tag_dir}: ZeRO-0 fp32 keeps the whole optimizer state in one file; it resumes at any "
-            "data-parallel degree as it is (no conversion needed)")
+            "data-parallel degree as it is (no universal copy needed)")
         return tag_dir
     out = universal_dir(tag_dir)
     if has_universal(tag_dir):
@@ -113,46 +119,65 @@ class _Args:
         self.__dict__.update(kw)
 
 
-def check_reshard(tag_dir: Path, saved: dict, now: dict) -> str:
-    """How a checkpoint saved in layout `saved` resumes in layout `now`: 'direct' or 'universal'.
+def reshard_checkpoint(tag_dir: Path, log=print, verbose: bool = False) -> list[Path]:
+    """`pretrain-convert reshard`: write the converted forms this checkpoint can have (see above)."""
+    from pretrain.interop.consolidate import check_fp32, consolidate
 
-    UserError (naming the fix) when it cannot.
-    """
+    tag_dir = Path(tag_dir)
+    state = checkpoint.read_state(tag_dir)
+    lay = state["layout"]
+    flat = int(lay.get("tp", 1)) == 1 and int(lay.get("pp", 1)) == 1
+    fp32 = state["config"]["train"]["precision"] == "fp32"
+    if not flat and not fp32:
+        check_fp32(tag_dir, state)  # raises, naming the fix
+    made = []
+    if flat and _needs_universal(state):
+        made.append(to_universal(tag_dir, log, verbose))
+    if fp32:
+        made.append(consolidate(tag_dir, log))
+    else:
+        log(f"{tag_dir}: {state['config']['train']['precision']} run: no consolidated copy (fp32 only), so it "
+            "resumes in another data-parallel degree or ZeRO stage 1 <-> 2, tensor = pipeline = 1")
+    return made
+
+
+def check_reshard(tag_dir: Path, saved: dict, now: dict) -> str:
+    """How a checkpoint saved in layout `saved` resumes in layout `now`: 'direct', 'universal' or
+    'consolidated'. UserError (naming the fix) when it cannot."""
+    from pretrain.interop.consolidate import check_fp32, has_consolidated
+
     where = f"checkpoint {tag_dir}"
     moved = f"was saved with {_layout_str(saved)}, this run is {_layout_str(now)}"
-    if any(int(lay.get(k, 1)) != 1 for lay in (saved, now) for k in ("tp", "pp")):
-        raise UserError(f"{where} {moved}; resharding works with parallel.tensor = parallel.pipeline = 1 "
-                        "only: resume with the saved parallel.* settings and world size")
-    z_old, z_new = int(saved["zero_stage"]), int(now["zero_stage"])
     state = checkpoint.read_state(tag_dir)
-    if not _needs_universal(state):  # ZeRO-0 fp32: module and optimizer whole in one file
-        if z_new != 0:
-            raise UserError(f"{where} {moved}; a ZeRO-0 checkpoint resumes with parallel.zero_stage 0 only "
-                            "(any data-parallel degree)")
-        return "direct"
-    if z_new == 0 and z_old != 0:
-        raise UserError(f"{where} {moved}; a ZeRO-{z_old} checkpoint resumes in ZeRO stages 1-3 only: set "
-                        "parallel.zero_stage 1, 2 or 3")
-    if (z_old == 3) != (z_new == 3):
-        raise UserError(f"{where} {moved}; DeepSpeed's universal checkpoints of ZeRO-3 and of ZeRO-1/2 are not "
-                        f"interchangeable (different optimizer-state files): resume with parallel.zero_stage "
-                        f"{'3' if z_old == 3 else '1 or 2'}")
-    if not has_universal(tag_dir):
-        raise UserError(f"{where} {moved}; convert it once with `pretrain-convert reshard --run {tag_dir}` "
-                        "(or resume with the saved parallel.* settings and world size)")
-    return "universal"
+    degrees = [tuple(int(lay.get(k, 1)) for k in ("tp", "pp")) for lay in (saved, now)]
+    z_old, z_new = int(saved["zero_stage"]), int(now["zero_stage"])
+    if not _needs_universal(state) and z_new == 0 and degrees[0] == degrees[1]:
+        return "direct"  # ZeRO-0 fp32: module and optimizer whole in one file per model-parallel rank
+    fix = f"convert it once with `pretrain-convert reshard --run {tag_dir}` (or resume with the saved " \
+          "parallel.* settings and world size)"
+    if degrees == [(1, 1), (1, 1)] and _needs_universal(state) and z_new != 0 and (z_old == 3) == (z_new == 3):
+        if has_universal(tag_dir):
+            return "universal"
+        if has_consolidated(tag_dir):
+            return "consolidated"
+        raise UserError(f"{where} {moved}; {fix}")
+    check_fp32(tag_dir, state, what=f"this change ({_layout_str(saved)} -> {_layout_str(now)})")
+    if not has_consolidated(tag_dir):
+        raise UserError(f"{where} {moved}; {fix}")
+    return "consolidated"
 
 
-def load_resharded(engine, tag_dir: Path, saved_layout: dict, now_layout: dict, log=print) -> dict:
+def load_resharded(engine, tag_dir: Path, saved_layout: dict, now_layout: dict, log=print, topo=None) -> dict:
     """Load `tag_dir` (saved in another layout) into `engine`; returns our state (as checkpoint.load).
 
-    The trainer calls this instead of `checkpoint.load` when the layouts differ.
+    The trainer calls this instead of `checkpoint.load` when the layouts differ (`topo`: its
+    `Topology`, for the tensor-parallel rank; None = no tensor parallelism).
     """
     import torch
     import torch.distributed as dist
 
     tag_dir = Path(tag_dir)
-    # Rank 0 decides (verifying the universal copy hashes every file once), then tells every rank.
+    # Rank 0 decides (verifying the converted copy hashes every file once), then tells every rank.
     how = None
     if dist.get_rank() == 0:
         try:
@@ -164,9 +189,12 @@ def load_resharded(engine, tag_dir: Path, saved_layout: dict, now_layout: dict, 
     how = box[0]
     if isinstance(how, UserError):
         raise how
+    load_path = str(tag_dir)
     if how == "direct":
         load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
+    elif how == "consolidated":
+        load_consolidated(engine, tag_dir, topo)
     else:
         cfg = engine._config
         before = cfg.load_universal_checkpoint
@@ -200,3 +228,70 @@ def load_resharded(engine, tag_dir: Path, saved_layout: dict, now_layout: dict, 
     if rank == 0:
         log(f"resharded {tag_dir}: {_layout_str(saved_layout)} -> {_layout_str(now_layout)} ({how})")
     return checkpoint.read_state(tag_dir)
+
+
+def load_consolidated(engine, tag_dir: Path, topo=None) -> None:
+    """Set the weights, fp32 master weights and Adam state (moments, step) of every local parameter
+    of `engine` (any layout; ZeRO 0-3; fp32) from `<tag_dir>/consolidated/`: each rank reads the
+    full tensors one at a time and keeps its piece (`init_weights._local_piece`)."""
+    import deepspeed
+    import torch
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    from safetensors import safe_open
+
+    from pretrain.config.load import config_from_dict
+    from pretrain.interop import consolidate as cons
+    from pretrain.interop.init_weights import _local_piece, _plain_name
+
+    if engine.bfloat16_enabled() or engine.fp16_enabled():
+        raise UserError(f"{tag_dir}: resuming in another tensor/pipeline layout or ZeRO stage supports "
+                        "train.precision fp32 only; resume with the saved parallel.* settings")
+    meta, state = cons.read_meta(tag_dir), checkpoint.read_state(tag_dir)
+    m = config_from_dict(state["config"]).model
+    module, opt = engine.module, engine.optimizer
+    base = getattr(opt, "optimizer", opt)  # DeepSpeed's ZeRO wrappers hold the torch AdamW
+    first = engine.is_first_stage() if hasattr(engine, "is_first_stage") else True  # pipeline stage names
+    tp, tp_rank = (topo.tp, topo.tp_rank) if topo is not None else (1, 0)
+    zero3 = any(hasattr(p, "ds_id") for p in module.parameters())
+    mapped = any(hasattr(p, "_hp_mapping") for p in module.parameters())  # ZeRO-1/2: fp32 partition views
+    # Adam's state with the saved step count, one `step` tensor per state as torch makes it (fused or
+    # capturable: fp32 on the parameter's device); DeepSpeed 0.19 creates none before the first step.
+    if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3 lists its flat groups in param_groups only to step
+        flats = [(f, base.param_groups[opt.sub_group_to_group_id[i]])
+                 for i, f in enumerate(opt.fp32_partitioned_groups_flat)]
+    else:
+        flats = [(p, g) for g in base.param_groups for p in g["params"]]
+    for p, g in flats:
+        on_dev = g.get("fused") or g.get("capturable")
+        st = base.state.setdefault(p, {})
+        st["step"] = torch.tensor(float(meta["adam_step"]), device=p.device if on_dev else "cpu",
+                                  dtype=torch.float32 if on_dev else torch.get_default_dtype())
+        for kind in ("exp_avg", "exp_avg_sq"):  # existing tensors are kept: DeepSpeed may hold views of them
+            if torch.is_tensor(st.get(kind)) and st[kind].shape == p.shape:
+                st[kind].zero_()
+            else:
+                st[kind] = torch.zeros_like(p)
+    if mapped and hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        opt._hp_optimizer_states_linked = False  # DeepSpeed makes its per-parameter views of the moments
+        opt._lazy_init_hp_params_optimizer_state()  # at the first step: make them now
+    src = cons.consolidated_dir(tag_dir)
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        files = {k: stack.enter_context(safe_open(str(src / f"{k}.safetensors"), framework="pt")) for k in cons.STATES}
+        for name, p in module.named_parameters():
+            plain = _plain_name(name, module, m.n_layer, first)
+            shape = p.ds_shape if zero3 else p.shape
+            val = {k: _local_piece(plain, files[k].get_tensor(plain), shape, m, tp, tp_rank).to(p.dtype)
+                   for k in cons.STATES}
+            if zero3 or mapped:  # the fp32 partition and the moments (each rank keeps its part)
+                safe_set_full_fp32_param(p, val["fp32"])
+                for kind in ("exp_avg", "exp_avg_sq"):
+                    safe_set_full_optimizer_state(p, val[kind], kind)
+            elif p in base.state:  # ZeRO-0: torch's AdamW steps the module's own parameters
+                for kind in ("exp_avg", "exp_avg_sq"):
+                    base.state[p][kind].copy_(val[kind])
+            else:
+                raise UserError(f"{tag_dir}: cannot place the optimizer state of {name} in this engine "
+                                f"({type(opt).__name__}); resume with the saved parallel.* settings")
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=zero3):
+                p.data.copy_(val["fp32"])  # the module's own weights (ZeRO-3: re-partitioned on exit)
+    engine.global_steps, engine.global_samples = int(state["step"]), int(state["consumed_samples"])
