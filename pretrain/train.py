@@ -110,7 +110,7 @@ class Trainer:
         from pretrain.monitor import Monitor
         from pretrain.parallel.apply import build_model
         from pretrain.parallel.topology import Topology
-        from pretrain.plan import count_params, flops_per_token
+        from pretrain.plan import count_params, flops_per_token, layout_advice
 
         cfg, lay = self.cfg, self.layout
         self.topo = Topology(lay)  # every rank/group question goes here (DeepSpeed's grid)
@@ -139,6 +139,8 @@ class Trainer:
         self.monitor.print(f"training {n_params:,} parameters on {lay.world_size} {self.device.type} process(es) "
                            f"(data {lay.dp} x tensor {lay.tp} x pipeline {lay.pp}) "
                            f"from step {self.step} to {cfg.train.max_steps}")
+        for note in layout_advice(cfg, lay):
+            self.monitor.print(note)
         return self._loop()
 
     # ------------------------------------------------------------------ resume

@@ -248,3 +248,16 @@ def test_default_config_plan():
     cfg.data.synthetic = True
     lay = resolve(cfg, 1, None, cuda_available=False)
     assert "124,475,904" in format_plan(cfg, lay)
+
+
+def test_layout_advice_for_zero_over_one_rank():
+    from pretrain.plan import layout_advice
+
+    cfg, lay = _layout(["parallel.zero_stage=1", "train.precision=fp32", "train.device=cpu"], 1, gpu=False)
+    assert any("parallel.zero_stage 0" in n for n in layout_advice(cfg, lay))
+    assert "parallel.zero_stage 0 skips" in format_plan(cfg, lay)
+    for over, world in ((["parallel.zero_stage=0", "train.precision=fp32", "train.device=cpu"], 1),
+                        (["parallel.zero_stage=1", "train.precision=fp32", "train.device=cpu"], 2),
+                        (["parallel.zero_stage=1", "train.precision=bf16"], 1)):
+        cfg, lay = _layout(over, world, gpu="bf16" in over[1])
+        assert layout_advice(cfg, lay) == []
