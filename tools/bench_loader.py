@@ -34,30 +34,13 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/procmem.py, also in worker processes
+from procmem import reset_peak_rss, status_bytes  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 REF_STEP_MS = {"H100 plain torch.compile (REFERENCE.md)": 16 * 1024 / 458e3 * 1e3,
                "H100 DeepSpeed ZeRO-1 eager (REFERENCE.md)": 16 * 1024 / 243e3 * 1e3}
 TARGET_S, TARGET_BYTES = 15.0, 4e9
-
-
-def _status(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for ln in f:
-                if ln.startswith(field + ":"):
-                    return int(ln.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _sizes(docs: int, tokens: int, seed: int):
@@ -112,7 +95,7 @@ def child(args) -> int:
     import pretrain.data.sample_index as S
 
     phases: dict[str, dict] = {}
-    out = {"rss_after_imports": _status("VmRSS"), "phases": phases}
+    out = {"rss_after_imports": status_bytes("VmRSS"), "phases": phases}
 
     def timed(name, fn):
         def wrapper(*a, **k):
@@ -131,11 +114,11 @@ def child(args) -> int:
     np.savez = timed("index cache write (np.savez)", np.savez)  # as sample_index calls them (this process only)
     np.load = timed("index cache read (np.load)", np.load)
 
-    resettable = _reset_peak()
+    resettable = reset_peak_rss()
     t0 = time.perf_counter()
     ds = L.open_dataset([args.prefix], None, "train", args.seq, 1234, 0, cache_dir=args.cache, verify="structure")
     out["open_seconds"] = time.perf_counter() - t0
-    out["open_peak_rss"] = _status("VmHWM")
+    out["open_peak_rss"] = status_bytes("VmHWM")
     out["peak_reset"] = resettable
     out["samples_per_epoch"] = int(ds.index[0].per_epoch)
     out["documents"] = int(len(ds.sources[0]))
@@ -144,7 +127,7 @@ def child(args) -> int:
         print("CHILD " + json.dumps(out), flush=True)
         return 0
     # the loader: batches as the trainer draws them (rank 0 of 1, from sample 0)
-    _reset_peak()
+    reset_peak_rss()
     it = L.micro_batches(ds, args.batch, 0, 1, 0)
     for _ in range(3):
         next(it)
@@ -167,7 +150,7 @@ def child(args) -> int:
         next(it)
         warm.append((time.perf_counter() - t) * 1e3)
     out["warm_batch_ms_median"] = statistics.median(warm)
-    out["loader_peak_rss"] = _status("VmHWM")
+    out["loader_peak_rss"] = status_bytes("VmHWM")
     print("CHILD " + json.dumps(out), flush=True)
     return 0
 

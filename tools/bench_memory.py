@@ -47,6 +47,9 @@ import time
 import weakref
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/procmem.py, also in worker processes
+from procmem import reset_peak_rss, status_bytes  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 GiB, MiB = 2**30, 2**20
 RUNS = {"z0": ("ZeRO-0, DP=2", ["parallel.zero_stage=0"]),
@@ -57,26 +60,6 @@ RUNS = {"z0": ("ZeRO-0, DP=2", ["parallel.zero_stage=0"]),
 
 
 # ------------------------------------------------------------------ worker side
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for ln in f:
-                if ln.startswith(field + ":"):
-                    return int(ln.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM (peak RSS) to the current RSS
-        return True
-    except OSError:
-        return False
-
-
 class Probe:
     """Measures live tensor bytes at each optimizer step and saved activations per forward."""
 
@@ -206,13 +189,13 @@ def worker(spec_file: str) -> int:
         layout = resolve(cfg, world, None)
         gc.collect()
         earlier = {id(o): weakref.ref(o) for o in gc.get_objects() if isinstance(o, torch.Tensor)}
-        resettable = _reset_peak_rss()
-        rss0 = _status_kib("VmRSS")
+        resettable = reset_peak_rss()
+        rss0 = status_bytes("VmRSS")
         t0 = time.perf_counter()
         tr = MemTrainer(cfg, layout)
         tr.earlier = earlier
         rc = tr.run()
-        peak = _status_kib("VmHWM")
+        peak = status_bytes("VmHWM")
         if not resettable:  # no per-run reset: the process's peak so far
             import resource
 
