@@ -2,6 +2,7 @@
 # launch/common.sh: functions the launchers in launch/ share. Sourced, not run.
 #
 # pretrain_help FILE         print FILE's leading comment block (the scripts' --help)
+# pretrain_help_if_asked FILE ARGS...   the same and exit 0 when ARGS start with -h/--help
 # pretrain_die MESSAGE       `error: MESSAGE` on stderr, exit 2 (a user error: not retried)
 # pretrain_nproc             processes per node: $NPROC_PER_NODE, else the GPUs, else 1
 # pretrain_trainer_args CONFIG [overrides...]   set PRETRAIN_ARGS for `python -m pretrain.train`
@@ -28,6 +29,12 @@ pretrain_help() {
             *) break ;;
         esac
     done <"$1"
+}
+
+pretrain_help_if_asked() {
+    case "${2:-}" in
+        -h | --help) pretrain_help "$1"; exit 0 ;;
+    esac
 }
 
 # `error: ...` on stderr and exit 2: the trainer's convention for mistakes the user can fix

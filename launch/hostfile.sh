@@ -33,10 +33,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=launch/common.sh
 . "$here/common.sh"
-if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-    pretrain_help "$0"
-    exit 0
-fi
+pretrain_help_if_asked "$0" "$@"
 [ $# -ge 2 ] || pretrain_die "usage: launch/hostfile.sh HOSTFILE CONFIG [overrides...] (see --help)"
 hostfile=$1
 shift

@@ -31,10 +31,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=launch/common.sh
 . "$here/common.sh"
-if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-    pretrain_help "$0"
-    exit 0
-fi
+pretrain_help_if_asked "$0" "$@"
 # shellcheck source=launch/env.sh
 . "$here/env.sh"
 pretrain_trainer_args "$@"

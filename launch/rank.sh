@@ -17,10 +17,7 @@ set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=launch/common.sh
 . "$here/common.sh"
-if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-    pretrain_help "$0"
-    exit 0
-fi
+pretrain_help_if_asked "$0" "$@"
 [ $# -ge 1 ] || pretrain_die "rank.sh: missing PROGRAM; see --help"
 # shellcheck source=launch/env.sh
 . "$here/env.sh"

@@ -55,8 +55,8 @@ from pretrain.parallel.tensor import (
     get_world_size,
     scatter_to_sequence_parallel_region,
     sequence_parallel_param,
-    vocab_parallel_cross_entropy,
 )
+from pretrain.parallel.cross_entropy import vocab_parallel_cross_entropy
 
 __all__ = [
     "plain_layers", "qkv_permutation", "shard_embedding", "shard_block", "shard_head",

@@ -15,9 +15,8 @@ Layers
   is added.
 * :class:`VocabParallelEmbedding` -- each rank holds rows ``[rank*V/tp, (rank+1)*V/tp)``;
   ids outside the slice give zeros, then the partial outputs are all-reduced.
-* :func:`vocab_parallel_cross_entropy` -- per-token loss from vocab-sharded logits without
-  gathering them (all-reduce of the max, of the sum of exps and of the target logit), in
-  fp32, with a hand-written backward (``softmax - onehot`` on the local shard).
+* :func:`vocab_parallel_cross_entropy` -- the loss from vocab-sharded logits, in
+  :mod:`pretrain.parallel.cross_entropy` (re-exported here).
 
 Initialisation is TP-invariant: a layer draws its *full* weight on the CPU with the
 default torch generator (``init_method(full)``) and keeps its own shard, so for the same
@@ -66,7 +65,6 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -88,6 +86,8 @@ from .comm import (  # noqa: F401  (re-exported)
     scatter_to_tensor_model_parallel_region,
     split_along_dim,
 )
+
+from .cross_entropy import vocab_parallel_cross_entropy  # noqa: F401  (re-exported)
 
 InitMethod = Callable[[torch.Tensor], object]
 
@@ -395,63 +395,6 @@ class VocabParallelEmbedding(_TPModule):
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, "
                 f"local rows [{self.vocab_start}, {self.vocab_end}), sequence_parallel={self.sequence_parallel}")
-
-
-# -------------------------------------------------------------- cross entropy
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, target, group, ignore_index, real_vocab):
-        v_local = logits.shape[-1]
-        start = get_rank(group) * v_local
-        end = start + v_local
-        x = logits.float()
-        if real_vocab is not None and real_vocab < end:
-            pad_cols = torch.arange(start, end, device=x.device) >= real_vocab
-            x = x.masked_fill(pad_cols, float("-inf"))  # out of place: never touch `logits`
-        gmax = all_reduce(x.max(dim=-1).values, group, op=dist.ReduceOp.MAX)
-        x = x - gmax.unsqueeze(-1)  # new tensor, ours to modify
-
-        ignored = target == ignore_index
-        not_here = (target < start) | (target >= end) | ignored
-        local_t = (target.long() - start).masked_fill(not_here, 0)
-        target_logit = x.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).masked_fill(not_here, 0.0)
-        exp = x.exp_()
-        sum_exp = exp.sum(dim=-1)
-        both = all_reduce(torch.stack([target_logit, sum_exp]), group)  # one collective for two sums
-        target_logit, sum_exp = both[0], both[1]
-        loss = (torch.log(sum_exp) - target_logit).masked_fill(ignored, 0.0)
-
-        softmax = exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, local_t, not_here, ignored)
-        ctx.in_dtype = logits.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        softmax, local_t, not_here, ignored = ctx.saved_tensors
-        g = grad_loss.float().masked_fill(ignored, 0.0)
-        grad = softmax * g.unsqueeze(-1)  # new tensor: saved softmax stays intact (retain_graph)
-        onehot_g = (-g).masked_fill(not_here, 0.0)
-        grad.scatter_add_(-1, local_t.unsqueeze(-1), onehot_g.unsqueeze(-1))
-        return grad.to(ctx.in_dtype), None, None, None, None
-
-
-def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
-                                 group: Optional[ProcessGroup], *, ignore_index: int = -100,
-                                 real_vocab: Optional[int] = None) -> torch.Tensor:
-    """Per-token cross entropy from vocab-sharded logits, never gathering them.
-
-    ``logits``: ``(..., V/tp)``, this rank's vocab columns (rank order, as produced by a
-    ``ColumnParallelLinear`` LM head without ``gather_output``). ``target``: ``(...)`` int64
-    ids in the full (padded) vocab, identical on all TP ranks. Returns the fp32 loss of
-    shape ``target.shape``, identical on all ranks (0 where ``target == ignore_index``).
-    ``real_vocab``: columns ``>= real_vocab`` (vocab padding) are excluded from the softmax.
-    Collective over ``group``.
-    """
-    if logits.shape[:-1] != target.shape:
-        raise ValueError(f"vocab_parallel_cross_entropy: logits {tuple(logits.shape)} and "
-                         f"target {tuple(target.shape)} disagree")
-    return _VocabParallelCrossEntropy.apply(logits, target, group, ignore_index, real_vocab)
 
 
 __all__ = [
