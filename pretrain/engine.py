@@ -66,7 +66,8 @@ class GuardedAdamW(torch.optim.AdamW):
                     keep.append(counts)
         sq = sq_counted = torch.zeros((), dtype=torch.float64)
         if grads:
-            norms = torch.stack([n.double().cpu() for n in torch._foreach_norm(grads, 2.0)]).pow(2)
+            # one device-to-host copy for all norms (not one sync per parameter)
+            norms = torch.stack([n.double() for n in torch._foreach_norm(grads, 2.0)]).cpu().pow(2)
             sq = sq_counted = norms.sum()
             if not self.partitioned and not all(keep):
                 sq_counted = norms[torch.tensor(keep, dtype=torch.bool)].sum()

@@ -61,6 +61,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from pretrain.config.deepspeed import deepspeed_config
 from pretrain.config.schema import Config, ModelConfig
 
 __all__ = [
@@ -263,8 +264,9 @@ def memory_estimate(cfg: Config, layout: Any) -> dict[str, Any]:
     o_b = 12 if mixed or zero in (1, 2) else 8  # + fp32 master partition (DeepSpeed ZeRO-1/2 also in fp32)
     shard_w = dp if zero >= 3 else 1
     shard_o = dp if zero >= 1 else 1
-    bucket = 500_000_000  # ZeRO-2 reduce_bucket_size (pretrain.config.deepspeed)
-    max_live = 1_000_000_000  # ZeRO-3 stage3_max_live_parameters (pretrain.config.deepspeed)
+    zcfg = deepspeed_config(cfg, layout).get("zero_optimization", {})  # the sizes the engine gets
+    bucket = zcfg.get("reduce_bucket_size", 0)  # ZeRO-2: beside the gradient partition
+    max_live = zcfg.get("stage3_max_live_parameters", 0)  # ZeRO-3: gathered weights kept alive
 
     layers = pipeline_layer_params(m, layout.padded_vocab_size)
     if pp == 1:

@@ -9,8 +9,7 @@ from __future__ import annotations
 # Must equal pretrain.parallel.tensor.__all__ (checked by tests/test_tensor_parallel.py).
 _TENSOR_NAMES = frozenset({
     "SEQ_DIM", "pad_vocab", "vocab_range", "init_normal", "init_rows",
-    "set_tensor_model_parallel_attributes", "set_defaults_if_not_set_tensor_model_parallel_attributes",
-    "copy_tensor_model_parallel_attributes", "param_is_tensor_parallel", "sequence_parallel_param",
+    "set_tensor_model_parallel_attributes", "param_is_tensor_parallel", "sequence_parallel_param",
     "shard_tensor", "gather_tensor", "gather_full_param",
     "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
     "get_world_size", "get_rank", "divide",

@@ -65,11 +65,6 @@ __all__ = [
 ]
 
 
-def _keep(t: torch.Tensor) -> torch.Tensor:
-    """init_method for TP layers built from existing weights: draws nothing from the RNG."""
-    return t
-
-
 # ----------------------------------------------------------------------------- building
 def plain_layers(cfg: ModelConfig, vocab_size: int) -> Iterator[nn.Module]:
     """Embedding, Block x n_layer, Head: the plain layers, built lazily one at a time in
@@ -171,7 +166,7 @@ class ParallelEmbedding(nn.Module):
         self.sequence_parallel = sequence_parallel and get_world_size(group) > 1
         w = embed.wte.weight
         self.wte = VocabParallelEmbedding(w.shape[0], w.shape[1], group, sequence_parallel=self.sequence_parallel,
-                                          init_method=_keep, dtype=w.dtype, device=w.device)
+                                          init_method=None, dtype=w.dtype, device=w.device)
         self.wte.load_full_weight(w)
         self.wpe = embed.wpe
         self.dropout = _sp_dropout(embed.dropout, group) if self.sequence_parallel else embed.dropout
@@ -206,24 +201,24 @@ def shard_block(block: Block, group, sequence_parallel: bool = False) -> Block:
     qkv = attn.qkv
     perm = qkv_permutation(attn.n_head, attn.n_kv_head, attn.head_dim, tp)
     new_qkv = ColumnParallelLinear(qkv.in_features, qkv.out_features, qkv.bias is not None, group,
-                                   sequence_parallel=sp, init_method=_keep,
+                                   sequence_parallel=sp, init_method=None,
                                    dtype=qkv.weight.dtype, device=qkv.weight.device)
     with torch.no_grad():
         new_qkv.load_full_weight(qkv.weight[perm], None if qkv.bias is None else qkv.bias[perm])
     attn.qkv = new_qkv
     attn.proj = RowParallelLinear.from_linear(attn.proj, group, input_is_parallel=True, sequence_parallel=sp,
-                                              init_method=_keep)
+                                              init_method=None)
     attn.n_head //= tp
     attn.n_kv_head //= tp
     mlp = block.mlp
     for name in ("fc", "gate", "up"):
         if hasattr(mlp, name):
             setattr(mlp, name, ColumnParallelLinear.from_linear(getattr(mlp, name), group, sequence_parallel=sp,
-                                                                init_method=_keep))
+                                                                init_method=None))
     for name in ("proj", "down"):
         if hasattr(mlp, name):
             setattr(mlp, name, RowParallelLinear.from_linear(getattr(mlp, name), group, input_is_parallel=True,
-                                                             sequence_parallel=sp, init_method=_keep))
+                                                             sequence_parallel=sp, init_method=None))
     if sp:
         _sp_norm(block.ln_1, group)
         _sp_norm(block.ln_2, group)
@@ -249,7 +244,7 @@ class ParallelHead(nn.Module):
         self.ln_f = _sp_norm(head.ln_f, group) if self.sequence_parallel else head.ln_f
         self.lm_head = None
         if head.lm_head is not None:
-            self.lm_head = ColumnParallelLinear.from_linear(head.lm_head, group, init_method=_keep) \
+            self.lm_head = ColumnParallelLinear.from_linear(head.lm_head, group, init_method=None) \
                 if tp > 1 else head.lm_head
         if wte is not None:
             self.wte = wte

@@ -48,7 +48,6 @@ from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule, TiedLayerSp
 from pretrain.model.layers import Block, Embedding
 from pretrain.parallel.apply import (
     ParallelHead,
-    _keep,
     parallel_loss,
     plain_layers,
     shard_block,
@@ -201,7 +200,7 @@ def build_pipeline(cfg, layout, topo) -> GPTPipe:
                         wte = table
                     else:
                         w = table.weight
-                        wte = VocabParallelEmbedding(w.shape[0], w.shape[1], group, init_method=_keep,
+                        wte = VocabParallelEmbedding(w.shape[0], w.shape[1], group, init_method=None,
                                                      dtype=w.dtype, device=w.device)
                         wte.load_full_weight(w)
                 module = ParallelHead(layer, group, sp, wte=wte)

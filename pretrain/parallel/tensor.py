@@ -71,7 +71,6 @@ from torch import nn
 from .comm import (  # noqa: F401  (re-exported)
     SEQ_DIM,
     ProcessGroup,
-    all_reduce,
     copy_to_tensor_model_parallel_region,
     divide,
     gather_along_dim,
@@ -80,7 +79,6 @@ from .comm import (  # noqa: F401  (re-exported)
     get_rank,
     get_world_size,
     reduce_from_tensor_model_parallel_region,
-    reduce_scatter_along_dim,
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
@@ -90,8 +88,6 @@ from .comm import (  # noqa: F401  (re-exported)
 from .cross_entropy import vocab_parallel_cross_entropy  # noqa: F401  (re-exported)
 
 InitMethod = Callable[[torch.Tensor], object]
-
-_TP_ATTR_DEFAULTS = {"tensor_model_parallel": False, "partition_dim": -1, "partition_stride": 1}
 
 
 # ------------------------------------------------------------------ misc helpers
@@ -141,18 +137,6 @@ def set_tensor_model_parallel_attributes(param: torch.Tensor, is_parallel: bool,
     param.tensor_model_parallel = bool(is_parallel)
     param.partition_dim = int(dim) if is_parallel else -1
     param.partition_stride = int(stride)
-
-
-def set_defaults_if_not_set_tensor_model_parallel_attributes(param: torch.Tensor) -> None:
-    """Mark a replicated parameter (no-op for attributes already set)."""
-    for name, value in _TP_ATTR_DEFAULTS.items():
-        if not hasattr(param, name):
-            setattr(param, name, value)
-
-
-def copy_tensor_model_parallel_attributes(dst: torch.Tensor, src: torch.Tensor) -> None:
-    for name, value in _TP_ATTR_DEFAULTS.items():
-        setattr(dst, name, getattr(src, name, value))
 
 
 def param_is_tensor_parallel(param: torch.Tensor) -> bool:
@@ -231,7 +215,9 @@ class _TPModule(nn.Module):
         """The full bias, or None (collective over ``group`` when the bias is sharded)."""
         return None if self.bias is None else gather_full_param(self.bias, self.group)
 
-    def _init_from_full(self, init_method: InitMethod) -> None:
+    def _init_from_full(self, init_method: Optional[InitMethod]) -> None:
+        if init_method is None:  # the caller loads the weights next (from_linear, load_full_weight)
+            return
         full = torch.empty(self._full_shape(self.weight), dtype=torch.float32)
         init_method(full)
         self.load_full_weight(full)
@@ -251,7 +237,7 @@ class ColumnParallelLinear(_TPModule):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  group: Optional[ProcessGroup] = None, gather_output: bool = False,
-                 sequence_parallel: bool = False, *, init_method: InitMethod = init_normal(),
+                 sequence_parallel: bool = False, *, init_method: Optional[InitMethod] = init_normal(),
                  dtype: Optional[torch.dtype] = None, device=None):
         super().__init__()
         if gather_output and sequence_parallel:
@@ -274,6 +260,7 @@ class ColumnParallelLinear(_TPModule):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group: Optional[ProcessGroup], **kwargs) -> "ColumnParallelLinear":
+        kwargs.setdefault("init_method", None)  # the weights come from `linear`
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group,
                     dtype=linear.weight.dtype, device=linear.weight.device, **kwargs)
         layer.load_full_weight(linear.weight, linear.bias)
@@ -306,7 +293,7 @@ class RowParallelLinear(_TPModule):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  group: Optional[ProcessGroup] = None, input_is_parallel: bool = True,
-                 sequence_parallel: bool = False, *, init_method: InitMethod = init_normal(),
+                 sequence_parallel: bool = False, *, init_method: Optional[InitMethod] = init_normal(),
                  dtype: Optional[torch.dtype] = None, device=None):
         super().__init__()
         if sequence_parallel and not input_is_parallel:
@@ -330,6 +317,7 @@ class RowParallelLinear(_TPModule):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group: Optional[ProcessGroup], **kwargs) -> "RowParallelLinear":
+        kwargs.setdefault("init_method", None)  # the weights come from `linear`
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group,
                     dtype=linear.weight.dtype, device=linear.weight.device, **kwargs)
         layer.load_full_weight(linear.weight, linear.bias)
@@ -365,7 +353,7 @@ class VocabParallelEmbedding(_TPModule):
     bias = None
 
     def __init__(self, num_embeddings: int, embedding_dim: int, group: Optional[ProcessGroup] = None,
-                 *, sequence_parallel: bool = False, init_method: InitMethod = init_normal(),
+                 *, sequence_parallel: bool = False, init_method: Optional[InitMethod] = init_normal(),
                  dtype: Optional[torch.dtype] = None, device=None):
         super().__init__()
         tp = get_world_size(group)
@@ -399,8 +387,7 @@ class VocabParallelEmbedding(_TPModule):
 
 __all__ = [
     "SEQ_DIM", "pad_vocab", "vocab_range", "init_normal", "init_rows",
-    "set_tensor_model_parallel_attributes", "set_defaults_if_not_set_tensor_model_parallel_attributes",
-    "copy_tensor_model_parallel_attributes", "param_is_tensor_parallel", "sequence_parallel_param",
+    "set_tensor_model_parallel_attributes", "param_is_tensor_parallel", "sequence_parallel_param",
     "shard_tensor", "gather_tensor", "gather_full_param",
     "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
     "get_world_size", "get_rank", "divide",

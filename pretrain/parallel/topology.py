@@ -3,7 +3,7 @@
     topo = Topology(layout)          # after the process group exists, on every rank
     topo.pp_rank, topo.dp_rank, topo.tp_rank
     topo.tp_group                    # None when tensor parallelism is off (a world of one)
-    topo.dp_group, topo.pp_group, topo.mp_group
+    topo.dp_group
     deepspeed.initialize(..., mpu=topo.mpu())   # non-pipeline runs; PipelineModule uses the same grid
 
 It wraps DeepSpeed's own `PipeModelDataParallelTopology` (axes pipe, data, model: global
@@ -17,11 +17,10 @@ exists.
 Group meanings (DeepSpeed's names):
     tp_group  ranks with the same (pp, dp): tensor-parallel peers ("slice" group)
     dp_group  ranks with the same (pp, tp): gradient all-reduce / ZeRO partitioning
-    pp_group  ranks with the same (dp, tp): one pipeline
-    mp_group  ranks with the same dp: every model-parallel rank of one replica (pp x tp);
-              DeepSpeed sums gradient norms over it
+    (DeepSpeed's grid also has the pipeline group, ranks with the same (dp, tp), and the
+    model-parallel group, ranks with the same dp, over which it sums gradient norms.)
 
-`coords_table(layout)` is the pure (no process group) form, used by `--plan`.
+`coords_table(layout)` is the pure (no process group) form of the rank -> (pp, dp, tp) map.
 """
 from __future__ import annotations
 
@@ -75,15 +74,6 @@ class Topology:
         return self.grid.get_data_parallel_group()
 
     @property
-    def pp_group(self):
-        return self.grid.get_pipe_parallel_group()
-
-    @property
-    def mp_group(self):
-        """All model-parallel ranks (pipeline x tensor) of this data-parallel replica."""
-        return self.grid.get_model_parallel_group()
-
-    @property
     def is_first_stage(self) -> bool:
         return self.pp_rank == 0
 
@@ -94,9 +84,6 @@ class Topology:
     def mpu(self):
         """The model-parallel unit handed to `deepspeed.initialize(mpu=...)` (DeepSpeed's grid)."""
         return self.grid
-
-    def rank_of(self, pp: int, dp: int, tp: int) -> int:
-        return self.layout.rank(pp, dp, tp)
 
     def describe(self) -> str:
         return f"rank {self.rank} = (pp {self.pp_rank}, dp {self.dp_rank}, tp {self.tp_rank})"
