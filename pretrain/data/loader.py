@@ -80,13 +80,6 @@ class TokenSource:
         self.sizes = np.concatenate([np.asarray(r.sizes, dtype=np.int64) for r in self.readers]) \
             if self.readers else np.zeros(0, np.int64)
         self.tokens = int(self.sizes.sum())
-        # Plain-ndarray views of a single shard for `window`: slicing np.memmap objects costs
-        # microseconds each (subclass bookkeeping), a third of the loader's time per batch.
-        self._flat = None
-        if len(self.readers) == 1 and self.readers[0].n:
-            r = self.readers[0]
-            self._flat = (r.tokens.view(np.ndarray), np.asarray(r.pointers).view(np.ndarray),
-                          np.asarray(r.sizes).view(np.ndarray), r.dtype.itemsize)
 
     def nbytes(self) -> int:
         return sum(os.path.getsize(p + ext) for p in self.prefixes for ext in (".bin", ".idx")
@@ -94,26 +87,18 @@ class TokenSource:
 
     def read(self, d: int, offset: int = 0, length: Optional[int] = None) -> np.ndarray:
         """Tokens of document d (over all shards), from offset, at most length."""
+        if len(self.readers) == 1:
+            return self.readers[0].get(d, offset, length)
         s = int(np.searchsorted(self.doc_start, d, side="right")) - 1
         return self.readers[s].get(d - int(self.doc_start[s]), offset, length)
 
     def window(self, order: np.ndarray, p: int, o: int, out: np.ndarray) -> None:
         """Fill `out` with the token stream of documents order[p], order[p+1], ... from offset o in the first."""
         need, filled = out.size, 0
-        if self._flat is None:
-            while filled < need:
-                seg = self.read(int(order[p]), o, need - filled)
-                out[filled:filled + seg.size] = seg
-                filled += seg.size
-                p, o = p + 1, 0
-            return
-        toks, ptr, sizes, item = self._flat
         while filled < need:
-            d = order[p]
-            n = min(int(sizes[d]) - o, need - filled)
-            a = int(ptr[d]) // item + o
-            out[filled:filled + n] = toks[a:a + n]
-            filled += n
+            seg = self.read(int(order[p]), o, need - filled)
+            out[filled:filled + seg.size] = seg
+            filled += seg.size
             p, o = p + 1, 0
 
     def document(self, d: int) -> np.ndarray:
