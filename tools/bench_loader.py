@@ -87,6 +87,22 @@ def write_real(prefix: str, docs: int, doc_tokens: int, vocab: int, seed: int) -
 
 
 # ------------------------------------------------------------------ measured in a fresh process
+def _time_batches(ds, args) -> tuple[list[float], object]:
+    """ms per micro-batch for `args.batches` batches as the trainer draws them (rank 0 of 1, from
+    sample 0), after 3 untimed ones; and the last batch."""
+    import pretrain.data.loader as L
+
+    it = L.micro_batches(ds, args.batch, 0, 1, 0)
+    for _ in range(3):
+        next(it)
+    times = []
+    for _ in range(args.batches):
+        t = time.perf_counter()
+        b = next(it)
+        times.append((time.perf_counter() - t) * 1e3)
+    return times, b
+
+
 def child(args) -> int:
     """Open the dataset (phases timed, peak RSS per phase) and time batches; print one JSON line."""
     import numpy as np
@@ -114,43 +130,26 @@ def child(args) -> int:
     np.savez = timed("index cache write (np.savez)", np.savez)  # as sample_index calls them (this process only)
     np.load = timed("index cache read (np.load)", np.load)
 
-    resettable = reset_peak_rss()
+    reset_peak_rss()
     t0 = time.perf_counter()
     ds = L.open_dataset([args.prefix], None, "train", args.seq, 1234, 0, cache_dir=args.cache, verify="structure")
     out["open_seconds"] = time.perf_counter() - t0
     out["open_peak_rss"] = status_bytes("VmHWM")
-    out["peak_reset"] = resettable
     out["samples_per_epoch"] = int(ds.index[0].per_epoch)
     out["documents"] = int(len(ds.sources[0]))
     out["tokens"] = int(ds.sources[0].tokens)
     if not args.batches:
         print("CHILD " + json.dumps(out), flush=True)
         return 0
-    # the loader: batches as the trainer draws them (rank 0 of 1, from sample 0)
-    reset_peak_rss()
-    it = L.micro_batches(ds, args.batch, 0, 1, 0)
-    for _ in range(3):
-        next(it)
-    times = []
-    for _ in range(args.batches):
-        t = time.perf_counter()
-        b = next(it)
-        times.append((time.perf_counter() - t) * 1e3)
+    # the loader: batches as the trainer draws them
+    times, b = _time_batches(ds, args)
     assert tuple(b.shape) == (args.batch, args.seq + 1)
     out["batch_ms_median"] = statistics.median(times)
     out["batch_ms_min"] = min(times)
     out["batch_ms_max"] = max(times)
     # the same batches again: their pages are now in the page cache (warm)
-    it = L.micro_batches(ds, args.batch, 0, 1, 0)
-    for _ in range(3):
-        next(it)
-    warm = []
-    for _ in range(args.batches):
-        t = time.perf_counter()
-        next(it)
-        warm.append((time.perf_counter() - t) * 1e3)
+    warm, _ = _time_batches(ds, args)
     out["warm_batch_ms_median"] = statistics.median(warm)
-    out["loader_peak_rss"] = status_bytes("VmHWM")
     print("CHILD " + json.dumps(out), flush=True)
     return 0
 

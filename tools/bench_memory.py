@@ -48,6 +48,7 @@ import weakref
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/procmem.py, also in worker processes
+from benchshape import ANCHOR, SMOKE, add_shape_args, fill_defaults, shape_overrides  # noqa: E402
 from procmem import reset_peak_rss, status_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,11 +196,7 @@ def worker(spec_file: str) -> int:
         tr = MemTrainer(cfg, layout)
         tr.earlier = earlier
         rc = tr.run()
-        peak = status_bytes("VmHWM")
-        if not resettable:  # no per-run reset: the process's peak so far
-            import resource
-
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = status_bytes("VmHWM")  # without a per-run reset: the process's peak so far
         est = memory_estimate(cfg, layout)
         out.append({"name": run["name"], "rank": rank, "rc": rc, "seconds": time.perf_counter() - t0,
                     "tensors": tr.probe.best, "activations": tr.probe.activations,
@@ -278,12 +275,7 @@ def _parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--config", help="trainer YAML config (default: the built-in defaults + the shape below)")
-    p.add_argument("--layers", type=int)
-    p.add_argument("--d-model", type=int)
-    p.add_argument("--heads", type=int)
-    p.add_argument("--vocab", type=int)
-    p.add_argument("--seq", type=int)
-    p.add_argument("--batch", type=int, help="micro-batch per rank")
+    add_shape_args(p, "micro-batch per rank")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     p.add_argument("--steps", type=int, default=2)
@@ -298,15 +290,11 @@ def _parse():
     p.add_argument("overrides", nargs="*", help="extra trainer overrides section.key=value")
     a = p.parse_args()
     if a.smoke:
-        for k, v in dict(layers=2, d_model=64, heads=2, vocab=512, seq=32, batch=2).items():
-            if getattr(a, k) is None:
-                setattr(a, k, v)
+        fill_defaults(a, SMOKE)
         a.steps = 1  # Adam's moments exist after the first step
         a.shared = True
     elif a.config is None:
-        for k, v in dict(layers=6, d_model=384, heads=6, vocab=50304, seq=256, batch=8).items():
-            if getattr(a, k) is None:
-                setattr(a, k, v)
+        fill_defaults(a, ANCHOR)
     return a
 
 
@@ -320,22 +308,18 @@ def main() -> int:
         return worker(a.worker)
     os.chdir(ROOT)
     tmp = Path(tempfile.mkdtemp(prefix="bench_memory_"))
-    base = []
-    for key, name in (("model.n_layer", "layers"), ("model.d_model", "d_model"), ("model.n_head", "heads"),
-                      ("model.vocab_size", "vocab"), ("model.seq_len", "seq"), ("train.micro_batch_size", "batch")):
-        if getattr(a, name) is not None:
-            base.append(f"{key}={getattr(a, name)}")
-    base += ["data.synthetic=true", f"train.precision={a.precision}", "model.dropout=0.0",
-             f"train.max_steps={a.steps}", "train.global_batch_size=null", "train.eval_interval=0",
-             "logging.interval=1", "logging.tensorboard=false", "checkpoint.interval=0", "checkpoint.resume=none",
-             "parallel.timeout_minutes=5"]
+    base = shape_overrides(a) + [
+        "data.synthetic=true", f"train.precision={a.precision}", "model.dropout=0.0",
+        f"train.max_steps={a.steps}", "train.global_batch_size=null", "train.eval_interval=0",
+        "logging.interval=1", "logging.tensorboard=false", "checkpoint.interval=0", "checkpoint.resume=none",
+        "parallel.timeout_minutes=5"]
     ports = _free_ports(len(a.runs))
     runs = [{"name": RUNS[r][0], "port": port,
              "overrides": base + RUNS[r][1] + a.overrides + [f"train.out_dir={tmp / r}"]}
             for r, port in zip(a.runs, ports)]
     import importlib.metadata as md
 
-    shape = " ".join(base[:6])
+    shape = " ".join(shape_overrides(a))
     print(f"bench_memory: {shape}, {a.precision}, {a.world} CPU ranks x {a.threads} thread(s), {a.steps} steps per run, "
           f"{'all runs in one process per rank' if a.shared else 'fresh processes per run'}; "
           f"torch {md.version('torch')}, deepspeed {md.version('deepspeed')}, python {platform.python_version()}, "
@@ -349,10 +333,10 @@ def main() -> int:
         res += got
     res.sort(key=lambda x: ([q["name"] for q in runs].index(x["name"]), x["rank"]))
 
-    print(f"\nMiB per rank. measured: live tensors at the optimizer step / bytes saved for backward in one "
-          f"micro-batch / RSS; estimate: `--plan` memory_estimate. Tensors: weights + master (fp32 partition "
-          f"copy) + grads + optimizer state (Adam moments) + other (buffers) = total. The peak compared with "
-          f"the estimate's total is the RSS growth during the run (peak - start).")
+    print("\nMiB per rank. measured: live tensors at the optimizer step / bytes saved for backward in one "
+          "micro-batch / RSS; estimate: `--plan` memory_estimate. Tensors: weights + master (fp32 partition "
+          "copy) + grads + optimizer state (Adam moments) + other (buffers) = total. The peak compared with "
+          "the estimate's total is the RSS growth during the run (peak - start).")
     print("| run | rank | weights meas / est | grads meas / est | master + Adam meas / est | other tensors / est "
           "buffers | tensor total meas / est | activations meas / est | RSS start -> peak | peak growth meas / est "
           "(est / meas) |")
@@ -378,7 +362,7 @@ def main() -> int:
     for x in res:
         if x["rank"] == 0 and (x["tensors"] or {}).get("other_largest"):
             print(f"  {x['name']}: " + ", ".join(f"{n / MiB:,.1f} {what}" for n, what in x["tensors"]["other_largest"]))
-    print(f"\nparameters per rank before sharding (estimate): "
+    print("\nparameters per rank before sharding (estimate): "
           + ", ".join(sorted({f"{x['name']}: {x['estimate']['params']:,}" for x in res}))
           + f"; peak RSS reset per run: {all(x['peak_reset'] for x in res)}; load average {os.getloadavg()[0]:.2f}; "
           f"{time.perf_counter() - t0:.0f} s")

@@ -38,21 +38,31 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/benchshape.py, tools/procmem.py
+from benchshape import ANCHOR, SMOKE, add_shape_args, fill_defaults, shape_overrides  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
+TOOLS = Path(__file__).resolve().parent
 BASELINE = ROOT.parent / "shared" / "baseline" / "plain_gpt.py"
 
-# Runs a script or module in this interpreter and prints, at exit, its peak RSS (ru_maxrss) and the
-# process CPU time (user + sys, all threads) at the end of every training step: for the trainer at
-# each metrics line (logging.interval=1), for the baseline after each optimizer step.
+# Runs a script or module in this interpreter and prints, at exit, its peak RSS (Linux VmHWM, via
+# tools/procmem.py; not printed where unknown) and the process CPU time (user + sys, all threads) at
+# the end of every training step: for the trainer at each metrics line (logging.interval=1), for the
+# baseline after each optimizer step. argv: tools dir, kind (module | path), target, its arguments.
 _RSS_WRAPPER = r"""
-import atexit, json, resource, runpy, sys, time
+import atexit, json, runpy, sys, time
+sys.path.insert(0, sys.argv[1])
+from procmem import status_bytes
+sys.path.pop(0)
 stamps = []
 def _report():
-    print("BENCH_PEAK_RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, flush=True)
+    peak = status_bytes("VmHWM")
+    if peak is not None:
+        print("BENCH_PEAK_RSS", peak, flush=True)
     print("BENCH_CPU_STAMPS", json.dumps(stamps), flush=True)
 atexit.register(_report)
-kind, target = sys.argv[1], sys.argv[2]
-sys.argv = [target] + sys.argv[3:]
+kind, target = sys.argv[2], sys.argv[3]
+sys.argv = [target] + sys.argv[4:]
 if kind == "module":
     import pretrain.monitor as M
     _log = M.Monitor.log
@@ -74,12 +84,7 @@ def _parse():
     p.add_argument("--config", help="trainer YAML config; its model shape and micro-batch are used")
     p.add_argument("--data", nargs="+", help="real data (manifest dirs / Megatron prefixes) instead of synthetic "
                                               "tokens for our side (the baseline always draws random tokens)")
-    p.add_argument("--layers", type=int)
-    p.add_argument("--d-model", type=int)
-    p.add_argument("--heads", type=int)
-    p.add_argument("--vocab", type=int)
-    p.add_argument("--seq", type=int)
-    p.add_argument("--batch", type=int, help="micro-batch (one process, no accumulation)")
+    add_shape_args(p, "micro-batch (one process, no accumulation)")
     p.add_argument("--steps", type=int, default=8, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     p.add_argument("--repeat", type=int, default=2, help="runs per side, alternating")
@@ -96,10 +101,7 @@ def _parse():
     p.add_argument("overrides", nargs="*", help="extra trainer overrides section.key=value")
     a = p.parse_args()
     if a.smoke:
-        small = dict(layers=2, d_model=64, heads=2, vocab=512, seq=32, batch=2)
-        for k, v in small.items():
-            if getattr(a, k) is None:
-                setattr(a, k, v)
+        fill_defaults(a, SMOKE)
         a.steps, a.warmup, a.repeat = min(a.steps, 3), min(a.warmup, 1), 1
         a.threads = a.threads or 1  # two OpenMP threads on a shared 2-core machine can be 10-40x slower
     return a
@@ -111,16 +113,9 @@ def _shape(a):
     from pretrain.config.validate import resolve
     from pretrain.run_data import data_vocab_size
 
-    ov = []
-    anchor = dict(layers=6, d_model=384, heads=6, vocab=50304, seq=256, batch=8)  # REFERENCE.md CPU anchor
     if a.config is None:
-        for k, v in anchor.items():
-            if getattr(a, k) is None:
-                setattr(a, k, v)
-    for key, name in (("model.n_layer", "layers"), ("model.d_model", "d_model"), ("model.n_head", "heads"),
-                      ("model.vocab_size", "vocab"), ("model.seq_len", "seq"), ("train.micro_batch_size", "batch")):
-        if getattr(a, name) is not None:
-            ov.append(f"{key}={getattr(a, name)}")
+        fill_defaults(a, ANCHOR)
+    ov = shape_overrides(a)
     if a.data:
         ov += ["data.synthetic=false", "data.paths=" + json.dumps(a.data)]
     else:
@@ -131,10 +126,8 @@ def _shape(a):
 
     cuda = torch.cuda.is_available()
     precision = a.precision if a.precision != "auto" else ("bf16" if cuda else "fp32")
-    ov += [f"train.precision={precision}", "model.dropout=0.0"]
-    cfg = load_config(a.config, ov + a.overrides)
-    mb = cfg.train.micro_batch_size
-    ov.append(f"train.global_batch_size={mb}")  # one process, no gradient accumulation: the baseline's batch
+    # null: global = micro x data-parallel (1 process: 1), no gradient accumulation: the baseline's batch
+    ov += [f"train.precision={precision}", "model.dropout=0.0", "train.global_batch_size=null"]
     cfg = load_config(a.config, ov + a.overrides)
     layout = resolve(cfg, 1, data_vocab_size(cfg.data.paths) if not cfg.data.synthetic else None)
     m = cfg.model
@@ -173,7 +166,7 @@ def _cpu_per_step(stamps, warmup, steps):
 
 def run_baseline(a, cfg, layout, env):
     m = cfg.model
-    cmd = [sys.executable, "-c", _RSS_WRAPPER, "path", str(BASELINE), "--layers", str(m.n_layer),
+    cmd = [sys.executable, "-c", _RSS_WRAPPER, str(TOOLS), "path", str(BASELINE), "--layers", str(m.n_layer),
            "--d-model", str(m.d_model), "--heads", str(m.n_head), "--vocab", str(layout.padded_vocab_size),
            "--seq", str(m.seq_len), "--batch", str(layout.micro_batch_size), "--steps", str(a.steps),
            "--warmup", str(a.warmup), "--mode", a.baseline_mode]
@@ -191,7 +184,7 @@ def run_ours(a, ov, run_dir, env, tok):
     trainer_ov = ov + [f"train.max_steps={steps}", "train.eval_interval=0", "train.eval_steps=1",
                        "logging.interval=1", "logging.tensorboard=false", "checkpoint.interval=0",
                        "checkpoint.resume=none", "schedule.warmup_steps=0", f"train.out_dir={run_dir}"]
-    cmd = [sys.executable, "-c", _RSS_WRAPPER, "module", "pretrain.train"]
+    cmd = [sys.executable, "-c", _RSS_WRAPPER, str(TOOLS), "module", "pretrain.train"]
     cmd += (["--config", a.config] if a.config else []) + trainer_ov + a.overrides
     out, rss, cpu = _run(cmd, env)
     rows = [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -218,19 +211,12 @@ def _versions() -> dict:
 
 
 def _peak(a, precision):
-    if a.peak_flops:
-        return a.peak_flops
+    """The device's peak FLOP/s for MFU: --peak-flops, else the GPU's known peak; None on CPU."""
     import torch
 
-    from pretrain.monitor import PEAK_FLOPS
+    from pretrain.monitor import peak_flops
 
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    for key, (half, tf32) in PEAK_FLOPS.items():
-        if key in name:
-            return tf32 if precision == "fp32" else half
-    return None
+    return peak_flops(torch.device("cuda" if torch.cuda.is_available() else "cpu"), precision, a.peak_flops)
 
 
 def main() -> int:
