@@ -3,17 +3,13 @@
 #
 # pretrain_help FILE         print FILE's leading comment block (the scripts' --help)
 # pretrain_help_if_asked FILE ARGS...   the same and exit 0 when ARGS start with -h/--help
+# pretrain_setup SCRIPT ARGS...   a launcher's start: SCRIPT's help if asked, then launch/env.sh
 # pretrain_die MESSAGE       `error: MESSAGE` on stderr, exit 2 (a user error: not retried)
 # pretrain_nproc             processes per node: $NPROC_PER_NODE, else the GPUs, else 1
 # pretrain_trainer_args CONFIG [overrides...]   set PRETRAIN_ARGS for `python -m pretrain.train`
 # pretrain_run LAUNCHER...   run torchrun with the stop signals routed to the ranks, and
 #                            return the node's status (the trainer's own 2 or 3 when a rank
 #                            ended with it, 0 when all $PRETRAIN_NPROC ranks exited 0)
-
-if [ "${BASH_SOURCE[0]}" = "$0" ]; then  # run rather than sourced: show this help
-    sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"
-    exit 0
-fi
 
 PRETRAIN_LAUNCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 export PRETRAIN_LAUNCH_DIR
@@ -35,6 +31,19 @@ pretrain_help_if_asked() {
     case "${2:-}" in
         -h | --help) pretrain_help "$1"; exit 0 ;;
     esac
+}
+
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then  # run rather than sourced: show this help
+    pretrain_help "$0"
+    exit 0
+fi
+
+# A launcher's start (`pretrain_setup "$0" "$@"`): its --help when ARGS start with -h/--help,
+# then the shared settings (launch/env.sh: it only sets and exports variables).
+pretrain_setup() {
+    pretrain_help_if_asked "$@"
+    # shellcheck source=launch/env.sh
+    . "$PRETRAIN_LAUNCH_DIR/env.sh"
 }
 
 # `error: ...` on stderr and exit 2: the trainer's convention for mistakes the user can fix

@@ -27,7 +27,9 @@
 #   PRETRAIN_RESTART_DELAY    seconds between a failure and the restart (default 10)
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then  # run rather than sourced: show this help
-    sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"
+    # shellcheck source=launch/common.sh
+    . "$(dirname "$0")/common.sh"
+    pretrain_help "$0"
     exit 0
 fi
 

@@ -30,16 +30,13 @@
 # If a rank fails, DeepSpeed stops the others and this script exits non-zero; a node that
 # hangs or vanishes makes the others fail within parallel.timeout_minutes.
 set -euo pipefail
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=launch/common.sh
-. "$here/common.sh"
-pretrain_help_if_asked "$0" "$@"
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+pretrain_setup "$0" "$@"
 [ $# -ge 2 ] || pretrain_die "usage: launch/hostfile.sh HOSTFILE CONFIG [overrides...] (see --help)"
 hostfile=$1
 shift
 [ -f "$hostfile" ] || pretrain_die "hostfile $hostfile not found"
-# shellcheck source=launch/env.sh
-. "$here/env.sh"
 pretrain_trainer_args "$@"
 
 # Check the hostfile here, with a clear message, rather than in DeepSpeed's traceback.
@@ -99,4 +96,4 @@ if [ -n "${PRETRAIN_DS_ARGS:-}" ]; then
 fi
 echo "launch/hostfile.sh: $nodes node(s) from $hostfile, node 0 ${MASTER_ADDR:-$first_host};" \
     "env for the nodes in $env_file; per-rank logs in $PRETRAIN_LOG_DIR" >&2
-exec "${ds[@]}" --no_python --no_local_rank "$here/rank.sh" "$python_path" "${PRETRAIN_ARGS[@]}"
+exec "${ds[@]}" --no_python --no_local_rank "$PRETRAIN_LAUNCH_DIR/rank.sh" "$python_path" "${PRETRAIN_ARGS[@]}"

@@ -16,16 +16,13 @@
 # Exit status: the trainer's (0 done or stopped on request, 2 configuration error,
 # 3 stopped after non-finite steps), non-zero for a crash.
 set -euo pipefail
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=launch/common.sh
-. "$here/common.sh"
-pretrain_help_if_asked "$0" "$@"
-# shellcheck source=launch/env.sh
-. "$here/env.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+pretrain_setup "$0" "$@"
 pretrain_trainer_args "$@"
 nproc=$(pretrain_nproc)
 export PRETRAIN_NPROC=$nproc
 echo "launch/local.sh: $nproc process(es) on $(hostname); per-rank logs in $PRETRAIN_LOG_DIR" >&2
 pretrain_run "$PRETRAIN_PYTHON" -m torch.distributed.run --standalone --nnodes=1 \
     --nproc_per_node="$nproc" --max_restarts=0 \
-    --no-python "$here/rank.sh" "$PRETRAIN_PYTHON" "${PRETRAIN_ARGS[@]}"
+    --no-python "$PRETRAIN_LAUNCH_DIR/rank.sh" "$PRETRAIN_PYTHON" "${PRETRAIN_ARGS[@]}"

@@ -28,12 +28,9 @@
 # `python -m pretrain.launch.autoresume --`) and training resumes from the newest
 # checkpoint. SIGUSR1 or SIGTERM to this script: the ranks save a checkpoint and exit 0.
 set -euo pipefail
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=launch/common.sh
-. "$here/common.sh"
-pretrain_help_if_asked "$0" "$@"
-# shellcheck source=launch/env.sh
-. "$here/env.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+pretrain_setup "$0" "$@"
 pretrain_trainer_args "$@"
 [ -n "${MASTER_ADDR:-}" ] || pretrain_die "MASTER_ADDR is not set: export the address of node 0 (see --help)"
 MASTER_PORT=${MASTER_PORT:-29500}
@@ -59,4 +56,4 @@ pretrain_run "$PRETRAIN_PYTHON" -m torch.distributed.run --nnodes="$NNODES" \
     --nproc_per_node="$nproc" --max_restarts=0 --rdzv_backend=c10d \
     --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="${PRETRAIN_RDZV_ID:-pretrain}" \
     --rdzv_conf="is_host=$is_host,join_timeout=$PRETRAIN_RDZV_TIMEOUT" "${extra[@]}" \
-    --no-python "$here/rank.sh" "$PRETRAIN_PYTHON" "${PRETRAIN_ARGS[@]}"
+    --no-python "$PRETRAIN_LAUNCH_DIR/rank.sh" "$PRETRAIN_PYTHON" "${PRETRAIN_ARGS[@]}"

@@ -14,13 +14,10 @@
 #
 # Environment: RANK (set by the launcher), PRETRAIN_LOG_DIR (see launch/env.sh).
 set -uo pipefail
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=launch/common.sh
-. "$here/common.sh"
-pretrain_help_if_asked "$0" "$@"
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+pretrain_setup "$0" "$@"
 [ $# -ge 1 ] || pretrain_die "rank.sh: missing PROGRAM; see --help"
-# shellcheck source=launch/env.sh
-. "$here/env.sh"
 
 rank=${RANK:-0}
 mkdir -p "$PRETRAIN_LOG_DIR" || exit 1
