@@ -1,11 +1,9 @@
 """Checkpoint interop: export-hf / import-hf against real (tiny, random, local) transformers
-models, resharding (DP 2 -> 1 through DeepSpeed's universal checkpoint; TP 1 -> 2 -> 1 and
-PP 1 -> 2 -> 1 through our consolidated copy), inspect, and the errors for corrupt or foreign
-directories.
+models, inspect, and the errors for corrupt or foreign directories (resharding:
+tests/test_reshard.py; the trained runs: tests/conftest.py, tests/interop_util.py).
 
 Nothing is downloaded: HF models are built from configs here. The transformers tests need
-the `transformers` test extra (skipped without it). Tests that need the checkpoint.init_from
-hook (see docs/INTEROP.md) skip until it is in.
+the `transformers` test extra (skipped without it).
 """
 import json
 import sys
@@ -17,7 +15,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_util import check, losses, run_train  # noqa: E402
+from interop_util import copy_checkpoint, random_hf, rewrite_state, run_overrides  # noqa: E402
+from train_util import losses  # noqa: E402
 
 try:
     import transformers  # noqa: F401
@@ -28,9 +27,7 @@ needs_hf = pytest.mark.skipif(not HAS_HF, reason="needs the transformers test ex
 
 from pretrain import checkpoint  # noqa: E402
 from pretrain.config.load import load_config  # noqa: E402
-from pretrain.config.schema import CheckpointConfig  # noqa: E402
 from pretrain.config.validate import resolve  # noqa: E402
-from pretrain.data.prep import main as prep_main  # noqa: E402
 from pretrain.errors import UserError  # noqa: E402
 from pretrain.generate import load_model  # noqa: E402
 from pretrain.interop import names  # noqa: E402
@@ -40,12 +37,6 @@ from pretrain.interop.hf_import import import_hf  # noqa: E402
 from pretrain.interop.init_weights import load_init_weights, read_init  # noqa: E402
 from pretrain.model.gpt import GPT, loss_fn  # noqa: E402
 from pretrain.run_data import SyntheticData  # noqa: E402
-
-LLAMA = ["model.position=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.bias=false",
-         "model.tie_embeddings=false", "model.n_kv_head=2", "model.d_ff=128"]
-NO_DROPOUT = ["model.dropout=0.0"]
-FAST = ["logging.tensorboard=false"]  # saves importing TensorBoard in every rank
-HAS_INIT_HOOK = "init_from" in CheckpointConfig.__dataclass_fields__
 
 
 def _hf(d, **kw):
@@ -68,60 +59,7 @@ def _assert_same_logits(ours: GPT, hf_model, vocab: int, seed: int = 0, batches:
 
 
 # ----------------------------------------------------------------------------- trained runs
-@pytest.fixture(scope="module")
-def bpe_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    docs = [f"document {i}: " + "the quick brown fox jumps over the lazy dog " * (i % 7 + 1) + "lorem ipsum"
-            for i in range(200)]
-    (d / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
-    assert prep_main([str(d / "in.jsonl"), "-o", str(d / "out"), "--tokenizer", "bpe:300", "--quiet",
-                      "--workers", "1", "--split", "0.9,0.1"]) == 0
-    return d / "out"
-
-
-RUNS = {
-    # GPT-2 at DP=2 / ZeRO-1 on prepared data with a trained BPE (tokenizer export, vocab 300
-    # padded to 384); checkpoints at steps 3 and 6, no dropout: also the resharding source
-    "gpt2": (2, ["data.synthetic=false", "model.vocab_size=null", "parallel.zero_stage=1", *NO_DROPOUT,
-                 "train.max_steps=6", "checkpoint.interval=3"]),
-    # Llama-style (rope, rmsnorm, swiglu, GQA, untied, no bias), ZeRO-2, vocab 258 padded to 384
-    "llama": (1, [*LLAMA, "parallel.zero_stage=2", "train.max_steps=2", "checkpoint.interval=0"]),
-}
-# Tensor-parallel Llama-style and pipeline-parallel GPT-2 (tied head) runs, merged on export by
-# load_model_weights. They start from a random transformers model imported with import-hf
-# (checkpoint.init_from) when the trainer has that hook, so their first loss is checked too.
-IMPORTED = {"llama-tp2": ("llama", ["parallel.tensor=2"]), "gpt2-pp2": ("gpt2", ["parallel.pipeline=2"])}
 VOCAB = {"gpt2": 300, "llama": 258, "llama-tp2": 256, "gpt2-pp2": 256}  # the real vocabularies
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, bpe_data):
-    made = {}
-
-    def get(name):
-        if name in made:
-            return made[name]
-        out = tmp_path_factory.mktemp(name)
-        if name in RUNS:
-            nproc, overrides = RUNS[name]
-            extra = [f"data.paths=[{bpe_data}]"] if "data.synthetic=false" in overrides else []
-            check(run_train(out, [*overrides, *extra, *FAST], nproc=nproc))
-            made[name] = out
-        else:
-            kind, par = IMPORTED[name]
-            src, run = _random_hf(kind, out / "hf"), out / "run"
-            overrides = _run_overrides(kind, run) + par + ["train.max_steps=1", "schedule.warmup_steps=0",
-                                                           "checkpoint.interval=0", "data.seed=5"]
-            if HAS_INIT_HOOK:
-                init = import_hf(str(src), None, str(run), overrides, log=lambda s: None)
-                overrides.append(f"checkpoint.init_from={init}")
-            made[name] = run
-            made[name + ":hf"] = src
-            made[name + ":log"] = check(run_train(run, overrides + FAST, nproc=2))
-        return made[name]
-
-    get.made = made
-    return get
 
 
 @needs_hf
@@ -222,33 +160,6 @@ def test_export_variants_from_state_dict(tmp_path, variant):
 
 
 # ----------------------------------------------------------------------------- import
-def _random_hf(kind: str, d: Path, vocab: int = 256) -> Path:
-    """A transformers model with random weights (biases and gains too), saved as safetensors."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    if kind == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=32, n_embd=64, n_layer=2, n_head=4,
-                                           bos_token_id=0, eos_token_id=0))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                             max_position_embeddings=32, rms_norm_eps=1e-5, rope_theta=10000.0,
-                                             tie_word_embeddings=False, bos_token_id=1, eos_token_id=2))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(str(d))
-    return d
-
-
-def _run_overrides(kind: str, out: Path) -> list[str]:
-    base = ["data.synthetic=true", "model.vocab_size=256", "model.n_layer=2", "model.d_model=64", "model.n_head=4",
-            "model.seq_len=32", "model.dropout=0.0", "train.precision=fp32", "train.device=cpu",
-            f"train.out_dir={out}"]
-    return base + (LLAMA if kind == "llama" else [])
-
-
 def _hf_loss(hf_dir: Path, batch: torch.Tensor) -> float:
     with torch.no_grad():
         logits = _hf(hf_dir)(batch[:, :-1]).logits
@@ -260,9 +171,9 @@ def _hf_loss(hf_dir: Path, batch: torch.Tensor) -> float:
 def test_import_then_export_is_identical(tmp_path, kind):
     from safetensors.torch import load_file
 
-    src = _random_hf(kind, tmp_path / "hf")
+    src = random_hf(kind, tmp_path / "hf")
     run = tmp_path / "run"
-    init = import_hf(str(src), None, str(run), _run_overrides(kind, run), log=lambda s: None)
+    init = import_hf(str(src), None, str(run), run_overrides(kind, run), log=lambda s: None)
     assert (init / "init.json").is_file() and (init / "model.safetensors").is_file()
 
     out = tmp_path / "back"
@@ -281,7 +192,7 @@ def test_import_then_export_is_identical(tmp_path, kind):
 
     # The model the trainer starts from (same loader as the checkpoint.init_from hook) has
     # transformers' loss on the same batch (padded vocabulary = 256 = the HF vocabulary).
-    cfg = load_config(None, _run_overrides(kind, run))
+    cfg = load_config(None, run_overrides(kind, run))
     lay = resolve(cfg, 1)
     assert lay.padded_vocab_size == 256
     torch.manual_seed(0)
@@ -293,27 +204,27 @@ def test_import_then_export_is_identical(tmp_path, kind):
     assert ours_loss == pytest.approx(_hf_loss(src, batch), rel=1e-5)
 
     # a larger padded vocabulary gets zero rows; a config that differs is refused, naming the field
-    cfg = load_config(None, _run_overrides(kind, run) + ["model.vocab_multiple=100"])
+    cfg = load_config(None, run_overrides(kind, run) + ["model.vocab_multiple=100"])
     lay = resolve(cfg, 1)
     ours = GPT(cfg.model, lay.padded_vocab_size)
     load_init_weights(ours, str(run / "init" / "model.safetensors"), cfg, lay, log=lambda s: None)
     assert lay.padded_vocab_size == 300 and not ours.embed.wte.weight[256:].any()
-    cfg = load_config(None, _run_overrides(kind, run) + ["model.n_head=8"])
+    cfg = load_config(None, run_overrides(kind, run) + ["model.n_head=8"])
     with pytest.raises(UserError, match="model.n_head is 8, the imported model has 4"):
         load_init_weights(GPT(cfg.model, 256), str(run / "init"), cfg, resolve(cfg, 1), log=lambda s: None)
 
 
 @needs_hf
 def test_import_checks_config_vocab_and_files(tmp_path):
-    src = _random_hf("llama", tmp_path / "hf")
+    src = random_hf("llama", tmp_path / "hf")
     run = tmp_path / "run"
-    ov = _run_overrides("llama", run)
+    ov = run_overrides("llama", run)
     with pytest.raises(UserError) as e:
         import_hf(str(src), None, str(run), ov + ["model.n_head=8", "model.d_ff=256"], log=lambda s: None)
     msg = str(e.value)
     assert "model.n_head is 8, the imported model has 4" in msg and "model.d_ff" in msg
     with pytest.raises(UserError, match="model.position is 'learned'"):
-        import_hf(str(src), None, str(run), _run_overrides("gpt2", run), log=lambda s: None)
+        import_hf(str(src), None, str(run), run_overrides("gpt2", run), log=lambda s: None)
     with pytest.raises(UserError, match="set model.vocab_size: 256"):
         import_hf(str(src), None, str(run), ov + ["model.vocab_size=200"], log=lambda s: None)
     with pytest.raises(UserError, match="no config.json"):
@@ -331,10 +242,10 @@ def test_import_checks_config_vocab_and_files(tmp_path):
 def test_import_refuses_data_with_another_tokenizer(tmp_path, bpe_data):
     import shutil
 
-    src = _random_hf("gpt2", tmp_path / "hf", vocab=300)
+    src = random_hf("gpt2", tmp_path / "hf", vocab=300)
     shutil.copyfile(bpe_data / "tokenizer.json", src / "tokenizer.json")
     run = tmp_path / "run"
-    ov = [o for o in _run_overrides("gpt2", run) if not o.startswith(("data.synthetic", "model.vocab_size"))]
+    ov = [o for o in run_overrides("gpt2", run) if not o.startswith(("data.synthetic", "model.vocab_size"))]
     ov += ["data.synthetic=false", f"data.paths=[{bpe_data}]", "model.vocab_size=null"]
     init = import_hf(str(src), None, str(run), ov, log=lambda s: None)  # same tokenizer: fine
     assert "tokenizer.json" in read_init(init)[0]["tokenizer_files"]
@@ -351,7 +262,6 @@ def test_import_refuses_data_with_another_tokenizer(tmp_path, bpe_data):
 
 @needs_hf
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_INIT_HOOK, reason="checkpoint.init_from is not in the trainer yet (see docs/INTEROP.md)")
 @pytest.mark.parametrize("name", ["llama-tp2", "gpt2-pp2"])
 def test_imported_run_first_loss_equals_transformers(trained, name):
     run = trained(name)
@@ -362,148 +272,7 @@ def test_imported_run_first_loss_equals_transformers(trained, name):
     assert first == pytest.approx(_hf_loss(trained.made[name + ":hf"], batch), rel=1e-5)
 
 
-# ----------------------------------------------------------------------------- resharding
-def _step(run: Path, n: int) -> Path:
-    return run / "checkpoints" / checkpoint.tag_for(n)
-
-
-@pytest.mark.slow
-def test_reshard_writes_a_universal_copy(trained):
-    from pretrain.interop.reshard import check_reshard
-
-    run = trained("gpt2")
-    step3 = _step(run, 3)
-    assert convert(["reshard", "--run", str(run), "--step", "3"]) == 0
-    u = step3 / "universal"
-    assert checkpoint.verify(u) is None and checkpoint.verify(step3) is None  # the original is untouched
-    saved = checkpoint.read_state(step3)["layout"]
-    assert json.loads((u / "manifest.json").read_text())["source_layout"] == saved and saved["dp"] == 2
-    weights = checkpoint.load_model_weights(step3)
-    for name, t in weights.items():  # DeepSpeed's per-parameter files (pickles of our own run)
-        fp32 = torch.load(u / "zero" / name / "fp32.pt", map_location="cpu", weights_only=False)
-        fp32 = fp32["param"] if isinstance(fp32, dict) else fp32
-        assert torch.equal(fp32.reshape(t.shape), t), name
-        assert (u / "zero" / name / "exp_avg.pt").is_file() and (u / "zero" / name / "exp_avg_sq.pt").is_file()
-    assert convert(["reshard", "--run", str(step3)]) == 0  # idempotent
-
-    assert check_reshard(step3, saved, {**saved, "dp": 1}) == "universal"
-    assert check_reshard(step3, saved, {**saved, "dp": 1, "zero_stage": 2}) == "universal"
-    with pytest.raises(UserError, match="pretrain-convert reshard"):
-        check_reshard(_step(run, 6), saved, {**saved, "dp": 1})  # no converted copy of step 6
-    with pytest.raises(UserError, match="pretrain-convert reshard"):
-        check_reshard(_step(run, 6), saved, {**saved, "dp": 1, "tp": 2})
-    # what the universal format cannot do goes through our consolidated copy (written alongside)
-    assert checkpoint.verify(step3 / "consolidated") is None
-    for change in ({"tp": 2}, {"pp": 2}, {"zero_stage": 0}, {"zero_stage": 3}):
-        assert check_reshard(step3, saved, {**saved, "dp": 1, **change}) == "consolidated", change
-    assert not (step3 / "latest_universal").exists()  # DeepSpeed's stray pointer is removed
-
-
-@pytest.mark.slow
-def test_resume_dp2_checkpoint_at_dp1_gives_the_same_losses(trained, bpe_data, tmp_path):
-    run = trained("gpt2")
-    step3 = _step(run, 3)
-    assert convert(["reshard", "--run", str(run), "--step", "3"]) == 0
-    _, overrides = RUNS["gpt2"]
-    out = tmp_path / "dp1"
-    log = check(run_train(out, [*overrides, f"data.paths=[{bpe_data}]", f"checkpoint.resume={step3}", *FAST],
-                          nproc=1))
-    assert "resharded" in log and "at step 3" in log
-    old, new = losses(run), losses(out)
-    assert sorted(new) == [4, 5, 6]
-    for s in (4, 5, 6):  # step 4: the weights; 5 and 6: also Adam's moments and step count
-        assert new[s] == pytest.approx(old[s], rel=1e-6, abs=0), s
-    a, b = checkpoint.load_model_weights(_step(run, 6)), checkpoint.load_model_weights(_step(out, 6))
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
-
-
-def _resume_gpt2(bpe_data, out: Path, tag: Path, *extra: str, nproc: int) -> str:
-    """The "gpt2" run's config, resumed from `tag` in another layout."""
-    _, overrides = RUNS["gpt2"]
-    return check(run_train(out, [*overrides, f"data.paths=[{bpe_data}]", f"checkpoint.resume={tag}", *FAST, *extra],
-                           nproc=nproc))
-
-
-def _max_rel_diff(ref: Path, out: Path, steps: list[int]) -> float:
-    old, new = losses(ref), losses(out)
-    assert sorted(new) == steps, new
-    worst = max(abs(new[s] - old[s]) / abs(old[s]) for s in steps)
-    assert worst <= 1e-6, {s: (old[s], new[s]) for s in steps}
-    return worst
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["pipeline", "tensor"])
-def test_resume_in_another_tensor_or_pipeline_degree_gives_the_same_losses(trained, bpe_data, tmp_path, kind):
-    """1 -> 2 from the DP=2 ZeRO-1 run's step 3, then 2 -> 1 from the new run's step 4. The losses of
-    the resumed steps equal those of the run it resumed within 1e-6 relative: the first one checks
-    the weights, the later ones Adam's moments and step count."""
-    from safetensors.torch import load_file
-
-    run = trained("gpt2")
-    assert convert(["reshard", "--run", str(run), "--step", "3"]) == 0
-    if kind == "pipeline":  # ZeRO-1 -> 2 stages with ZeRO-1 -> one process with ZeRO-0
-        wide, narrow = ["parallel.pipeline=2"], ["parallel.zero_stage=0"]
-    else:  # ZeRO-1 -> TP=2 with ZeRO-2 (64 x 2 keeps the 384 padded rows of 128 x 1) -> TP=1 with ZeRO-1
-        wide, narrow = ["parallel.tensor=2", "parallel.zero_stage=2", "model.vocab_multiple=64"], []
-    two, one = tmp_path / f"{kind}2", tmp_path / f"{kind}1"
-    log = _resume_gpt2(bpe_data, two, _step(run, 3), *wide, "checkpoint.interval=1", nproc=2)
-    assert "(consolidated)" in log and "resumed from" in log and "at step 3" in log
-    worst = [_max_rel_diff(run, two, [4, 5, 6])]
-
-    step4 = _step(two, 4)
-    assert convert(["reshard", "--run", str(step4)]) == 0
-    fp32 = load_file(str(step4 / "consolidated" / "fp32.safetensors"))
-    weights = checkpoint.load_model_weights(step4)
-    assert sorted(fp32) == sorted(weights) and all(torch.equal(fp32[k], weights[k]) for k in weights)
-    _resume_gpt2(bpe_data, one, step4, *narrow, nproc=1)
-    worst.append(_max_rel_diff(two, one, [5, 6]))
-    print(f"{kind} 1 -> 2, 2 -> 1: max relative loss difference {worst[0]:.2e}, {worst[1]:.2e}")
-
-
-@pytest.mark.slow
-def test_reshard_refusals_name_the_fix(trained, tmp_path, capsys):
-    from pretrain.interop.reshard import check_reshard
-    from pretrain.train import Trainer
-
-    run = trained("gpt2")
-    saved = checkpoint.read_state(_step(run, 3))["layout"]
-    bf16 = _copy(run, 3, tmp_path / "bf16")
-    _rewrite_state(bf16, lambda t: t.replace('"precision": "fp32"', '"precision": "bf16"'))
-    with pytest.raises(UserError, match="fp32 runs only"):
-        check_reshard(bf16, saved, {**saved, "dp": 1, "tp": 2})
-    _rewrite_state(bf16, lambda t: t.replace('"tp": 1', '"tp": 2'))  # as if saved at TP=2
-    assert convert(["reshard", "--run", str(bf16)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "fp32 runs only" in err and err.count("\n") == 1, err
-    assert not (bf16 / "consolidated").exists() and not (bf16 / "universal").exists()
-    # TP 2 pads the vocabulary to a multiple of 128 x 2 = 512; the checkpoint has 384 rows
-    cfg = load_config(None, ["data.synthetic=true", "model.vocab_size=300", "parallel.tensor=2", "train.device=cpu"])
-    trainer = Trainer(cfg, resolve(cfg, 2))
-    msg = trainer._shape_mismatch("checkpoint X", {**trainer._model_shape(), "padded_vocab_size": 384})
-    assert "padded vocabulary of 384 rows, this run 512" in msg and "set model.vocab_multiple=192" in msg
-
-
 # ----------------------------------------------------------------------------- inspect / errors
-def _rewrite_state(tag: Path, edit) -> None:
-    """Change state.json of a (copied) checkpoint and re-commit its manifest entry."""
-    f = tag / checkpoint.STATE
-    text = edit(f.read_text())
-    f.write_text(text)
-    man = json.loads((tag / checkpoint.MANIFEST).read_text())
-    man["files"][checkpoint.STATE] = {"size": f.stat().st_size, "sha256": checkpoint.sha256_file(f)}
-    (tag / checkpoint.MANIFEST).write_text(json.dumps(man))
-
-
-def _copy(run: Path, n: int, dst: Path) -> Path:
-    import shutil
-
-    tag = dst / "checkpoints" / checkpoint.tag_for(n)
-    shutil.copytree(_step(run, n), tag, ignore=shutil.ignore_patterns("universal", "consolidated"))
-    return tag
-
-
 @pytest.mark.slow
 def test_inspect_reads_only_json(trained, monkeypatch, capsys):
     import pickle
@@ -541,7 +310,7 @@ def test_corrupt_and_foreign_directories_give_one_line_errors(trained, tmp_path,
         return captured.err
 
     # a shard with one flipped byte
-    bad = _copy(run, 3, tmp_path / "bad")
+    bad = copy_checkpoint(run, 3, tmp_path / "bad")
     shard = next(bad.glob("*optim_states.pt"))
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -557,11 +326,11 @@ def test_corrupt_and_foreign_directories_give_one_line_errors(trained, tmp_path,
     assert "never committed" in err_of(2, ["export-hf", "--run", str(bad), "--out", str(tmp_path / "x")])
 
     # state.json that is not JSON (committed as such), and an architecture transformers lacks
-    odd = _copy(run, 3, tmp_path / "odd")
-    _rewrite_state(odd, lambda t: t.replace('"norm": "layernorm"', '"norm": "rmsnorm"'))
+    odd = copy_checkpoint(run, 3, tmp_path / "odd")
+    rewrite_state(odd, lambda t: t.replace('"norm": "layernorm"', '"norm": "rmsnorm"'))
     err = err_of(2, ["export-hf", "--run", str(odd), "--out", str(tmp_path / "x")])
     assert "no transformers equivalent" in err and err.count("\n") == 1
-    _rewrite_state(odd, lambda t: "{not json")
+    rewrite_state(odd, lambda t: "{not json")
     assert "cannot read checkpoint state" in err_of(2, ["export-hf", "--run", str(odd), "--out", str(tmp_path / "x")])
     assert inspect_main([str(odd)]) == 1
     assert "unreadable state.json" in capsys.readouterr().out

@@ -14,108 +14,22 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from train_util import TINY, losses, metrics
+from launch_util import (LAUNCH, ROOT, STEPS, TIMEOUT_MIN, check, kill_tree, last_step, launch_env, run, wait_for,
+                         which)
+from train_util import losses
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).absolute().parents[1]
-LAUNCH = ROOT / "launch"
 SCRIPTS = ["local.sh", "multinode.sh", "hostfile.sh", "rank.sh", "env.sh", "common.sh", "slurm.sbatch"]
-STEPS = 8
-TIMEOUT_MIN = 0.5  # parallel.timeout_minutes for every run here (PRETRAIN_TIMEOUT_MINUTES)
-SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 ADDR = {"a": "10.213.0.1", "b": "10.213.0.2"}
 IFNAME = "pteth0"  # the same name in both namespaces, as on a uniform cluster
-
-
-def which(name: str) -> str | None:
-    return shutil.which(name, path=SBIN)
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-
-
-def last_step(run_dir: Path) -> int:
-    return max((m["step"] for m in metrics(run_dir) if "train/loss" in m), default=0)
-
-
-def launch_env(log_dir: Path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "PRETRAIN_", "MASTER_", "GLOO_", "NCCL_"))
-           and k not in ("NNODES", "NODE_RANK", "NPROC_PER_NODE", "LOCAL_ADDR", "RANK", "WORLD_SIZE",
-                         "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PRETRAIN_PYTHON=sys.executable,
-               PRETRAIN_LOG_DIR=str(log_dir), PRETRAIN_TIMEOUT_MINUTES=str(TIMEOUT_MIN),
-               PRETRAIN_RESTART_DELAY="1")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def run(cmd, env, timeout=300) -> subprocess.CompletedProcess:
-    """Run a launcher to the end; on a timeout, kill it with everything it started, then raise."""
-    cmd = [str(c) for c in cmd]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, out)
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL `pid` and every process below it (torchrun puts its ranks in their own sessions)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        todo += children.get(p, [])
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def check(proc, rc=0) -> str:
-    out = proc.stdout if isinstance(proc.stdout, str) else ""
-    assert proc.returncode == rc, f"exit {proc.returncode} (wanted {rc}):\n{out[-5000:]}"
-    return out
-
-
-@pytest.fixture(scope="module")
-def config(tmp_path_factory) -> Path:
-    """TINY as a YAML file (the launchers take CONFIG [overrides]), STEPS steps."""
-    cfg: dict = {}
-    for item in [*TINY, f"train.max_steps={STEPS}"]:
-        key, value = item.split("=", 1)
-        section, field = key.split(".", 1)
-        cfg.setdefault(section, {})[field] = yaml.safe_load(value)
-    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 # ----------------------------------------------------------------------------- static checks
@@ -445,96 +359,3 @@ def test_hostfile_runs_deepspeed_over_pdsh_ssh_and_matches(netns, sshd, config, 
     assert f"GLOO_SOCKET_IFNAME={IFNAME}" in env_file and f"PRETRAIN_TIMEOUT_MINUTES={TIMEOUT_MIN}" in env_file
     assert sorted(p.name for p in (tmp_path / "logs").glob("rank_*.log")) == [f"rank_{r:05d}.log" for r in range(4)]
     assert losses(tmp_path / "run") == losses(reference[0] / "run")
-
-
-# ----------------------------------------------------------------------------- SLURM
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    """A single-host SLURM cluster (munged, slurmctld, slurmd) with its own config, ports and state."""
-    need = ["munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "srun", "sinfo"]
-    missing = [b for b in need if not which(b)]
-    if os.geteuid() != 0 or missing:
-        pytest.skip("SLURM test needs root and " + (", ".join(missing) or "root") +
-                    " (Debian packages slurmctld slurmd slurm-client munge; .ci/run installs them)")
-    d = tmp_path_factory.mktemp("slurm")
-    (d / "state").mkdir()
-    (d / "spool").mkdir()
-    key = d / "munge.key"
-    key.write_bytes(os.urandom(1024))
-    key.chmod(0o400)
-    host = socket.gethostname().split(".")[0]
-    conf = d / "slurm.conf"
-    conf.write_text("\n".join([
-        "ClusterName=pretraintest", f"SlurmctldHost={host}(127.0.0.1)",
-        f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
-        "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={d}/munge.sock",
-        "SlurmUser=root", "SlurmdUser=root", f"StateSaveLocation={d}/state", f"SlurmdSpoolDir={d}/spool",
-        f"SlurmctldPidFile={d}/slurmctld.pid", f"SlurmdPidFile={d}/slurmd.pid",
-        f"SlurmctldLogFile={d}/slurmctld.log", f"SlurmdLogFile={d}/slurmd.log",
-        "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
-        "AccountingStorageType=accounting_storage/none", "JobCompType=jobcomp/none",
-        "SchedulerType=sched/builtin", "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
-        "MpiDefault=none", "ReturnToService=2", "KillWait=10", "MinJobAge=600", "InactiveLimit=0",
-        f"NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory=1000 State=UNKNOWN",
-        "PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP", ""]))
-    env = {**os.environ, "SLURM_CONF": str(conf), "PATH": SBIN}
-    pidfiles = [d / "slurmd.pid", d / "slurmctld.pid", d / "munged.pid"]
-    try:
-        subprocess.run([which("munged"), "-f", "-S", d / "munge.sock", f"--key-file={key}",
-                        f"--log-file={d}/munged.log", f"--pid-file={d}/munged.pid",
-                        f"--seed-file={d}/munged.seed"], check=True, env=env)
-        subprocess.run([which("slurmctld"), "-c", "-i", "-f", conf], check=True, env=env)
-        subprocess.run([which("slurmd"), "-f", conf], check=True, env=env)
-        idle = lambda: "idle" in subprocess.run(["sinfo", "-h", "-o", "%T"], env=env,  # noqa: E731
-                                                capture_output=True, text=True).stdout
-        wait_for(idle, 60, "the SLURM node to be idle", interval=0.5)
-        yield d, env
-    finally:
-        subprocess.run(["scancel", "--full", "--partition=test"], env=env, capture_output=True)
-        for pidfile in pidfiles:
-            try:
-                os.kill(int(pidfile.read_text()), signal.SIGTERM)
-            except (OSError, ValueError):
-                pass
-
-
-def test_slurm_preemption_checkpoints_requeues_and_resumes(slurm, config, tmp_path):
-    d, slurm_env = slurm
-    # The uninterrupted run to compare with: the same config on one process.
-    ref = run([sys.executable, "-m", "pretrain.train", "--config", config, f"train.out_dir={tmp_path / 'ref'}"],
-              launch_env(tmp_path / "ref_logs"))
-    check(ref)
-
-    out = tmp_path / "slurm.out"
-    env = {**launch_env(tmp_path / "logs", NPROC_PER_NODE=1, MASTER_PORT=free_port(),
-                        PRETRAIN_FAULTS="sleep=0.5"), "SLURM_CONF": slurm_env["SLURM_CONF"]}
-    env["PATH"] = SBIN
-    sub = run(["sbatch", "--parsable", "--nodes=1", "--exclusive", f"--output={out}", LAUNCH / "slurm.sbatch",
-               config, f"train.out_dir={tmp_path / 'run'}"], env, timeout=60)
-    job = check(sub).strip().split(";")[0]
-    sq = lambda fmt: subprocess.run(["squeue", "-h", "-j", job, "-o", fmt], env=env,  # noqa: E731
-                                    capture_output=True, text=True).stdout.strip()
-    wait_for(lambda: last_step(tmp_path / "run") >= 2, 240, "step 2 under SLURM")
-    # What `--signal=USR1@120` does 120 s before the time limit: SIGUSR1 to the job's steps.
-    subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True)
-    wait_for(lambda: sq("%T") == "PENDING" and "stop requested" in out.read_text(), 120,
-             "the job to checkpoint and requeue itself", interval=0.5)
-    # SLURM holds a requeued job for 120 s (BeginTime); an operator's release, after the
-    # old credential's second has passed (a start in the same second is refused).
-    time.sleep(2)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
-    wait_for(lambda: sq("%T") == "", 300, "the requeued job to finish", interval=0.5)
-    info = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
-    log = out.read_text()
-    assert "JobState=COMPLETED" in info and "Restarts=1" in info, info + log[-5000:]
-    assert "launch: got SIGUSR1" in log
-    assert re.search(r"stop requested \(SIGTERM/SIGUSR1\): saved \S+ at step [2-7];", log), log[-5000:]
-    assert "requeueing job" in log and f"job {job} (restart 1)" in log
-    assert "resumed from" in log and "slurm.sbatch: training finished" in log
-    assert losses(tmp_path / "run") == losses(tmp_path / "ref")

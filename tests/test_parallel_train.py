@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,13 +26,8 @@ import pytest
 import torch
 
 from pretrain import checkpoint
+from dist_util import free_port
 from train_util import TINY, check, grad_norms, losses, metrics, run_train
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(out: Path, overrides=(), nproc: int = 1, faults: str = "", timeout: float = 300):
@@ -42,7 +36,7 @@ def launch(out: Path, overrides=(), nproc: int = 1, faults: str = "", timeout: f
     if nproc == 1:
         return run_train(out, overrides, faults=faults, timeout=timeout)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
+           "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
     env.pop("PRETRAIN_FAULTS", None)
     if faults:
         env["PRETRAIN_FAULTS"] = faults
