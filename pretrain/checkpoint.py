@@ -136,7 +136,7 @@ def save(engine, ckpt_dir: Path, step: int, state: dict, keep_last: int) -> Path
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         if tag_dir.exists() and verify(tag_dir) is not None:
             shutil.rmtree(tag_dir)  # a partial save of this step from a killed run
-    already = _broadcast(tag_dir.exists() and (tag_dir / MANIFEST).exists())
+    already = broadcast_from_rank0(tag_dir.exists() and (tag_dir / MANIFEST).exists())
     if already:  # e.g. the final save right after a periodic one
         return tag_dir
     dist.barrier()
@@ -167,6 +167,14 @@ def load(engine, tag_dir: Path) -> dict:
     """Load weights and optimizer state of `tag_dir` into `engine`; returns our state."""
     load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
                                           load_optimizer_states=True, load_lr_scheduler_states=False)
+    return finish_load(load_path, tag_dir)
+
+
+def finish_load(load_path, tag_dir: Path) -> dict:
+    """After DeepSpeed's load_checkpoint returned `load_path`: this rank's RNG state, our state.
+
+    Ranks beyond the saved world (a resharded resume) keep their seeded RNG.
+    """
     if load_path is None:
         raise UserError(f"{tag_dir}: DeepSpeed could not load this checkpoint; "
                         "set checkpoint.resume=none to start fresh")
@@ -176,7 +184,8 @@ def load(engine, tag_dir: Path) -> dict:
     return read_state(tag_dir)
 
 
-def _broadcast(value):
+def broadcast_from_rank0(value):
+    """Rank 0's `value` on every rank (any picklable object)."""
     obj = [value]
     dist.broadcast_object_list(obj, src=0)
     return obj[0]
@@ -195,7 +204,7 @@ def choose_resume(resume: str, ckpt_dir: Path, log) -> Path | None:
             reason = verify(tag_dir) if tag_dir.is_dir() else "no such directory"
             choice = tag_dir if reason is None else UserError(
                 f"checkpoint.resume={resume}: {reason}; use checkpoint.resume=auto or a committed step_* directory")
-    choice = _broadcast(str(choice) if isinstance(choice, Path) else choice)
+    choice = broadcast_from_rank0(str(choice) if isinstance(choice, Path) else choice)
     if isinstance(choice, UserError):
         raise choice
     return Path(choice) if choice else None

@@ -28,11 +28,11 @@ import torch
 from pretrain import checkpoint
 from pretrain.errors import UserError
 from pretrain.interop import names
+from pretrain.interop.init_weights import META as INIT_META
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-INIT_META = "init.json"
 
 
 def parse_size(text) -> int:

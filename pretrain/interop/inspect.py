@@ -104,8 +104,8 @@ def inspect(path: str, step: int | None = None, verify: bool = True) -> dict:
         report["files"] = None
     for copy in ("universal", "consolidated"):  # pretrain-convert reshard
         u = tag_dir / copy
-        report[copy] = ("committed" if u.is_dir() and checkpoint.verify(u) is None
-                        else "incomplete" if u.exists() else None)
+        done = (u / checkpoint.MANIFEST).is_file() if not verify else u.is_dir() and checkpoint.verify(u) is None
+        report[copy] = "committed" if done else "incomplete" if u.exists() else None
     if state is not None:
         report.update({"step": state.get("step"), "consumed_samples": state.get("consumed_samples"),
                        "consumed_tokens": state.get("consumed_tokens"), "skipped_steps": state.get("skipped_steps"),

@@ -35,18 +35,11 @@ from pretrain.errors import UserError
 GPT2, LLAMA = "gpt2", "llama"
 ARCHITECTURES = {GPT2: "GPT2LMHeadModel", LLAMA: "LlamaForCausalLM"}
 
-# Model-section fields that define the architecture (the rest: dropout, init, vocab handling).
-ARCH_FIELDS = ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "position", "norm", "mlp", "bias",
-               "tie_embeddings", "norm_eps", "rope_theta", "seq_len")
-
-
 def d_ff_of(m: dict) -> int:
-    """The MLP width the model uses (resolves d_ff null like `layers.resolve_d_ff`)."""
-    if m.get("d_ff") is not None:
-        return int(m["d_ff"])
-    if m["mlp"] == "swiglu":
-        return -(-int(8 * m["d_model"] / 3) // 256) * 256
-    return 4 * int(m["d_model"])
+    """The MLP width the model uses: `ModelConfig.ffn_dim` of this (saved) model section."""
+    from pretrain.config.schema import ModelConfig
+
+    return ModelConfig(**{k: v for k, v in m.items() if k in ModelConfig.__dataclass_fields__}).ffn_dim()
 
 
 def n_kv_of(m: dict) -> int:
@@ -232,15 +225,18 @@ def model_from_hf_config(c: dict) -> tuple[str, dict, int]:
                     "Llama (llama) checkpoints")
 
 
-def _strip(sd: dict, prefixes: tuple[str, ...]) -> dict:
-    out = {}
-    for k, v in sd.items():
-        for p in prefixes:
-            if k.startswith(p):
-                k = k[len(p):]
-                break
-        out[k] = v
-    return out
+def _strip(sd: dict, prefix: str) -> dict:
+    return {k.removeprefix(prefix): v for k, v in sd.items()}
+
+
+def _getter(src: dict, used: set, layout: str):
+    """src[name], recorded in `used`; a UserError naming the tensor when the checkpoint lacks it."""
+    def get(name):
+        if name not in src:
+            raise UserError(f"the HF checkpoint has no tensor {name!r} ({layout} layout expected)")
+        used.add(name)
+        return src[name]
+    return get
 
 
 def from_hf(hf: dict, arch: str, m: dict) -> dict:
@@ -254,14 +250,9 @@ def from_hf(hf: dict, arch: str, m: dict) -> dict:
     sd, used = {}, set()
 
     if arch == GPT2:
-        src = _strip(hf, ("transformer.",))
+        src = _strip(hf, "transformer.")
         ignore = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older checkpoints
-
-        def get(name):
-            if name not in src:
-                raise UserError(f"the HF checkpoint has no tensor {name!r} (GPT-2 layout expected)")
-            used.add(name)
-            return src[name]
+        get = _getter(src, used, "GPT-2")
 
         sd["embed.wte.weight"] = get("wte.weight")
         sd["embed.wpe.weight"] = get("wpe.weight")
@@ -274,16 +265,10 @@ def from_hf(hf: dict, arch: str, m: dict) -> dict:
                 sd[f"{o}{ours}.weight"] = get(f"{h}{theirs}.weight").t()
                 sd[f"{o}{ours}.bias"] = get(f"{h}{theirs}.bias")
         sd["head.ln_f.weight"], sd["head.ln_f.bias"] = get("ln_f.weight"), get("ln_f.bias")
-        lm = "lm_head.weight"
     else:
-        src = _strip(hf, ("model.",))
+        src = _strip(hf, "model.")
         ignore = ("rotary_emb.inv_freq",)
-
-        def get(name):
-            if name not in src:
-                raise UserError(f"the HF checkpoint has no tensor {name!r} (Llama layout expected)")
-            used.add(name)
-            return src[name]
+        get = _getter(src, used, "Llama")
 
         sd["embed.wte.weight"] = get("embed_tokens.weight")
         for i in range(L):
@@ -296,8 +281,8 @@ def from_hf(hf: dict, arch: str, m: dict) -> dict:
                 for theirs, ours in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
                     sd[f"{o}mlp.{ours}.{kind}"] = get(f"{h}mlp.{theirs}.{kind}")
         sd["head.ln_f.weight"] = get("norm.weight")
-        lm = "lm_head.weight"
 
+    lm = "lm_head.weight"
     if not m["tie_embeddings"]:
         sd["head.lm_head.weight"] = get(lm)
     elif lm in src:

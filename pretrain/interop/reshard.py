@@ -28,14 +28,15 @@ differs from the saved one. What it uses:
 
 The padded vocabulary (a multiple of `model.vocab_multiple` x tensor degree) must stay the
 same: the padding rows are trained like the others and take part in the softmax, so cutting
-or adding rows would change the loss (by 4% on a fresh tiny model). The trainer refuses a
-change, naming the `model.vocab_multiple` that keeps the saved size.
+or adding rows would change the loss. The trainer refuses a change, naming the
+`model.vocab_multiple` that keeps the saved size.
 
 The universal files and the checkpoint's own files are DeepSpeed pickles: only convert and
 load checkpoints you trust. The consolidated files are safetensors.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -89,8 +90,8 @@ def to_universal(tag_dir: Path, log=print, verbose: bool = False) -> Path:
     tmp = tag_dir / f".{UNIVERSAL}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)  # an uncommitted (partial) earlier attempt
-    args = _Args(input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
-                 keep_temp_folder=False, strict=True, inject_missing_state=True)
+    args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
     sink = io.StringIO()
     try:
         with contextlib.redirect_stdout(sys.stdout if verbose else sink), \
@@ -114,11 +115,6 @@ def to_universal(tag_dir: Path, log=print, verbose: bool = False) -> Path:
     return out
 
 
-class _Args:
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-
 def reshard_checkpoint(tag_dir: Path, log=print, verbose: bool = False) -> list[Path]:
     """`pretrain-convert reshard`: write the converted forms this checkpoint can have (see above)."""
     from pretrain.interop.consolidate import check_fp32, consolidate
@@ -128,8 +124,8 @@ def reshard_checkpoint(tag_dir: Path, log=print, verbose: bool = False) -> list[
     lay = state["layout"]
     flat = int(lay.get("tp", 1)) == 1 and int(lay.get("pp", 1)) == 1
     fp32 = state["config"]["train"]["precision"] == "fp32"
-    if not flat and not fp32:
-        check_fp32(tag_dir, state)  # raises, naming the fix
+    if not flat:
+        check_fp32(tag_dir, state)  # raises for bf16/fp16, naming the fix
     made = []
     if flat and _needs_universal(state):
         made.append(to_universal(tag_dir, log, verbose))
@@ -184,9 +180,7 @@ def load_resharded(engine, tag_dir: Path, saved_layout: dict, now_layout: dict, 
             how = check_reshard(tag_dir, saved_layout, now_layout)
         except UserError as e:
             how = e
-    box = [how]
-    dist.broadcast_object_list(box, src=0)
-    how = box[0]
+    how = checkpoint.broadcast_from_rank0(how)
     if isinstance(how, UserError):
         raise how
     load_path = str(tag_dir)
@@ -218,16 +212,10 @@ def load_resharded(engine, tag_dir: Path, saved_layout: dict, now_layout: dict, 
         for st in base.state.values():
             if torch.is_tensor(st.get("step")):
                 st["step"] = st["step"].clone()
-    if load_path is None:
-        raise UserError(f"{tag_dir}: DeepSpeed could not load this checkpoint; set checkpoint.resume=none "
-                        "to start fresh")
-    rank = dist.get_rank()
-    rng_file = tag_dir / f"rng_{rank:05d}.json"
-    if rng_file.exists():  # ranks beyond the saved world keep their seeded RNG
-        checkpoint.set_rng_state(json.loads(rng_file.read_text()))
-    if rank == 0:
+    state = checkpoint.finish_load(load_path, tag_dir)
+    if dist.get_rank() == 0:
         log(f"resharded {tag_dir}: {_layout_str(saved_layout)} -> {_layout_str(now_layout)} ({how})")
-    return checkpoint.read_state(tag_dir)
+    return state
 
 
 def load_consolidated(engine, tag_dir: Path, topo=None) -> None:
