@@ -153,7 +153,6 @@ def test_activation_formula():
     assert mem["activations_stored_attention"] == pytest.approx(L * s * b * h * (34 + 5 * a * s / h) + logits,
                                                                 rel=1e-9)
     assert mem["activations"] == pytest.approx(L * s * b * h * 34 + logits, rel=1e-9)  # SDPA: no s x s matrix
-    assert mem["total"] < mem["total_stored_attention"]
     cfg, lay = _layout(base + ["parallel.tensor=4", "parallel.sequence_parallel=true"], 4)
     mem = memory_estimate(cfg, lay)
     Vp = lay.padded_vocab_size
