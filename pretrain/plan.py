@@ -322,6 +322,16 @@ def memory_estimate(cfg: Config, layout: Any) -> dict[str, Any]:
     return out
 
 
+def checkpoint_bytes(cfg: Config, layout: Any) -> int:
+    """Estimated size of one checkpoint on disk, all ranks together: the weights in the training
+    dtype plus the optimizer state (the fp32 master copy where DeepSpeed keeps one, and Adam's
+    two moments), with the per-byte counts of `memory_estimate`."""
+    mixed = cfg.train.precision in ("bf16", "fp16")
+    w_b = 2 if mixed else 4
+    o_b = 12 if mixed or layout.zero_stage in (1, 2) else 8
+    return count_params(cfg.model, layout.padded_vocab_size)["total"] * (w_b + o_b)
+
+
 def layout_advice(cfg: Config, layout: Any) -> list[str]:
     """Measured advice about a valid but slow choice (printed by --plan and at training start)."""
     out = []
@@ -445,6 +455,7 @@ def format_plan(cfg: Config, layout: Any) -> str:
     if layout.pp > 1:
         add("  per stage: " + ", ".join(f"{x / GiB:.1f}" for x in mem["per_stage"]) + " GiB")
     add("  (not included: CUDA context/workspaces ~1-3 GiB, allocator fragmentation)")
+    add(f"Checkpoint on disk (estimate): {_gib(checkpoint_bytes(cfg, layout)).strip()} per save, all ranks")
     for note in layout_advice(cfg, layout):
         add(note)
     return "\n".join(lines)

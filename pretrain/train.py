@@ -6,10 +6,14 @@ model -> DeepSpeed engine -> resume -> loop (log, validate, checkpoint) -> clean
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m pretrain.train`: a stop signal during the imports below (seconds) is kept
+    from pretrain import stop as _stop
+
+    _stop.install()
+
 import argparse
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -17,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pretrain import checkpoint, faults
+from pretrain import checkpoint, faults, preflight, runlock, stop
 from pretrain.config.load import config_to_yaml, load_config
 from pretrain.config.schema import Config, to_dict
 from pretrain.config.validate import Layout, resolve
@@ -36,7 +40,10 @@ def parse_args(argv):
     p.add_argument("--plan", action="store_true",
                    help="print parameters, FLOPs, batch plan, layout and memory estimate, then exit")
     p.add_argument("--world-size", type=int, default=None,
-                   help="world size to plan for (default: $WORLD_SIZE or 1)")
+                   help="world size to plan or check for (default: $WORLD_SIZE or 1)")
+    p.add_argument("--check", action="store_true",
+                   help="validate the config, layout and DeepSpeed config for the world size, then exit "
+                        "(the launch scripts run this before starting any process)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # appended by the deepspeed launcher; LOCAL_RANK is used
     return p.parse_args(argv)
@@ -44,6 +51,7 @@ def parse_args(argv):
 
 @cli_entry
 def main(argv=None) -> int:
+    stop.install()  # first: SIGTERM/SIGUSR1 from now on mean "checkpoint and exit 0"
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.config is None and args.overrides and args.overrides[0].endswith((".yaml", ".yml")):
         args.config = args.overrides.pop(0)  # `pretrain-train FILE ...` works too
@@ -60,24 +68,16 @@ def main(argv=None) -> int:
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
+    preflight.check_deepspeed(cfg, layout)
     if args.plan:
         from pretrain.plan import format_plan
 
         print(format_plan(cfg, layout))
         return 0
+    if args.check:
+        print(f"config ok for {layout.world_size} process(es)")
+        return 0
     return Trainer(cfg, layout).run()
-
-
-class _StopRequest:
-    """SIGTERM / SIGUSR1 (SLURM preemption) ask for a checkpoint and a clean exit."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
 
 
 class Trainer:
@@ -90,11 +90,12 @@ class Trainer:
     def run(self) -> int:
         from pretrain.engine import init_distributed, pick_device
 
-        self.stop = _StopRequest()
+        self.stop = stop.install()
         self.device = pick_device(self.cfg)
         self.rank, _ = init_distributed(self.cfg, self.device)
         ok = False
         try:
+            self._locks = self._claim_dirs()
             rc = self._run()
             ok = True
             return rc
@@ -104,6 +105,23 @@ class Trainer:
             if ok:
                 dist.barrier()
             dist.destroy_process_group()
+
+    def _claim_dirs(self) -> list:
+        """Rank 0, before anything is written: the directories are writable and this run's alone
+        (pretrain.runlock); every rank gets rank 0's verdict."""
+        verdict, locks = None, []
+        if self.rank == 0:
+            try:
+                preflight.check_dir(self.out_dir, "train.out_dir")
+                preflight.check_dir(self.ckpt_dir, "checkpoint.dir" if self.cfg.checkpoint.dir else "train.out_dir")
+                locks = runlock.lock_run(self.out_dir, self.ckpt_dir, print)
+                preflight.check_free_space(self.cfg, self.layout, self.ckpt_dir, print)
+            except UserError as e:
+                verdict = str(e)
+        verdict = checkpoint.broadcast_from_rank0(verdict)
+        if verdict:
+            raise UserError(verdict)
+        return locks
 
     def _run(self) -> int:
         from pretrain.engine import build_engine
