@@ -172,7 +172,7 @@ def test_bad_records_skip_counts(tmp_path):
     pq = tmp_path / "bad.parquet"
     pq.write_bytes(b"PAR1 garbage")
     out = tmp_path / "out"
-    assert prep([p, gz, zs, zt, pq, "-o", out, "--tokenizer", "byte", "--split", "1"]) == 0
+    assert prep([p, gz, zs, zt, pq, "-o", out, "--tokenizer", "byte", "--split", "1", "--max-bad-fraction", "1"]) == 0
     m = read_manifest(str(out))
     want = {"invalid_json": 1, "not_an_object": 1, "missing_text": 2, "non_string_text": 1, "invalid_utf8": 2,
             "empty": 1, "unreadable_file": 4}

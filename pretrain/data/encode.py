@@ -86,6 +86,8 @@ def _decode(b: bytes) -> tuple[str, bool]:
 def parse_record(kind: str, payload, key: str):
     """(text, invalid_utf8) or (None, (bad_kind, reason))."""
     if kind == "bytes":
+        if b"\0" in payload:
+            return None, ("binary", "NUL bytes: a binary file, not text")
         return _decode(payload)
     if kind == "json":
         s, bad_utf8 = _decode(payload)
@@ -96,6 +98,9 @@ def parse_record(kind: str, payload, key: str):
         if not isinstance(obj, dict):
             return None, ("not_an_object", f"JSON value is a {type(obj).__name__}, not an object")
         v = obj.get(key)
+        if v is None:
+            has = f"{key!r} is null" if key in obj else "keys: " + (", ".join(map(str, list(obj)[:10])) or "none")
+            return None, ("missing_text", f"no {key!r} field ({has})")
     else:
         bad_utf8 = False
         v = payload

@@ -22,6 +22,7 @@ BAD_KINDS = (
     "non_string_text",   # the text field is not a string
     "invalid_utf8",      # bytes that are not UTF-8: replaced by U+FFFD and kept (counted)
     "empty",             # an empty or whitespace-only document
+    "binary",            # text holding NUL bytes: a binary file, not text (e.g. an executable named .txt)
     "unreadable_file",   # a whole file unreadable, truncated or corrupt (records read before stay)
 )
 

@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-bytes", default="256Ki", help="input bytes per work unit (default 256Ki)")
     p.add_argument("--on-bad-record", choices=["skip", "fail"], default="skip",
                    help="skip (count in the manifest) or fail at the first bad record (default skip)")
+    p.add_argument("--max-bad-fraction", type=float, default=0.05,
+                   help="fail when more than this fraction of the records were skipped as malformed or "
+                        "unreadable (empty documents and invalid UTF-8, which is kept, do not count); "
+                        "default 0.05")
     p.add_argument("--overwrite", action="store_true", help="replace an existing finished dataset in --output")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return p
@@ -213,6 +217,8 @@ def main(argv=None) -> int:
     workers = args.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     if args.workers is not None and args.workers < 1:
         raise UserError("--workers must be at least 1")
+    if not 0 <= args.max_bad_fraction <= 1:
+        raise UserError(f"--max-bad-fraction {args.max_bad_fraction}: expected a fraction from 0 to 1")
     sources = expand_inputs(args.inputs)
     check_extras(sources)
     out = os.path.abspath(args.output)
@@ -274,8 +280,9 @@ def main(argv=None) -> int:
                                **outputs.state()})
 
     checkpoint(start)
-    _run(args, sources, settings, outputs, start, workers, sum(s["size"] for s in src_info), checkpoint,
-         (max_doc, chunk_bytes))
+    examples = _run(args, sources, settings, outputs, start, workers, sum(s["size"] for s in src_info), checkpoint,
+                    (max_doc, chunk_bytes))
+    _check_survivors(outputs, examples, args.max_bad_fraction, out)
     splits = outputs.finish()
     m = _manifest(args, argv, tok, tok_name, tok_sha, dtype, splits, outputs.stats, src_info, fp, cfg)
     write_json_atomic(os.path.join(out, MANIFEST), m)
@@ -310,14 +317,16 @@ def _run(args, sources, settings, outputs, start, workers, total_in, checkpoint,
     run_docs = run_tokens = 0
     chunk_i = start
     meta: dict = {}
+    examples: dict = {}  # the first bad record of each kind, for the error when too few survive
     results = _ordered_map(settings, _tag(todo(), meta), workers)
     try:
         for res, (sid, progress) in _zip_with_meta(results, meta):
             tokens, lengths, splits, nbytes, flags, bad = res
             for kind, line, reason, count in bad:
                 outputs.stats["bad"][kind] = outputs.stats["bad"].get(kind, 0) + count
+                where = f"{sources[sid].path}:{line}" if line else sources[sid].path
+                examples.setdefault(kind, f"{where}: {reason}")
                 if args.on_bad_record == "fail":
-                    where = f"{sources[sid].path}:{line}" if line else sources[sid].path
                     raise UserError(f"{where}: {reason} (--on-bad-record fail)")
             closed = outputs.consume(tokens, lengths, splits, nbytes, flags, progress)
             run_docs += int(np.count_nonzero(flags & 1))
@@ -335,6 +344,35 @@ def _run(args, sources, settings, outputs, start, workers, total_in, checkpoint,
     finally:
         results.close()
         bar.close()
+    return examples
+
+
+# Skipped records that count against --max-bad-fraction: not empty documents (nothing to lose)
+# and not invalid UTF-8 (kept, with replacement characters).
+NOT_COUNTED = ("empty", "invalid_utf8")
+
+
+def _check_survivors(outputs, examples: dict, max_fraction: float, out: str) -> None:
+    """UserError, with the counts by kind and the first example of each, when no document
+    survived or too many records were bad; the unfinished output is removed first."""
+    st = outputs.stats
+    bad = {k: v for k, v in st["bad"].items() if v and k not in NOT_COUNTED}
+    skipped = sum(bad.values())
+    records = st["documents"] + skipped + st["bad"].get("empty", 0)
+    if st["documents"] and skipped <= max_fraction * records:
+        return
+    kinds = "; ".join(f"{k} {v} (first: {examples.get(k, '?')})" for k, v in st["bad"].items() if v)
+    if not st["documents"]:
+        what = (f"no document survived: {records} record(s) read" + (f", skipped: {kinds}" if kinds else
+                ", the inputs hold no records (empty files or blank lines only)"))
+        fix = "check the inputs and --text-key"
+    else:
+        what = (f"{skipped} of {records} records ({skipped / records:.1%}) were bad, more than "
+                f"--max-bad-fraction {max_fraction:g}: {kinds}")
+        fix = "check the inputs and --text-key, or raise --max-bad-fraction"
+    outputs.close_files()
+    clean_outputs(out)
+    raise UserError(f"{what}; no dataset written to {out}; {fix}")
 
 
 def _tag(chunks, meta):

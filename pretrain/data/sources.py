@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import glob
 import gzip
+import json
 import os
+import sys
 import zlib
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -19,7 +21,9 @@ from pretrain.errors import UserError
 
 FIRST, LAST = 1, 2
 WHOLE = FIRST | LAST
-EXTS = (".jsonl.gz", ".jsonl.zst", ".jsonl", ".txt", ".parquet")
+EXTS = (".jsonl.gz", ".jsonl.zst", ".jsonl", ".json.gz", ".json.zst", ".json", ".txt", ".parquet")
+# `.json` is read as JSON lines, one object per line (Megatron's and NeoX's habit)
+_FORMAT_OF_EXT = {".json.gz": "jsonl.gz", ".json.zst": "jsonl.zst", ".json": "jsonl"}
 
 
 @dataclass
@@ -37,7 +41,7 @@ def _fmt_of(path: str) -> Optional[str]:
     low = path.lower()
     for e in EXTS:
         if low.endswith(e):
-            return e[1:]
+            return _FORMAT_OF_EXT.get(e, e[1:])
     return None
 
 
@@ -64,8 +68,24 @@ def _walk(d: str) -> list[Source]:
         for f in sorted(files):
             fmt = _fmt_of(f)
             if fmt and not f.startswith("."):
-                out.append(Source(os.path.join(root, f), fmt))
+                p = os.path.join(root, f)
+                if f.lower().endswith(".json") and not _looks_like_json_lines(p):
+                    print(f"pretrain-prep: skipping {p}: a .json file whose first line is not a JSON object "
+                          "(not JSON lines; name it to read it anyway)", file=sys.stderr)
+                    continue
+                out.append(Source(p, fmt))
     return out
+
+
+def _looks_like_json_lines(path: str) -> bool:
+    """A directory's `.json` file is input when its first line is a whole JSON object (JSON lines,
+    Megatron's habit), not e.g. a pretty-printed tokenizer.json or config.json."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(1 << 20).strip()
+        return isinstance(json.loads(first), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def expand_inputs(inputs: list[str]) -> list[Source]:
