@@ -86,3 +86,27 @@ def test_user_errors(tmp_path, capfd):
     (tmp_path / "manifest.json").write_text("{bad")
     assert shards_main(["show", str(tmp_path)]) == 2
     assert "unreadable manifest" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("state", ["no_manifest", "journal", "tmp_only"])
+def test_verify_refuses_unfinished_prep_output(data, tmp_path, capfd, state):
+    run = tmp_path / "unfinished"
+    shutil.copytree(data, run)
+    if state in ("no_manifest", "journal"):
+        (run / "manifest.json").unlink()
+    if state == "journal":
+        (run / ".prep_state.json").write_text("{}")
+        os.rename(run / "train_00002.bin", run / "train_00002.bin.tmp")
+    if state == "tmp_only":  # killed before the first shard closed: temporary files only
+        for f in os.listdir(run):
+            if f != ".prep.lock":
+                os.remove(run / f)
+        (run / "train_00000.bin.tmp").write_bytes(b"\x00" * 8)
+    assert shards_main(["verify", str(run)]) == 1
+    captured = capfd.readouterr()
+    assert "all shards ok" not in captured.out
+    problems = [ln for ln in captured.err.splitlines() if ln.startswith("problem:")]
+    assert len(problems) == 1 and "unfinished: re-run pretrain-prep with the same arguments to resume" in problems[0]
+    assert str(run) in problems[0] and "Traceback" not in captured.err
+    if state == "journal":
+        assert "no manifest.json, .prep_state.json, 1 .tmp shard file(s)" in problems[0]

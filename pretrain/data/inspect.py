@@ -13,8 +13,28 @@ import sys
 import numpy as np
 
 from pretrain.data.indexed import IndexedReader, check_prefix, sha256_file
-from pretrain.data.manifest import is_manifest_dir, read_manifest
+from pretrain.data.manifest import MANIFEST, is_manifest_dir, read_manifest
+from pretrain.data.prep import JOURNAL
+from pretrain.data.shards import OUR_FILES
 from pretrain.errors import UserError, cli_entry
+
+UNFINISHED = "unfinished: re-run pretrain-prep with the same arguments to resume"
+
+
+def unfinished(path: str) -> str | None:
+    """Why `path` is an unfinished pretrain-prep output (killed, disk full), or None: its journal
+    is there, or it has no manifest.json but prep's files (temporary or final shards, lock)."""
+    if not os.path.isdir(path):
+        return None
+    names = os.listdir(path)
+    tmps = [n for n in names if OUR_FILES.match(n) and n.endswith(".tmp")]
+    signs = ([JOURNAL] if JOURNAL in names else []) + ([f"{len(tmps)} .tmp shard file(s)"] if tmps else [])
+    ours = tmps or ".prep.lock" in names or any(OUR_FILES.match(n) for n in names)
+    if MANIFEST not in names and ours:
+        signs.insert(0, f"no {MANIFEST}")
+    if not signs or (signs == [f"{len(tmps)} .tmp shard file(s)"] and MANIFEST in names):
+        return None  # a finished dataset with a stray temporary file: reported as such below
+    return f"{path}: {UNFINISHED} ({', '.join(signs)})"
 
 
 def _targets(path: str) -> tuple[dict | None, list[tuple[str, str, dict | None]]]:
@@ -34,6 +54,9 @@ def _targets(path: str) -> tuple[dict | None, list[tuple[str, str, dict | None]]
 
 
 def verify(path: str, checksums: bool, vocab_size: int | None, quiet: bool) -> list[str]:
+    why = unfinished(path)
+    if why:
+        return [why]
     m, targets = _targets(path)
     problems = []
     vocab = int(m["vocab_size"]) if m else vocab_size
