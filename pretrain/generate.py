@@ -71,9 +71,37 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def check_args(a) -> None:
+    """One line naming the option and its valid range, before any model is loaded."""
+    import math
+
+    if a.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {a.max_new_tokens}: must be at least 1")
+    if not (math.isfinite(a.temperature) and a.temperature >= 0):
+        raise UserError(f"--temperature {a.temperature}: must be a finite number >= 0 (0 = greedy)")
+    if a.top_k < 0:
+        raise UserError(f"--top-k {a.top_k}: must be >= 0 (0 = off)")
+    if a.top_p is not None and not 0 < a.top_p <= 1:
+        raise UserError(f"--top-p {a.top_p}: must be in (0, 1] (1 = off)")
+    try:
+        dev = torch.device(a.device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {a.device!r}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not n:
+            raise UserError(f"--device {a.device}: no CUDA device is available here (torch {torch.__version__}); "
+                            "use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise UserError(f"--device {a.device}: only {n} CUDA device(s) here (cuda:0-cuda:{n - 1})")
+    elif dev.type != "cpu":
+        raise UserError(f"--device {a.device}: only cpu and cuda are supported")
+
+
 @cli_entry
 def main(argv=None) -> int:
     a = parse_args(sys.argv[1:] if argv is None else argv)
+    check_args(a)
     tag_dir = checkpoint.resolve_tag_dir(a.checkpoint)
     print(sample_text(tag_dir, a.prompt, a.max_new_tokens, a.temperature, a.top_k or None, a.top_p,
                       a.seed, a.tokenizer, a.device))
