@@ -7,6 +7,9 @@
 # pretrain_die MESSAGE       `error: MESSAGE` on stderr, exit 2 (a user error: not retried)
 # pretrain_nproc             processes per node: $NPROC_PER_NODE, else the GPUs, else 1
 # pretrain_trainer_args CONFIG [overrides...]   set PRETRAIN_ARGS for `python -m pretrain.train`
+# pretrain_check WORLD       validate PRETRAIN_ARGS for WORLD processes before starting any:
+#                            a mistake is one `error:` line and exit 2 (no per-rank copies, no
+#                            launcher traceback)
 # pretrain_run LAUNCHER...   run torchrun with the stop signals routed to the ranks, and
 #                            return the node's status (the trainer's own 2 or 3 when a rank
 #                            ended with it, 0 when all $PRETRAIN_NPROC ranks exited 0)
@@ -84,6 +87,17 @@ pretrain_trainer_args() {
     PRETRAIN_ARGS+=("$@")
 }
 
+# The trainer's own validation (config, layout, DeepSpeed config) for a world of $1 processes,
+# run once here before any rank starts. Only its `error:` line is shown (a crash shows it all).
+pretrain_check() {
+    local out rc=0
+    out=$("$PRETRAIN_PYTHON" "${PRETRAIN_ARGS[@]}" --check --world-size "$1" 2>&1 >/dev/null) || rc=$?
+    if [ "$rc" != 0 ]; then
+        grep '^error:' <<<"$out" >&2 || printf '%s\n' "$out" >&2
+        exit "$rc"
+    fi
+}
+
 # PIDs of every process below $1 (read from /proc: no procps needed).
 pretrain_descendants() {
     local f line ppid pid kids=()
@@ -153,12 +167,16 @@ pretrain_run() {
     _PRETRAIN_CHILD=
     PRETRAIN_STATUS_DIR=$(mktemp -d "${TMPDIR:-/tmp}/pretrain-status.XXXXXX")
     export PRETRAIN_STATUS_DIR
+    mkdir -p "$PRETRAIN_LOG_DIR"
+    local launcher_log="$PRETRAIN_LOG_DIR/launcher.log"
     trap '_pretrain_signal_ranks USR1' USR1
     trap '_pretrain_signal_child TERM' TERM
     trap '_pretrain_signal_child INT' INT
     (
         trap '' USR1  # inherited through exec: the launcher survives SIGUSR1 sent to the whole job
-        exec "$@"
+        # The launcher's own stderr (its tracebacks when a rank fails or on SIGTERM) goes to a file;
+        # the ranks' output does not pass through it (rank.sh: console for rank 0, per-rank files).
+        exec "$@" 2>>"$launcher_log"
     ) &
     _PRETRAIN_CHILD=$!
     local rc
@@ -172,7 +190,30 @@ pretrain_run() {
         break
     done
     trap - USR1 TERM INT
+    local launcher_rc=$rc
     rc=$(pretrain_node_status "$rc")
+    pretrain_report_failure "$launcher_rc" "$rc" "$launcher_log"
     rm -rf "$PRETRAIN_STATUS_DIR"
     return "$rc"
+}
+
+# After a failed run: the `error:` line of any rank other than 0 that ended with the trainer's
+# 2 or 3 (rank 0's is on the console already), and the launcher's log when the ranks crashed.
+pretrain_report_failure() {
+    local launcher_rc=$1 node_rc=$2 log=$3 f rank line
+    [ "$node_rc" != 0 ] || return 0
+    for f in "$PRETRAIN_STATUS_DIR"/rank_*; do
+        [ -f "$f" ] || continue
+        rank=${f##*rank_}
+        [ "$rank" != 0 ] || continue
+        case "$(cat "$f")" in
+            2 | 3)
+                line=$(grep -m1 '^error:' "$(printf '%s/rank_%05d.log' "$PRETRAIN_LOG_DIR" "$rank")" 2>/dev/null) || true
+                [ -z "$line" ] || echo "launch: rank $rank: $line" >&2 ;;
+        esac
+    done
+    if [ "$node_rc" != 2 ] && [ "$node_rc" != 3 ] && [ "$launcher_rc" != 0 ] && [ -s "$log" ]; then
+        echo "launch: the launcher exited $launcher_rc; the end of $log:" >&2
+        tail -n 40 "$log" >&2
+    fi
 }

@@ -42,6 +42,7 @@ pretrain_trainer_args "$@"
 # Check the hostfile here, with a clear message, rather than in DeepSpeed's traceback.
 first_host=
 nodes=0
+slots=0
 lineno=0
 while IFS= read -r line || [ -n "$line" ]; do
     lineno=$((lineno + 1))
@@ -52,12 +53,14 @@ while IFS= read -r line || [ -n "$line" ]; do
     fi
     [ -n "$first_host" ] || first_host=${BASH_REMATCH[1]}
     nodes=$((nodes + 1))
+    slots=$((slots + BASH_REMATCH[2]))
 done <"$hostfile"
 [ "$nodes" -gt 0 ] || pretrain_die "$hostfile lists no nodes (expected lines like 'worker-0 slots=8')"
 
 python_path=$("$PRETRAIN_PYTHON" -c 'import sys; print(sys.executable)') ||
     pretrain_die "PRETRAIN_PYTHON=$PRETRAIN_PYTHON does not run"
 export PRETRAIN_PYTHON=$python_path  # the same interpreter path on every node
+pretrain_check "$slots"
 
 # The environment for the nodes, as a DeepSpeed env file (NAME=VALUE per line).
 mkdir -p "$PRETRAIN_LOG_DIR"

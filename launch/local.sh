@@ -22,6 +22,7 @@ pretrain_setup "$0" "$@"
 pretrain_trainer_args "$@"
 nproc=$(pretrain_nproc)
 export PRETRAIN_NPROC=$nproc
+pretrain_check "$nproc"
 echo "launch/local.sh: $nproc process(es) on $(hostname); per-rank logs in $PRETRAIN_LOG_DIR" >&2
 pretrain_run "$PRETRAIN_PYTHON" -m torch.distributed.run --standalone --nnodes=1 \
     --nproc_per_node="$nproc" --max_restarts=0 \

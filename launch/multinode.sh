@@ -46,6 +46,7 @@ if [ -z "${LOCAL_ADDR:-}" ] && [ -n "${PRETRAIN_IFNAME:-}" ] && command -v ip >/
 fi
 nproc=$(pretrain_nproc)
 export PRETRAIN_NPROC=$nproc
+pretrain_check $((NNODES * nproc))
 is_host=0
 [ "$NODE_RANK" = 0 ] && is_host=1
 extra=()
