@@ -104,7 +104,8 @@ class RunData:
         from pretrain.data.loader import micro_batches
 
         lay = self.layout
-        return micro_batches(self.train, lay.micro_batch_size, self.dp_rank, lay.dp, consumed_samples)
+        return self._in_vocab(micro_batches(self.train, lay.micro_batch_size, self.dp_rank, lay.dp, consumed_samples),
+                              consumed_samples, "train")
 
     def valid_batches(self) -> Iterator[torch.Tensor] | None:
         """The same first `train.eval_steps` validation micro-batches every time."""
@@ -113,5 +114,21 @@ class RunData:
         from pretrain.data.loader import micro_batches
 
         lay = self.layout
-        it = micro_batches(self.valid, lay.micro_batch_size, self.dp_rank, lay.dp, 0)
+        it = self._in_vocab(micro_batches(self.valid, lay.micro_batch_size, self.dp_rank, lay.dp, 0), 0, "validation")
         return (next(it) for _ in range(self.cfg.train.eval_steps))
+
+    def _in_vocab(self, batches: Iterator[torch.Tensor], consumed: int, split: str) -> Iterator[torch.Tensor]:
+        """Batches whose token ids are all below the vocabulary; UserError at the first that is not.
+        Structure-only verification (big data, bare prefixes) reads no token ids: an id beyond the
+        vocabulary is caught here, before it reaches the embedding (an IndexError, or a device
+        assert on GPU). A max over one micro-batch: microseconds."""
+        vocab, mb = self.layout.vocab_size, self.layout.micro_batch_size
+        for k, b in enumerate(batches):
+            hi, lo = int(b.max()), int(b.min())
+            if hi >= vocab or lo < 0:
+                bad = hi if hi >= vocab else lo
+                raise UserError(f"data.paths: {split} micro-batch {k} of this rank (samples after {consumed}) holds "
+                                f"token id {bad}, outside the vocabulary 0..{vocab - 1}; the shards do not fit "
+                                "the tokenizer: run `pretrain-shards verify` on them (it checks every id), "
+                                "re-run pretrain-prep, or set model.vocab_size for bare Megatron prefixes")
+            yield b

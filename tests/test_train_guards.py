@@ -156,3 +156,22 @@ def test_second_stop_signal_is_absorbed_20_runs_all_exit_0_and_resume_exactly(tm
         assert t["first_step_seen"] and t["stop_seen"] and t["stop_rc"] == 0 and t["resume_rc"] == 0, t
         assert 1 <= t["stopped_at"] < 6, t
         assert t["losses"] == r["straight"], t
+
+
+def test_out_of_vocabulary_id_under_structure_verification_is_one_line(tmp_path):
+    import numpy as np
+
+    from pretrain.data.indexed import write_pair
+
+    prefix = tmp_path / "bare" / "corpus_text_document"
+    prefix.parent.mkdir()
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 258, 200) for _ in range(20)]
+    for d in docs[::3]:
+        d[::40] = 1000  # beyond model.vocab_size and the padded table (384 rows): IndexError without the check
+    write_pair(str(prefix), docs, np.uint16)
+    overrides = ["data.synthetic=false", f"data.paths=[{prefix}]"]
+    proc = run_split(train_cmd(tmp_path / "run", overrides))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    one_error_line(proc.stderr, "token id 1000", "outside the vocabulary 0..257", "pretrain-shards verify")
+    assert "IndexError" not in proc.stderr
