@@ -181,3 +181,24 @@ def test_bare_megatron_prefix(data, tmp_path):
     both = make(tmp_path, "tv", [f"text {i} " * 9 for i in range(80)], "--split", "0.5,0.5")
     v = open_dataset([p, both], [1, 1], "valid", SEQ, 0, 10, missing_split="skip")
     assert len(v.sources) == 1 and v.vocab_size == 258 and v.get(0).shape == (SEQ + 1,)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_damaged_index_cache_is_rebuilt_with_a_warning(data, tmp_path, capfd, damage):
+    cache = str(tmp_path / "cache")
+    ref = open_dataset([data], None, "train", SEQ, 3, 500, cache_dir=cache)
+    want = [ref[i].copy() for i in range(0, 500, 37)]
+    files = [os.path.join(r, f) for r, _, fs in os.walk(cache) for f in fs if f.endswith(".npz")]
+    assert files
+    for f in files:
+        raw = open(f, "rb").read()
+        with open(f, "wb") as fh:
+            fh.write({"garbage": b"not a zip at all" * 10, "truncated": raw[:len(raw) // 2], "empty": b""}[damage])
+    capfd.readouterr()
+    again = open_dataset([data], None, "train", SEQ, 3, 500, cache_dir=cache)
+    got = [again[i] for i in range(0, 500, 37)]
+    assert all(np.array_equal(a, b) for a, b in zip(want, got))
+    err = capfd.readouterr().err
+    assert "warning: damaged sample-index cache" in err and "rebuilding it" in err and "Traceback" not in err
+    assert open_dataset([data], None, "train", SEQ, 3, 500, cache_dir=cache)  # rewritten: read back quietly
+    assert "damaged" not in capfd.readouterr().err

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
+import zipfile
 from collections import OrderedDict
 
 import numpy as np
@@ -66,7 +68,9 @@ class SampleIndex:
                     got = (z["order"], z["pos"], z["off"], z["win"])
                 if got[1].size != self.per_epoch or got[0].size != self.sizes.size:
                     got = None
-            except (OSError, ValueError, KeyError):
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+                print(f"warning: damaged sample-index cache {path} ({type(err).__name__}: {err}); rebuilding it",
+                      file=sys.stderr, flush=True)
                 got = None
         if got is None:
             got = self._build(e)
