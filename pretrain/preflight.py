@@ -5,7 +5,6 @@ checkpoint directory has room for a checkpoint (a warning), and the DeepSpeed co
 """
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 from pathlib import Path
@@ -14,15 +13,7 @@ from typing import Callable
 from pretrain.config.schema import Config
 from pretrain.config.validate import Layout
 from pretrain.errors import UserError
-
-
-def os_error_line(e: OSError, path, doing: str) -> str:
-    """One line for a known I/O error: what failed, where, why, and the fix."""
-    why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
-           errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-           errno.EPERM: "operation not permitted", errno.ENOTDIR: "a parent path is a file, not a directory",
-           errno.EEXIST: "it exists and is not a directory"}.get(e.errno, e.strerror or str(e))
-    return f"{doing} {path}: {why}"
+from pretrain.ioerrors import os_error_line
 
 
 def check_dir(path: Path, what: str) -> None:

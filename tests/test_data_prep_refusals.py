@@ -119,3 +119,54 @@ def test_json_lines_named_json_are_read_by_name_and_in_a_directory(tmp_path, cap
     m = read_manifest(str(tmp_path / "all"))
     assert m["totals"]["documents"] == 5 and sum(m["bad_records"].values()) == 0
     assert [s["format"] for s in m["sources"]] == ["jsonl", "jsonl.gz"]
+
+
+def _corpus(path, n=3000):
+    import random
+
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon"]
+    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(100))}) + "\n"
+                            for _ in range(n)))
+    return path
+
+
+def test_disk_full_during_prep_is_one_line_and_a_rerun_resumes_to_the_same_bytes(tmp_path, capfd):
+    import subprocess
+
+    from fault_util import small_fs
+    from pretrain.data.inspect import main as shards_main
+
+    src = _corpus(tmp_path / "big.jsonl")  # 1.7 MB of text: 3.4 MB of uint16 tokens, on a 2 MB disk
+    args = ["--shard-size", "100K"]
+    rc, err = _prep([src, "-o", tmp_path / "ref", *args], capfd)
+    assert rc == 0, err
+    with small_fs(tmp_path / "fs", size="2m") as fs:
+        out = fs / "out"
+        rc, err = _prep([src, "-o", out, *args], capfd)
+        assert rc == 2
+        one_error_line(err, f"writing {out}", "the disk is full", "journal", "re-run pretrain-prep with the same "
+                       "arguments to resume")
+        assert not (out / "manifest.json").exists()
+        assert not [f for f in os.listdir(out) if ".json.tmp" in f]  # no half-written journal or manifest
+        assert shards_main(["verify", str(out), "--quiet"]) == 1
+        assert "unfinished" in capfd.readouterr().err
+        subprocess.run(["mount", "-o", "remount,size=20m", str(fs)], check=True)
+        rc, err = _prep([src, "-o", out, *args], capfd)
+        assert rc == 0, err
+        names = sorted(f for f in os.listdir(tmp_path / "ref") if f.endswith((".bin", ".idx")))
+        assert names == sorted(f for f in os.listdir(out) if f.endswith((".bin", ".idx")))
+        for n in names:
+            assert (out / n).read_bytes() == (tmp_path / "ref" / n).read_bytes(), n
+        assert shards_main(["verify", str(out), "--quiet"]) == 0
+
+
+def test_output_on_a_read_only_file_system_is_one_line(tmp_path, capfd):
+    from fault_util import small_fs
+
+    src = _corpus(tmp_path / "a.jsonl", 20)
+    with small_fs(tmp_path / "ro", readonly=True, populate=lambda d: (d / "existing").mkdir()) as ro:
+        for out in (ro / "new", ro / "existing"):
+            rc, err = _prep([src, "-o", out], capfd)
+            assert rc == 2
+            one_error_line(err, "the file system is read-only", "no dataset was written")

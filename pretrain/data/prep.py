@@ -28,6 +28,7 @@ from pretrain.data.shards import Outputs, RestoreFailed, clean_outputs
 from pretrain.data.sources import check_extras, expand_inputs, iter_chunks, source_info
 from pretrain.data.tokenizer import load_tokenizer, parse_bpe_spec, train_bpe
 from pretrain.errors import UserError, cli_entry
+from pretrain.ioerrors import known_io_errors, os_error_line
 
 JOURNAL = ".prep_state.json"
 CHUNK_DOCS = 2048
@@ -206,7 +207,22 @@ def _setup_tokenizer(args, out, journal, sources, tok, tok_bytes, fractions, max
     return tok, "tokenizer.json", None
 
 
+_OUTPUT: dict = {}  # this run's output directory, for the message of a full or read-only disk
+
+
+def _io_error(e: OSError) -> str:
+    """One line for a full disk, a read-only file system or no permission while prep writes."""
+    out = _OUTPUT.get("out")
+    line = os_error_line(e, e.filename or out or "the output", "pretrain-prep: writing")
+    if out and os.path.exists(os.path.join(out, JOURNAL)):
+        return (f"{line}; the shards completed so far and the journal ({JOURNAL}) are kept, no manifest was "
+                "written: free space (or fix the file system) and re-run pretrain-prep with the same arguments "
+                "to resume")
+    return f"{line}; no dataset was written: choose another --output or fix the file system"
+
+
 @cli_entry
+@known_io_errors(_io_error)
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.time()
@@ -221,7 +237,7 @@ def main(argv=None) -> int:
         raise UserError(f"--max-bad-fraction {args.max_bad_fraction}: expected a fraction from 0 to 1")
     sources = expand_inputs(args.inputs)
     check_extras(sources)
-    out = os.path.abspath(args.output)
+    out = _OUTPUT["out"] = os.path.abspath(args.output)
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--output {out}: exists and is not a directory")
     os.makedirs(out, exist_ok=True)
