@@ -5,10 +5,11 @@ A second trainer on either directory stops with one line naming the holder (host
 start time, read from the lock file). The kernel drops an `flock` when its holder dies, so
 a killed run never blocks its own resume; the lock file itself stays and is harmless.
 
-File systems: local file systems and NFS (Linux emulates `flock` with NFS byte-range
-locks, served by the NFS lock manager) enforce the lock between hosts. Where the file
-system refuses locks (ENOLCK, EOPNOTSUPP: some FUSE and object-store mounts), the run
-goes on with a warning: nothing then stops two trainers on one directory.
+File systems: on NFS, Linux turns `flock` into NFS byte-range locks served by the lock
+manager, which hold between hosts unless the mount says `nolock` (the kernel's documented
+behaviour; the tests use a local file system). Where the file system refuses locks
+(ENOLCK, EOPNOTSUPP: some FUSE and object-store mounts), the run goes on with a warning:
+nothing then stops two trainers on one directory.
 """
 from __future__ import annotations
 
@@ -57,8 +58,8 @@ def lock_dir(d: Path, what: str, warn: Callable[[str], None]):
 
 
 def lock_run(out_dir: Path, ckpt_dir: Path, warn: Callable[[str], None]) -> list:
-    """Lock the output directory and, when it lies elsewhere, the checkpoint directory
-    (both must exist). The returned handles hold the locks until closed or process exit."""
+    """Lock the output directory and the checkpoint directory (both must exist; one lock when
+    they are the same). The returned handles hold the locks until closed or process exit."""
     held = []
     try:
         for d, what in ((out_dir, "train.out_dir"), (ckpt_dir, "checkpoint.dir")):

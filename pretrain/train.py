@@ -6,7 +6,11 @@ model -> DeepSpeed engine -> resume -> loop (log, validate, checkpoint) -> clean
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # `python -m pretrain.train`: a stop signal during the imports below (seconds) is kept
+import sys
+
+# Run as the program (`python -m pretrain.train`, the `pretrain-train` script): catch a stop
+# signal already while the imports below load torch (seconds), not only from main() on.
+if __name__ == "__main__" or getattr(sys, "argv", [""])[0].endswith("pretrain-train"):
     from pretrain import stop as _stop
 
     _stop.install()
@@ -14,7 +18,6 @@ if __name__ == "__main__":  # `python -m pretrain.train`: a stop signal during t
 import argparse
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
