@@ -4,9 +4,10 @@ path as `python -m pretrain.train` after its imports). Used by the stop-signal t
 
     python tests/fork_trainer.py SPEC.json RESULT.json
 
-SPEC: {"trials": N, "seed": S, "base": [overrides], "root": DIR}. For each trial:
-a run is stopped by SIGTERM after its first step, then hit again by SIGTERM or SIGUSR1
-0-300 ms after it printed that it saved and is exiting; then the run is resumed to the end. One straight run gives the reference.
+SPEC: {"trials": N, "seed": S, "base": [overrides], "root": DIR, "lanes": L (default 2)}.
+For each trial: a run is stopped by SIGTERM after its first step, then hit again by SIGTERM
+or SIGUSR1 0-300 ms after it printed that it saved and is exiting; then the run is resumed to
+the end. L trials run at once. One straight run gives the reference.
 RESULT: {"straight": {step: loss}, "trials": [{"gap_ms", "second", "stop_rc", "resume_rc",
 "stopped_at", "losses"}]}.
 """
@@ -66,57 +67,79 @@ def _exit_like_python(rc: int) -> None:
     os._exit(rc)
 
 
-def _wait_text(log: Path, text: str, pid: int, timeout: float = 120) -> bool:
+class Child:
+    """A forked run; `done()` polls it without blocking and keeps its exit code."""
+
+    def __init__(self, args: list[str], log: Path, sleep: bool = True):
+        self.log = log
+        self.pid = _spawn(args, log, sleep)
+        self.rc = None
+
+    def done(self) -> bool:
+        if self.rc is None:
+            pid, st = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.rc = os.waitstatus_to_exitcode(st)
+        return self.rc is not None
+
+    def said(self, text: str) -> bool:
+        return self.log.exists() and text in self.log.read_text(errors="replace")
+
+
+def _until(cond, child: Child, timeout: float = 180):
+    """Yield (let other trials run) until cond() or the child exits; True when cond() held."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if log.exists() and text in log.read_text(errors="replace"):
+        if cond():
             return True
-        if os.waitpid(pid, os.WNOHANG)[0]:
-            return False
-        time.sleep(0.005)
-    return False
-
-
-def _status(st: int) -> int:
-    return os.waitstatus_to_exitcode(st)
-
-
-def _wait_first_step(out: Path, pid: int, timeout: float = 120) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if _losses(out):
-            return True
-        if os.waitpid(pid, os.WNOHANG)[0]:
-            return False
-        time.sleep(0.01)
+        if child.done():
+            return cond()
+        yield
     return False
 
 
 class Trial:
     def __init__(self, root: Path, i: int, base: list[str], rng: random.Random):
         self.out = root / f"t{i:02d}"
-        self.base = base
+        self.args = [*base, f"train.out_dir={self.out}"]
         self.gap = rng.uniform(0.0, 0.3)
         self.second = rng.choice(["SIGTERM", "SIGUSR1"])
         self.res = {"gap_ms": round(self.gap * 1000), "second": self.second}
 
     def stop_run(self):
-        pid = _spawn([*self.base, f"train.out_dir={self.out}"], self.out.with_suffix(".log"))
-        self.res["first_step_seen"] = _wait_first_step(self.out, pid)
-        os.kill(pid, signal.SIGTERM)
-        self.res["stop_seen"] = _wait_text(self.out.with_suffix(".log"), "stop requested", pid)
-        time.sleep(self.gap)  # the second signal lands in the shutdown
-        os.kill(pid, getattr(signal, self.second))
-        self.res["stop_rc"] = _status(os.waitpid(pid, 0)[1])
+        c = Child(self.args, self.out.with_suffix(".log"))
+        self.res["first_step_seen"] = yield from _until(lambda: bool(_losses(self.out)), c)
+        if not c.done():
+            os.kill(c.pid, signal.SIGTERM)
+        self.res["stop_seen"] = yield from _until(lambda: c.said("stop requested"), c)
+        t = time.time() + self.gap  # the second signal lands in the shutdown
+        yield from _until(lambda: time.time() >= t, c)
+        if not c.done():  # not reaped yet: the pid is still this child's (a zombie ignores it)
+            os.kill(c.pid, getattr(signal, self.second))
+        yield from _until(lambda: False, c)
+        self.res["stop_rc"] = c.rc
         latest = self.out / "checkpoints" / "latest"
         self.res["stopped_at"] = int(latest.read_text().split("_")[1]) if latest.exists() else None
-        return self
 
     def resume_run(self):
-        pid = _spawn([*self.base, f"train.out_dir={self.out}"], self.out.with_suffix(".log"), sleep=False)
-        self.res["resume_rc"] = _status(os.waitpid(pid, 0)[1])
+        c = Child(self.args, self.out.with_suffix(".log"), sleep=False)
+        yield from _until(lambda: False, c)
+        self.res["resume_rc"] = c.rc
         self.res["losses"] = _losses(self.out)
-        return self.res
+
+
+def _run_all(jobs, lanes: int) -> None:
+    """Step the generator jobs, at most `lanes` at once (each polls its own child)."""
+    todo, active = list(jobs), []
+    while todo or active:
+        while todo and len(active) < lanes:
+            active.append(todo.pop(0))
+        for job in list(active):
+            try:
+                next(job)
+            except StopIteration:
+                active.remove(job)
+        time.sleep(0.005)
 
 
 def main(spec_path: str, result_path: str) -> int:
@@ -124,13 +147,13 @@ def main(spec_path: str, result_path: str) -> int:
     root, base = Path(spec["root"]), spec["base"]
     rng = random.Random(spec["seed"])
     straight = root / "straight"
-    pid = _spawn([*base, f"train.out_dir={straight}"], straight.with_suffix(".log"), sleep=False)
-    rc = _status(os.waitpid(pid, 0)[1])
-    result = {"straight_rc": rc, "straight": _losses(straight), "trials": []}
+    ref = Child([*base, f"train.out_dir={straight}"], straight.with_suffix(".log"), sleep=False)
+    _run_all([_until(lambda: False, ref)], 1)
     trials = [Trial(root, i, base, rng) for i in range(spec["trials"])]
-    for t in trials:
-        t.stop_run()
-    result["trials"] = [t.resume_run() for t in trials]
+    lanes = int(spec.get("lanes", 2))
+    _run_all([t.stop_run() for t in trials], lanes)
+    _run_all([t.resume_run() for t in trials], lanes)
+    result = {"straight_rc": ref.rc, "straight": _losses(straight), "trials": [t.res for t in trials]}
     Path(result_path).write_text(json.dumps(result))
     return 0
 
