@@ -455,7 +455,9 @@ def format_plan(cfg: Config, layout: Any) -> str:
     if layout.pp > 1:
         add("  per stage: " + ", ".join(f"{x / GiB:.1f}" for x in mem["per_stage"]) + " GiB")
     add("  (not included: CUDA context/workspaces ~1-3 GiB, allocator fragmentation)")
-    add(f"Checkpoint on disk (estimate): {_gib(checkpoint_bytes(cfg, layout)).strip()} per save, all ranks")
+    ck = checkpoint_bytes(cfg, layout)
+    ck_size = f"{ck / 2**20:.1f} MiB" if ck < GiB else _gib(ck).strip()
+    add(f"Checkpoint on disk (estimate): {ck_size} per save, all ranks (weights + optimizer state)")
     for note in layout_advice(cfg, layout):
         add(note)
     return "\n".join(lines)

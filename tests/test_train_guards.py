@@ -18,10 +18,26 @@ ROOT = Path(__file__).absolute().parents[1]
 
 
 @pytest.fixture(scope="module")
-def alone(tmp_path_factory):
+def alone_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("alone")
     check(run_train(out))
-    return losses(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def alone(alone_run):
+    return losses(alone_run)
+
+
+def test_plan_checkpoint_estimate_is_near_a_real_checkpoint(alone_run):
+    from pretrain.config.load import load_config
+    from pretrain.config.validate import resolve
+    from pretrain.plan import checkpoint_bytes
+
+    cfg = load_config(None, list(TINY))
+    tag = alone_run / "checkpoints" / "step_00000006"
+    real = sum(p.stat().st_size for p in tag.rglob("*") if p.is_file())
+    assert 0.9 < checkpoint_bytes(cfg, resolve(cfg, 1)) / real < 1.1, real
 
 
 def test_second_trainer_on_one_directory_is_refused_and_the_first_is_unharmed(alone, tmp_path):
