@@ -191,3 +191,29 @@ def test_out_of_vocabulary_id_under_structure_verification_is_one_line(tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     one_error_line(proc.stderr, "token id 1000", "outside the vocabulary 0..257", "pretrain-shards verify")
     assert "IndexError" not in proc.stderr
+
+
+def test_lock_of_a_killed_holder_is_free(tmp_path):
+    import os
+    import subprocess
+
+    from pretrain.runlock import lock_run
+
+    (tmp_path / "ck").mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pretrain.runlock import lock_run; "
+         f"h = lock_run(Path({str(tmp_path)!r}), Path({str(tmp_path / 'ck')!r}), print); "
+         "print('held', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        from pretrain.errors import UserError
+
+        with pytest.raises(UserError, match=f"pid {holder.pid}"):
+            lock_run(tmp_path, tmp_path / "ck", print)
+        os.kill(holder.pid, signal.SIGKILL)  # no clean-up runs: the kernel drops the flock
+        holder.wait(timeout=30)
+        for fh in lock_run(tmp_path, tmp_path / "ck", print):
+            fh.close()
+    finally:
+        if holder.poll() is None:
+            holder.kill()

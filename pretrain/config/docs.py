@@ -39,7 +39,9 @@ pretrain-train configs/gpt2-124m.yaml train.max_steps=100 model.n_layer=4 parall
 ```
 
 `--print-config` prints the resolved configuration, `--plan` the parameter count, batch
-plan, process layout and per-rank memory estimate without starting training. Unknown
+plan, process layout, per-rank memory and checkpoint size estimates without starting training,
+`--check` only validates (config, layout, data manifests, and the DeepSpeed config, `deepspeed:`
+section included, with DeepSpeed's own config model) for `--world-size N`. Unknown
 keys and values of the wrong type are rejected with the nearest valid key; invalid
 combinations (batch sizes that do not divide, heads not divisible by the tensor-parallel
 degree, ZeRO-2/3 with pipeline parallelism, ...) are rejected before any process starts.
