@@ -197,19 +197,30 @@ pretrain_run() {
     return "$rc"
 }
 
+# The last `error:` line of this run (after the last `====` header) in rank $1's log.
+_pretrain_error_line() {
+    awk '/^==== /{e=""} /^error:/{e=$0} END{if (e != "") print e}' \
+        "$(printf '%s/rank_%05d.log' "$PRETRAIN_LOG_DIR" "$1")" 2>/dev/null
+}
+
 # After a failed run: the `error:` line of any rank other than 0 that ended with the trainer's
-# 2 or 3 (rank 0's is on the console already), and the launcher's log when the ranks crashed.
+# 2 or 3, each distinct line once and not rank 0's (on the console already), and the
+# launcher's log when the ranks crashed.
 pretrain_report_failure() {
-    local launcher_rc=$1 node_rc=$2 log=$3 f rank line
+    local launcher_rc=$1 node_rc=$2 log=$3 f rank line seen
     [ "$node_rc" != 0 ] || return 0
+    seen=$'\n'$(_pretrain_error_line 0)$'\n'
     for f in "$PRETRAIN_STATUS_DIR"/rank_*; do
         [ -f "$f" ] || continue
         rank=${f##*rank_}
         [ "$rank" != 0 ] || continue
         case "$(cat "$f")" in
             2 | 3)
-                line=$(grep -m1 '^error:' "$(printf '%s/rank_%05d.log' "$PRETRAIN_LOG_DIR" "$rank")" 2>/dev/null) || true
-                [ -z "$line" ] || echo "launch: rank $rank: $line" >&2 ;;
+                line=$(_pretrain_error_line "$rank")
+                if [ -n "$line" ] && [[ "$seen" != *$'\n'"$line"$'\n'* ]]; then
+                    echo "launch: rank $rank: $line" >&2
+                    seen+="$line"$'\n'
+                fi ;;
         esac
     done
     if [ "$node_rc" != 2 ] && [ "$node_rc" != 3 ] && [ "$launcher_rc" != 0 ] && [ -s "$log" ]; then

@@ -52,13 +52,20 @@ def test_sigterm_to_local_sh_stops_cleanly_without_a_torchrun_traceback(tmp_path
     assert (tmp_path / "logs" / "launcher.log").exists()
 
 
-def test_a_rank_s_error_reaches_the_console_once(tmp_path, config):
-    # rank 1 alone fails (a stand-in rank): its error line is printed by the node script
+@pytest.mark.parametrize("who", ["rank1", "both"])
+def test_a_rank_s_error_reaches_the_console_once(tmp_path, who):
+    # stand-in ranks: rank 1 alone fails (its line is printed by the node script), or both fail
+    # with the same line (rank 0's console copy is enough)
     script = ('. launch/common.sh && . launch/env.sh && PRETRAIN_NPROC=2 && pretrain_run '
               '"$PRETRAIN_PYTHON" -m torch.distributed.run --standalone --nproc_per_node=2 '
               '--no-python launch/rank.sh bash -c "$RANK_SCRIPT"')
-    rank = 'if [ "$RANK" = 1 ]; then echo "error: rank one is unhappy" >&2; exit 2; fi; exec sleep 60'
-    proc = run(["bash", "-c", script], launch_env(tmp_path / "logs", RANK_SCRIPT=rank), timeout=120)
+    fail = 'echo "error: rank one is unhappy" >&2; exit 2'
+    rank = f'if [ "$RANK" = 1 ]; then {fail}; fi; exec sleep 60' if who == "rank1" else fail
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "rank_00001.log").write_text("==== an earlier run\nerror: an old line\n")
+    proc = run(["bash", "-c", script], launch_env(logs, RANK_SCRIPT=rank), timeout=120)
     assert proc.returncode == 2, proc.stdout
-    assert proc.stdout.count("error: rank one is unhappy") == 1 and "launch: rank 1: error:" in proc.stdout
-    assert "Traceback" not in proc.stdout, proc.stdout
+    assert proc.stdout.count("error: rank one is unhappy") == 1, proc.stdout
+    assert ("launch: rank 1: error:" in proc.stdout) == (who == "rank1")
+    assert "old line" not in proc.stdout and "Traceback" not in proc.stdout, proc.stdout
