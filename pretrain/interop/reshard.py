@@ -221,7 +221,7 @@ def load_resharded(engine, tag_dir: Path, saved_layout: dict, now_layout: dict, 
 def load_consolidated(engine, tag_dir: Path, topo=None) -> None:
     """Set the weights, fp32 master weights and Adam state (moments, step) of every local parameter
     of `engine` (any layout; ZeRO 0-3; fp32) from `<tag_dir>/consolidated/`: each rank reads the
-    full tensors one at a time and keeps its piece (`init_weights._local_piece`)."""
+    full tensors one at a time and keeps its piece (`spec.local_piece`)."""
     import deepspeed
     import torch
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
@@ -229,7 +229,7 @@ def load_consolidated(engine, tag_dir: Path, topo=None) -> None:
 
     from pretrain.config.load import config_from_dict
     from pretrain.interop import consolidate as cons
-    from pretrain.interop.init_weights import _local_piece, _plain_name
+    from pretrain.parallel import spec
 
     if engine.bfloat16_enabled() or engine.fp16_enabled():
         raise UserError(f"{tag_dir}: resuming in another tensor/pipeline layout or ZeRO stage supports "
@@ -238,7 +238,6 @@ def load_consolidated(engine, tag_dir: Path, topo=None) -> None:
     m = config_from_dict(state["config"]).model
     module, opt = engine.module, engine.optimizer
     base = getattr(opt, "optimizer", opt)  # DeepSpeed's ZeRO wrappers hold the torch AdamW
-    first = engine.is_first_stage() if hasattr(engine, "is_first_stage") else True  # pipeline stage names
     tp, tp_rank = (topo.tp, topo.tp_rank) if topo is not None else (1, 0)
     zero3 = any(hasattr(p, "ds_id") for p in module.parameters())
     mapped = any(hasattr(p, "_hp_mapping") for p in module.parameters())  # ZeRO-1/2: fp32 partition views
@@ -266,10 +265,13 @@ def load_consolidated(engine, tag_dir: Path, topo=None) -> None:
     with contextlib.ExitStack() as stack, torch.no_grad():
         files = {k: stack.enter_context(safe_open(str(src / f"{k}.safetensors"), framework="pt")) for k in cons.STATES}
         for name, p in module.named_parameters():
-            plain = _plain_name(name, module, m.n_layer, first)
-            shape = p.ds_shape if zero3 else p.shape
-            val = {k: _local_piece(plain, files[k].get_tensor(plain), shape, m, tp, tp_rank).to(p.dtype)
+            plain = spec.plain_name(name, m.n_layer)
+            shape = tuple(p.ds_shape if zero3 else p.shape)
+            val = {k: spec.local_piece(plain, files[k].get_tensor(plain), m, tp, tp_rank).to(p.dtype)
                    for k in cons.STATES}
+            if tuple(val["fp32"].shape) != shape:
+                raise UserError(f"{tag_dir}: consolidated {plain} gives a piece of shape {tuple(val['fp32'].shape)}, "
+                                f"this engine's {name} is {shape}")
             if zero3 or mapped:  # the fp32 partition and the moments (each rank keeps its part)
                 safe_set_full_fp32_param(p, val["fp32"])
                 for kind in ("exp_avg", "exp_avg_sq"):
