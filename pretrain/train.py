@@ -179,11 +179,14 @@ class Trainer:
             raise UserError(f"{where} was trained on other data (fingerprint {saved.get('data_fingerprint')} vs "
                             f"{self.data.fingerprint}); restore data.* or start a new train.out_dir")
         now = self._state()["layout"]
-        if saved.get("layout") != now:
+        # Same model-parallel grid, other parameter order: the optimizer state is matched by name.
+        same_grid = all((saved.get("layout") or {}).get(k, 1) == now[k] for k in ("tp", "pp"))
+        reordered = same_grid and saved.get("optimizer_groups", self.optim_groups) != self.optim_groups
+        if saved.get("layout") != now or reordered:
             from pretrain.interop.reshard import load_resharded  # UserError naming the fix when it cannot
 
             state = load_resharded(self.engine, tag_dir, saved.get("layout") or {}, now, self.monitor.print,
-                                   topo=self.topo)
+                                   topo=self.topo, reordered=reordered)
         else:
             state = checkpoint.load(self.engine, tag_dir)
         self.step, self.consumed = state["step"], state["consumed_samples"]

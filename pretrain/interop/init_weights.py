@@ -132,7 +132,7 @@ def init_source(path, cfg, layout, log=print):
         return t.float()
 
     pad = padded - int(meta["vocab_rows"])
-    log(f"initialising from {init_dir_of(path)} ({meta.get('architecture')}, {meta.get('source')})"
+    log(f"initialised from {init_dir_of(path)} ({meta.get('architecture')}, {meta.get('source')})"
         + (f"; {pad} padding rows of the embedding are zero" if pad else ""))
     return source
 

@@ -137,14 +137,22 @@ def reshard_checkpoint(tag_dir: Path, log=print, verbose: bool = False) -> list[
     return made
 
 
-def check_reshard(tag_dir: Path, saved: dict, now: dict) -> str:
+def check_reshard(tag_dir: Path, saved: dict, now: dict, reordered: bool = False) -> str:
     """How a checkpoint saved in layout `saved` resumes in layout `now`: 'direct', 'universal' or
-    'consolidated'. UserError (naming the fix) when it cannot."""
+    'consolidated'. UserError (naming the fix) when it cannot. `reordered`: the model's optimizer
+    groups name other parameters, or the same in another order, than the checkpoint records
+    (state.json 'optimizer_groups'), so only a load by name (consolidated) is right."""
     from pretrain.interop.consolidate import check_fp32, has_consolidated
 
     where = f"checkpoint {tag_dir}"
     moved = f"was saved with {_layout_str(saved)}, this run is {_layout_str(now)}"
     state = checkpoint.read_state(tag_dir)
+    if reordered:
+        check_fp32(tag_dir, state, what="resuming a model whose parameter order changed")
+        if not has_consolidated(tag_dir):
+            raise UserError(f"{where} orders the model's parameters differently from this run; convert it once "
+                            f"with `pretrain-convert reshard --run {tag_dir}` (its state is then loaded by name)")
+        return "consolidated"
     degrees = [tuple(int(lay.get(k, 1)) for k in ("tp", "pp")) for lay in (saved, now)]
     z_old, z_new = int(saved["zero_stage"]), int(now["zero_stage"])
     if not _needs_universal(state) and z_new == 0 and degrees[0] == degrees[1]:
@@ -163,11 +171,13 @@ def check_reshard(tag_dir: Path, saved: dict, now: dict) -> str:
     return "consolidated"
 
 
-def load_resharded(engine, tag_dir: Path, saved_layout: dict, now_layout: dict, log=print, topo=None) -> dict:
+def load_resharded(engine, tag_dir: Path, saved_layout: dict, now_layout: dict, log=print, topo=None,
+                   reordered: bool = False) -> dict:
     """Load `tag_dir` (saved in another layout) into `engine`; returns our state (as checkpoint.load).
 
-    The trainer calls this instead of `checkpoint.load` when the layouts differ (`topo`: its
-    `Topology`, for the tensor-parallel rank; None = no tensor parallelism).
+    The trainer calls this instead of `checkpoint.load` when the layouts differ, or the
+    parameter order (`reordered`, see `check_reshard`) (`topo`: its `Topology`, for the
+    tensor-parallel rank; None = no tensor parallelism).
     """
     import torch
     import torch.distributed as dist
@@ -177,7 +187,7 @@ def load_resharded(engine, tag_dir: Path, saved_layout: dict, now_layout: dict, 
     how = None
     if dist.get_rank() == 0:
         try:
-            how = check_reshard(tag_dir, saved_layout, now_layout)
+            how = check_reshard(tag_dir, saved_layout, now_layout, reordered)
         except UserError as e:
             how = e
     how = checkpoint.broadcast_from_rank0(how)
