@@ -52,12 +52,14 @@ def _worker(args) -> None:
     from pretrain.config.validate import resolve
     from pretrain.engine import build_engine, init_distributed
     from pretrain.parallel.topology import Topology
-    from pretrain.plan import count_params, host_memory
+    from pretrain.plan import count_params
 
     try:
         from pretrain.parallel.build import build_model
-    except ImportError:  # an older checkout (before issue 11)
+        from pretrain.plan import host_memory
+    except ImportError:  # an older checkout (before issue 11): no host estimate
         from pretrain.parallel.apply import build_model
+        host_memory = None
 
     torch.set_num_threads(1)
     launch = float(os.environ["BENCH_LAUNCH"])
@@ -75,13 +77,17 @@ def _worker(args) -> None:
         build_engine(cfg, lay, model, topo)
         out["engine"] = {"rss_peak": status_bytes("VmHWM"), "rss": status_bytes("VmRSS"), "s": time.time() - launch}
     out["params"] = count_params(cfg.model, lay.padded_vocab_size)["total"]
-    out["plan_build"] = host_memory(cfg, lay)["build"]
+    out["plan_build"] = host_memory(cfg, lay)["build"] if host_memory else None
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, out)
     if rank == 0:
         Path(args.result).write_text(json.dumps(every))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _gib(n) -> str:
+    return "-" if n is None else f"{n / GiB:.2f} GiB"
 
 
 def _launch(config: str, overrides: list[str], engine: bool, world: int) -> list[dict]:
@@ -145,7 +151,7 @@ def main(argv=None) -> int:
                 peak_e = f"{eng['rss_peak'] / GiB:.2f} GiB" if eng else "-"
                 t_e = f"{eng['s']:.1f} s" if eng else "-"
                 print(f"| {preset} | {name} | {full / GiB:.2f} GiB | {target / GiB:.2f} GiB | {r['rank']} "
-                      f"| {r['build']['rss_peak'] / GiB:.2f} GiB | {peak_e} | {r['plan_build'] / GiB:.2f} GiB "
+                      f"| {r['build']['rss_peak'] / GiB:.2f} GiB | {peak_e} | {_gib(r['plan_build'])} "
                       f"| {r['build']['s']:.1f} s | {t_e} |", flush=True)
             rows.append({"preset": preset, "layout": key, "full_fp32": full, "target": target, "ranks": res})
     if args.json:
