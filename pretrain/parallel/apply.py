@@ -38,7 +38,7 @@ tensor-parallel pieces merge back into a plain state dict (`spec.merge_state`).
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn

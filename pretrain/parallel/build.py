@@ -49,7 +49,7 @@ def build_model(cfg, layout, topo, device=None, source: Optional[spec.Source] = 
         model = GPT(cfg.model, V, device="meta")
     if layout.zero_stage == 3 and layout.dp > 1:
         return _partitioned(model, cfg, layout, topo, device, seed, source)
-    return materialize(model, cfg.model, topo.tp_group if layout.tp > 1 else None, device, seed, source=source)
+    return materialize(model, cfg.model, topo.tp_group, device, seed, source=source)  # tp_group: None at tp 1
 
 
 def _partitioned(model: nn.Module, cfg, layout, topo, device, seed: int, source) -> nn.Module:
@@ -60,11 +60,10 @@ def _partitioned(model: nn.Module, cfg, layout, topo, device, seed: int, source)
 
     ds_config = deepspeed_config(cfg, layout)
     dtype = _DTYPES[cfg.train.precision]
-    group = topo.tp_group if layout.tp > 1 else None
     for i, layer in enumerate(model.layers()):
         if not any(True for _ in layer.parameters()):
             continue  # a tied head owns no parameter
-        materialize(layer, cfg.model, group, device, seed, prefix=spec.layer_prefix(i, cfg.model.n_layer),
+        materialize(layer, cfg.model, topo.tp_group, device, seed, prefix=spec.layer_prefix(i, cfg.model.n_layer),
                     source=source)
         layer.to(dtype)  # the engine expects ZeRO-3 parameters in the training precision
         deepspeed.zero.Init(module=layer, data_parallel_group=topo.dp_group, config_dict_or_path=ds_config,
