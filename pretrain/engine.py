@@ -151,7 +151,7 @@ def build_engine(cfg: Config, layout: Layout, model: torch.nn.Module, topo=None)
     """
     import deepspeed
 
-    from pretrain.parallel.apply import parallel_param_groups
+    from pretrain.parallel import spec
 
     ds_config = deepspeed_config(cfg, layout)
     pipe = layout.pp > 1
@@ -169,7 +169,7 @@ def build_engine(cfg: Config, layout: Layout, model: torch.nn.Module, topo=None)
     if own_clip:
         # DeepSpeed clips fp32 ZeRO-0 without reporting the norm; we clip and report instead.
         ds_config["gradient_clipping"] = 0.0
-    groups = parallel_param_groups(model, cfg.optim)
+    groups = spec.optimizer_groups(model, cfg.optim, cfg.model.n_layer)  # by each parameter's name
     # torch's fused AdamW (one kernel over all tensors, on CUDA and CPU) instead of the default
     # per-tensor loop on CPU / foreach on CUDA: on the 2-core CPU it steps 30M fp32 parameters in
     # ~47 ms of CPU time against ~310 ms (docs/PERFORMANCE.md, "Training throughput").

@@ -12,6 +12,7 @@ import torch
 from pretrain import checkpoint
 from pretrain.config.load import config_from_dict
 from pretrain.errors import UserError, cli_entry
+from pretrain.interop.ds_reader import load_model_weights
 from pretrain.model.gpt import GPT
 from pretrain.model.sampling import generate
 
@@ -20,7 +21,7 @@ def load_model(tag_dir, device: torch.device) -> tuple[GPT, dict]:
     state = checkpoint.read_state(tag_dir)
     cfg = config_from_dict(state["config"], source=str(tag_dir / checkpoint.STATE))
     model = GPT(cfg.model, state["model_shape"]["padded_vocab_size"])
-    weights = checkpoint.load_model_weights(tag_dir)
+    weights = load_model_weights(tag_dir)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     # A tied head has no tensor of its own in some saves; anything else missing is an error.
     missing = [k for k in missing if not (cfg.model.tie_embeddings and k.startswith("head."))]

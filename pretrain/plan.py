@@ -42,6 +42,12 @@ against measured ranks by tools/bench_memory.py (docs/PERFORMANCE.md).
     embedding's) exists whole before its reduce-scatter.
   Tensor parallelism divides each stage's parameters by tp, pipeline parallelism gives each
   stage its own layers.
+Host memory per rank (`host_memory`): at model build, the process baseline (torch and
+DeepSpeed imported) plus one full fp32 parameter (each is drawn whole, then sliced:
+`pretrain.parallel.spec`) plus, when the parameters live on the CPU, this rank's fp32
+pieces (ZeRO-3: its partitions plus the one layer being partitioned); in the steady state
+the baseline plus, on the CPU, the whole device estimate below, or on a GPU the offloaded
+optimizer. Checked against measured ranks by tools/bench_build.py (docs/PERFORMANCE.md).
 Activations per micro-batch follow Korthikanti et al. 2022 (see REFERENCE.md):
 s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit precision, s*b*h*(10 + 24/t + 5*a*s/(h*t))
 with tensor parallelism t, s*b*h/t*(34 + 5*a*s/h) with sequence parallelism, and 2*s*b*h
@@ -66,10 +72,14 @@ from pretrain.config.schema import Config, ModelConfig
 
 __all__ = [
     "ffn_dim", "head_dim", "kv_heads", "count_params", "matmul_params", "flops_per_token", "pipeline_layer_params",
-    "partition_uniform", "partition_balanced", "stage_blocks", "memory_estimate", "layout_advice", "format_plan",
+    "partition_uniform", "partition_balanced", "stage_blocks", "memory_estimate", "host_memory", "layout_advice",
+    "format_plan",
 ]
 
 GiB = 2**30
+# RSS of a rank with torch and DeepSpeed imported and the process group up, before the model
+# (measured: 0.32-0.33 GiB on the CPU ranks of tools/bench_build.py; a CUDA context adds more).
+HOST_BASELINE = int(0.35 * GiB)
 
 
 # --------------------------------------------------------------------------- shapes
@@ -332,6 +342,41 @@ def checkpoint_bytes(cfg: Config, layout: Any) -> int:
     return count_params(cfg.model, layout.padded_vocab_size)["total"] * (w_b + o_b)
 
 
+def _largest_param(m: ModelConfig, padded_vocab: int) -> int:
+    """Elements of the largest single parameter (drawn whole at build time)."""
+    d, f, hd = m.d_model, ffn_dim(m), head_dim(m)
+    return max(padded_vocab * d, (m.n_head + 2 * kv_heads(m)) * hd * d, d * f, m.seq_len * d)
+
+
+def host_memory(cfg: Config, layout: Any) -> dict[str, int]:
+    """Estimated host bytes per rank on the busiest pipeline stage: {'build': peak while the model
+    is built, 'steady': while training} (see the module docstring)."""
+    m, dp, tp, pp = cfg.model, layout.dp, layout.tp, layout.pp
+    V = layout.padded_vocab_size
+    on_cpu = layout.device == "cpu"
+    draw = 4 * _largest_param(m, V)
+    layers = pipeline_layer_params(m, V)
+    if pp == 1:
+        c = count_params(m, V)
+        layers = layers[:-1] + [("head", c["final_norm"] + c["head"])]
+        bounds = [(0, len(layers))]
+    else:
+        bounds = _stage_bounds(cfg, V, pp)
+    build = 0
+    for start, stop in bounds:
+        params = math.ceil(sum(w for _, w in layers[start:stop]) / tp)
+        held = 0
+        if on_cpu:
+            if layout.zero_stage == 3 and dp > 1:  # partitions, and one whole layer being partitioned
+                held = 4 * math.ceil(params / dp) + 4 * math.ceil(max(w for _, w in layers[start:stop]) / tp)
+            else:
+                held = 4 * params
+        build = max(build, held)
+    mem = memory_estimate(cfg, layout)
+    steady = mem["total"] + mem["optimizer_cpu"] if on_cpu else mem["optimizer_cpu"]
+    return {"build": HOST_BASELINE + draw + build, "steady": HOST_BASELINE + steady}
+
+
 def layout_advice(cfg: Config, layout: Any) -> list[str]:
     """Measured advice about a valid but slow choice (printed by --plan and at training start)."""
     out = []
@@ -458,6 +503,10 @@ def format_plan(cfg: Config, layout: Any) -> str:
     ck = checkpoint_bytes(cfg, layout)
     ck_size = f"{ck / 2**20:.1f} MiB" if ck < GiB else _gib(ck).strip()
     add(f"Checkpoint on disk (estimate): {ck_size} per save, all ranks (weights + optimizer state)")
+    host = host_memory(cfg, layout)
+    add(f"Host memory per rank (estimate): {_gib(host['build']).strip()} at model build, "
+        f"{_gib(host['steady']).strip()} in the steady state"
+        + (" (the parameters live in host memory)" if layout.device == "cpu" else ""))
     for note in layout_advice(cfg, layout):
         add(note)
     return "\n".join(lines)

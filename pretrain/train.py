@@ -129,7 +129,7 @@ class Trainer:
     def _run(self) -> int:
         from pretrain.engine import build_engine
         from pretrain.monitor import Monitor
-        from pretrain.parallel.apply import build_model
+        from pretrain.parallel.build import build_model, memory_line, optimizer_group_names
         from pretrain.parallel.topology import Topology
         from pretrain.plan import count_params, flops_per_token, layout_advice
 
@@ -143,12 +143,15 @@ class Trainer:
             checkpoint.write_atomic(self.out_dir / "config.yaml", config_to_yaml(cfg))
         self.data = RunData(cfg, lay, self.rank, self.dp_rank, self.out_dir, self.monitor.print)
 
-        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        model = build_model(cfg, lay, self.topo)  # plain GPT, tensor-parallel GPT or this pipeline stage
+        source = None
         if cfg.checkpoint.init_from:  # imported weights (pretrain-convert import-hf); a resume overrides them
-            from pretrain.interop.init_weights import load_init_weights
+            from pretrain.interop.init_weights import init_source
 
-            load_init_weights(model, cfg.checkpoint.init_from, cfg, lay, self.topo, self.monitor.print)
+            source = init_source(cfg.checkpoint.init_from, cfg, lay, self.monitor.print)
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank, in every layout
+        model = build_model(cfg, lay, self.topo, self.device, source)  # only this rank's piece, on its device
+        print(memory_line(self.rank, self.device), flush=True)
+        self.optim_groups = optimizer_group_names(model, cfg, self.topo)  # recorded in every checkpoint
         self.engine, self.opt = build_engine(cfg, lay, model, self.topo)
         self.flops_per_token = flops_per_token(cfg.model, lay.padded_vocab_size)
 
@@ -175,6 +178,7 @@ class Trainer:
                 "tokenizer_dir": self.data.tokenizer_dir,
                 "layout": {"dp": self.layout.dp, "tp": self.layout.tp, "pp": self.layout.pp,
                            "zero_stage": self.layout.zero_stage},
+                "optimizer_groups": self.optim_groups,
                 "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__}}
 
     def _model_shape(self) -> dict:
@@ -196,11 +200,14 @@ class Trainer:
             raise UserError(f"{where} was trained on other data (fingerprint {saved.get('data_fingerprint')} vs "
                             f"{self.data.fingerprint}); restore data.* or start a new train.out_dir")
         now = self._state()["layout"]
-        if saved.get("layout") != now:
+        # Same model-parallel grid, other parameter order: the optimizer state is matched by name.
+        same_grid = all((saved.get("layout") or {}).get(k, 1) == now[k] for k in ("tp", "pp"))
+        reordered = same_grid and saved.get("optimizer_groups", self.optim_groups) != self.optim_groups
+        if saved.get("layout") != now or reordered:
             from pretrain.interop.reshard import load_resharded  # UserError naming the fix when it cannot
 
             state = load_resharded(self.engine, tag_dir, saved.get("layout") or {}, now, self.monitor.print,
-                                   topo=self.topo)
+                                   topo=self.topo, reordered=reordered)
         else:
             state = checkpoint.load(self.engine, tag_dir)
         self.step, self.consumed = state["step"], state["consumed_samples"]

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from pretrain.config.schema import ModelConfig
 from pretrain.model.gpt import GPT
-from pretrain.parallel.apply import merge_tp_shards, qkv_permutation, tp_partition_dim
+from pretrain.parallel.spec import merge_state, qkv_permutation, rule_of
 from tests.dist_util import run_distributed
 
 V = 256  # the padded vocabulary: 128 x tp for tp 1 and 2, so TP=1 and TP=2 build the same model
@@ -66,7 +66,7 @@ def _check_tp_case(rank, kw, sp):
 
     # Same full weights: the merged shards equal the plain model's state dict, bit for bit.
     ref_sd = ref.state_dict()
-    merged = merge_tp_shards(_gather({k: v.detach().clone() for k, v in tp.state_dict().items()}), cfg)
+    merged = merge_state(_gather({k: v.detach().clone() for k, v in tp.state_dict().items()}), cfg)
     assert merged.keys() == ref_sd.keys()
     for k in ref_sd:
         assert torch.equal(merged[k], ref_sd[k]), k
@@ -86,9 +86,9 @@ def _check_tp_case(rank, kw, sp):
 
     grads = _gather({n: p.grad.detach().clone() for n, p in tp.named_parameters()})
     for n, p in tp.named_parameters():  # replicated parameters: the same gradient on every TP rank
-        if tp_partition_dim(n) is None:
+        if rule_of(n).tp_dim is None:
             _close(grads[1][n], grads[0][n], f"replicated grad {n}", rtol=1e-6, atol=1e-7)
-    merged_g = merge_tp_shards(grads, cfg)
+    merged_g = merge_state(grads, cfg)
     for n, p in ref.named_parameters():
         _close(merged_g[n], p.grad, f"grad {n}")
 
@@ -123,7 +123,8 @@ def _pipe_body(rank, world_size, overrides):
 
     from pretrain.config.load import load_config
     from pretrain.config.validate import resolve
-    from pretrain.parallel.pipeline import build_pipeline, layer_prefix, stage_parts
+    from pretrain.parallel.pipeline import build_pipeline, stage_parts
+    from pretrain.parallel.spec import layer_prefix
     from pretrain.parallel.topology import Topology
     from pretrain.plan import stage_blocks
 
@@ -228,7 +229,7 @@ def test_merge_inverts_sharding():
     perm = qkv_permutation(cfg.n_head, 2, cfg.d_model // cfg.n_head, tp)
     shards = [{} for _ in range(tp)]
     for k, v in full.items():
-        dim = tp_partition_dim(k)
+        dim = rule_of(k).tp_dim
         if dim is None:
             for s in shards:
                 s[k] = v
@@ -237,11 +238,11 @@ def test_merge_inverts_sharding():
             v = v[perm]
         for r, piece in enumerate(v.chunk(tp, dim=dim)):
             shards[r][k] = piece
-    merged = merge_tp_shards(shards, cfg)
+    merged = merge_state(shards, cfg)
     assert all(torch.equal(merged[k], full[k]) for k in full)
-    assert tp_partition_dim("blocks.0.attn.proj.bias") is None
-    assert tp_partition_dim("blocks.0.mlp.down.weight") == 1
-    assert tp_partition_dim("head.lm_head.weight") == 0
+    assert rule_of("blocks.0.attn.proj.bias").tp_dim is None
+    assert rule_of("blocks.0.mlp.down.weight").tp_dim == 1
+    assert rule_of("head.lm_head.weight").tp_dim == 0
 
 
 @pytest.mark.parametrize("tp_rank, expected", [(0, (3 * 9 + 4 * 16) ** 0.5), (1, (3 * 9) ** 0.5)])

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from pretrain import checkpoint
+from pretrain.interop.ds_reader import load_model_weights
 from dist_util import free_port
 from train_util import TINY, check, grad_norms, losses, metrics, run_train
 
@@ -156,8 +157,8 @@ def test_sigkill_then_auto_resume_is_bitwise_exact(runs, tmp_path, layout):
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2-pp2-zero1", "tp2-dp2-zero2-sequence-parallel", "tp2-zero3"])
 def test_checkpoint_merges_into_the_single_process_weights(runs, layout):
-    ref = checkpoint.load_model_weights(checkpoint.resolve_tag_dir(str(runs["single"])))
-    got = checkpoint.load_model_weights(checkpoint.resolve_tag_dir(str(runs[layout])))
+    ref = load_model_weights(checkpoint.resolve_tag_dir(str(runs["single"])))
+    got = load_model_weights(checkpoint.resolve_tag_dir(str(runs[layout])))
     assert got.keys() == ref.keys()
     for name in ref:
         assert got[name].shape == ref[name].shape, name

@@ -260,3 +260,25 @@ def test_layout_advice_for_zero_over_one_rank():
                         (["parallel.zero_stage=1", "train.precision=bf16"], 1)):
         cfg, lay = _layout(over, world, gpu="bf16" in over[1])
         assert layout_advice(cfg, lay) == []
+
+
+def test_host_memory_at_build_holds_one_full_parameter_beyond_the_ranks_own():
+    from pretrain.plan import HOST_BASELINE, host_memory
+
+    over = ["train.device=cpu", "train.precision=fp32"]
+    cfg, plain = _layout(over, 1)
+    psi = count_params(cfg.model, plain.padded_vocab_size)["total"]
+    wte = 4 * plain.padded_vocab_size * cfg.model.d_model  # the largest parameter, drawn whole
+    assert host_memory(cfg, plain)["build"] == HOST_BASELINE + wte + 4 * psi
+    cfg, z3 = _layout(over + ["parallel.zero_stage=3"], 2)
+    embedding = wte + 4 * cfg.model.seq_len * cfg.model.d_model  # the largest layer, whole while partitioned
+    assert host_memory(cfg, z3)["build"] == HOST_BASELINE + wte + 2 * psi + embedding
+    cfg, tp = _layout(over + ["parallel.tensor=2", "parallel.zero_stage=0"], 2)
+    wte = 4 * tp.padded_vocab_size * cfg.model.d_model  # padded to a multiple of vocab_multiple x tp
+    assert host_memory(cfg, tp)["build"] == HOST_BASELINE + wte + 4 * math.ceil(
+        count_params(cfg.model, tp.padded_vocab_size)["total"] / 2)
+    assert host_memory(cfg, tp)["steady"] > host_memory(cfg, tp)["build"]  # gradients, Adam, activations
+    cfg, gpu = _layout(["train.device=cuda", "train.precision=bf16"], 1, gpu=True)
+    wte = 4 * gpu.padded_vocab_size * cfg.model.d_model
+    assert host_memory(cfg, gpu) == {"build": HOST_BASELINE + wte, "steady": HOST_BASELINE}
+    assert "Host memory per rank (estimate)" in format_plan(cfg, gpu)

@@ -19,6 +19,7 @@ from pretrain.config.load import load_config  # noqa: E402
 from pretrain.config.validate import resolve  # noqa: E402
 from pretrain.errors import UserError  # noqa: E402
 from pretrain.interop.cli import main as convert  # noqa: E402
+from pretrain.interop.ds_reader import load_model_weights  # noqa: E402
 
 
 @pytest.mark.slow
@@ -32,7 +33,7 @@ def test_reshard_writes_a_universalcopy_checkpoint(trained):
     assert checkpoint.verify(u) is None and checkpoint.verify(step3) is None  # the original is untouched
     saved = checkpoint.read_state(step3)["layout"]
     assert json.loads((u / "manifest.json").read_text())["source_layout"] == saved and saved["dp"] == 2
-    weights = checkpoint.load_model_weights(step3)
+    weights = load_model_weights(step3)
     for name, t in weights.items():  # DeepSpeed's per-parameter files (pickles of our own run)
         fp32 = torch.load(u / "zero" / name / "fp32.pt", map_location="cpu", weights_only=False)
         fp32 = fp32["param"] if isinstance(fp32, dict) else fp32
@@ -67,7 +68,7 @@ def test_resume_dp2_checkpoint_at_dp1_gives_the_same_losses(trained, bpe_data, t
     assert sorted(new) == [4, 5, 6]
     for s in (4, 5, 6):  # step 4: the weights; 5 and 6: also Adam's moments and step count
         assert new[s] == pytest.approx(old[s], rel=1e-6, abs=0), s
-    a, b = checkpoint.load_model_weights(step_dir(run, 6)), checkpoint.load_model_weights(step_dir(out, 6))
+    a, b = load_model_weights(step_dir(run, 6)), load_model_weights(step_dir(out, 6))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
 
@@ -109,7 +110,7 @@ def test_resume_in_another_tensor_or_pipeline_degree_gives_the_same_losses(train
     step4 = step_dir(two, 4)
     assert convert(["reshard", "--run", str(step4)]) == 0
     fp32 = load_file(str(step4 / "consolidated" / "fp32.safetensors"))
-    weights = checkpoint.load_model_weights(step4)
+    weights = load_model_weights(step4)
     assert sorted(fp32) == sorted(weights) and all(torch.equal(fp32[k], weights[k]) for k in weights)
     _resume_gpt2(bpe_data, one, step4, *narrow, nproc=1)
     worst.append(_max_rel_diff(two, one, [5, 6]))

@@ -11,10 +11,12 @@ torch AdamW to `deepspeed.initialize` and sets the learning rate itself every st
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pretrain.config.schema import Config
-from pretrain.config.validate import Layout
+
+if TYPE_CHECKING:  # annotations only: validate -> deepspeed would otherwise be an import cycle
+    from pretrain.config.validate import Layout
 
 __all__ = ["deepspeed_config", "deep_merge"]
 

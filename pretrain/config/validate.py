@@ -288,10 +288,8 @@ def resolve(cfg: Config, world_size: int, data_vocab_size: int | None = None, *,
         if kv % tp:
             raise UserError(f"model.n_kv_head ({kv}) must be divisible by parallel.tensor ({tp}); "
                             f"use more kv heads or a smaller tensor-parallel degree")
-        from pretrain.plan import ffn_dim  # the same d_ff default the model uses
-
-        if ffn_dim(m) % tp:
-            raise UserError(f"the MLP width ({ffn_dim(m)}, model.d_ff) must be divisible by "
+        if m.ffn_dim() % tp:  # the same d_ff default the model uses
+            raise UserError(f"the MLP width ({m.ffn_dim()}, model.d_ff) must be divisible by "
                             f"parallel.tensor ({tp}); set model.d_ff to a multiple of {tp}")
     if p.sequence_parallel:
         if tp == 1:

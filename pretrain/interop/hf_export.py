@@ -11,7 +11,7 @@ or LlamaForCausalLM, see `names.py` for the rules) and holds:
     tokenizer.json, tokenizer_config.json   when the run's tokenizer is a Hugging Face one
     pretrain_export.json            where it came from (run, step, tokens seen)
 
-The weights come from `checkpoint.load_model_weights` (any ZeRO stage, tensor- and
+The weights come from `ds_reader.load_model_weights` (any ZeRO stage, tensor- and
 pipeline-parallel pieces merged), so the source may be any saved layout. The source may
 also be an `init/` directory written by `import-hf`. Nothing of ours is pickled; reading
 the DeepSpeed shards of the run does unpickle them (trusted runs only).
@@ -28,6 +28,7 @@ import torch
 from pretrain import checkpoint
 from pretrain.errors import UserError
 from pretrain.interop import names
+from pretrain.interop.ds_reader import load_model_weights
 from pretrain.interop.init_weights import META as INIT_META
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -201,7 +202,7 @@ def export_hf(run: str, out: str, step: int | None = None, dtype: str = "float32
         m = state["config"]["model"]
         names.architecture(m)  # refuse early, before reading any weights
         vocab, vocab_from = data_vocab(state)
-        sd = checkpoint.load_model_weights(tag_dir)
+        sd = load_model_weights(tag_dir)
         step_no = state.get("step")
     arch = names.architecture(m)
     rows = sd["embed.wte.weight"].shape[0] if "embed.wte.weight" in sd else None

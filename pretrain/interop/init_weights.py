@@ -6,11 +6,11 @@
                                    bos/eos ids, the source and its config, sha256 of the weights
     <run>/init/tokenizer*.json     the imported model's tokenizer files, if it had any
 
-`checkpoint.init_from: <run>/init` makes the trainer call `load_init_weights` on the
-freshly built model (plain, tensor-parallel, or a pipeline stage) before DeepSpeed wraps
-it; the embedding (and untied head) rows are zero-padded to the run's padded vocabulary.
-A checkpoint being resumed is loaded afterwards and wins. Only JSON and safetensors are
-read: nothing is unpickled.
+`checkpoint.init_from: <run>/init` makes the trainer build its model (plain, tensor-parallel,
+a pipeline stage, ZeRO-3 partitions) from `init_source`'s full tensors instead of random
+initial values: each rank keeps its piece of each (`pretrain.parallel.spec`). The vocabulary
+rows are zero-padded to the run's padded vocabulary. A checkpoint being resumed is loaded
+afterwards and wins. Only JSON and safetensors are read: nothing is unpickled.
 """
 from __future__ import annotations
 
@@ -101,53 +101,13 @@ def mismatches(model_cfg: dict, want: dict) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- loading
-def _plain_name(name: str, model, n_layer: int, first_stage: bool) -> str:
-    """The plain-GPT name of a live parameter (pipeline stages name layers by index)."""
-    from pretrain.model.gpt import GPT
-
-    if isinstance(model, GPT):  # plain and tensor-parallel GPT keep the plain names
-        return name
-    from pretrain.parallel.pipeline import TIED_KEY, layer_prefix
-
-    head, _, rest = name.partition(".")
-    if head == "tied_modules":
-        key, _, rest = rest.partition(".")
-        if key != TIED_KEY:
-            raise UserError(f"unexpected tied module {key!r} in the pipeline")
-        if first_stage:
-            return "embed." + rest
-        return "embed.wte.weight" if rest == "wte.weight" else "head." + rest
-    if not head.isdigit():
-        raise UserError(f"cannot place pipeline parameter {name!r}")
-    return layer_prefix(int(head), n_layer) + rest
-
-
-def _local_piece(name: str, full: torch.Tensor, shape: torch.Size, m, tp: int, tp_rank: int) -> torch.Tensor:
-    """This tensor-parallel rank's piece of the full plain tensor `name`."""
-    if tuple(full.shape) == tuple(shape):
-        return full
-    if name == "embed.wpe.weight" and full.shape[0] >= shape[0] and tuple(full.shape[1:]) == tuple(shape[1:]):
-        return full[:shape[0]]  # fewer learned positions than the imported model has (model.seq_len)
-    from pretrain.parallel.apply import qkv_permutation, tp_partition_dim
-
-    dim = tp_partition_dim(name)
-    if dim is None or tp == 1:
-        raise UserError(f"init weights: {name} has shape {tuple(full.shape)}, the model expects {tuple(shape)}")
-    if name.endswith(("attn.qkv.weight", "attn.qkv.bias")):
-        full = full[qkv_permutation(m.n_head, m.n_kv_head or m.n_head, m.d_model // m.n_head, tp)]
-    piece = full.chunk(tp, dim=dim)[tp_rank]
-    if tuple(piece.shape) != tuple(shape):
-        raise UserError(f"init weights: {name} slice has shape {tuple(piece.shape)}, the model expects {tuple(shape)}")
-    return piece
-
-
-def load_init_weights(model: torch.nn.Module, path, cfg, layout, topo=None, log=print) -> dict:
-    """Copy the init weights into `model` (this rank's plain GPT, ParallelGPT or pipeline stage).
-
-    Checks the config's model section against init.json first (UserError naming each
-    mismatching field). Returns init.json.
-    """
+def init_source(path, cfg, layout, log=print):
+    """The full tensors of an init directory as a model-building source: a function
+    (plain name, full shape) -> tensor for `parallel.build.build_model`. Checks the config's
+    model section against init.json first (UserError naming each mismatching field)."""
     from dataclasses import asdict
+
+    from pretrain.parallel import spec
 
     meta, sd = read_init(path)
     bad = mismatches(asdict(cfg.model), meta["model"])
@@ -158,25 +118,30 @@ def load_init_weights(model: torch.nn.Module, path, cfg, layout, topo=None, log=
     if int(meta["vocab_rows"]) > padded:
         raise UserError(f"checkpoint.init_from={path}: the imported model has {meta['vocab_rows']} vocabulary "
                         f"rows, this run's embedding only {padded}; set model.vocab_size: {meta['vocab_rows']}")
-    for k in ("embed.wte.weight", "head.lm_head.weight"):
-        if k in sd:
-            sd[k] = names.pad_rows(sd[k], padded)
-    tp = layout.tp
+
+    def source(name: str, shape: tuple) -> torch.Tensor:
+        if name not in sd:
+            raise UserError(f"checkpoint.init_from={path}: the init weights lack {name}")
+        t = sd[name]
+        if spec.rule_of(name).vocab:
+            t = names.pad_rows(t, padded)
+        elif name == "embed.wpe.weight" and t.shape[0] > shape[0]:
+            t = t[:shape[0]]  # fewer learned positions than the imported model has (model.seq_len)
+        if tuple(t.shape) != tuple(shape):
+            raise UserError(f"init weights: {name} has shape {tuple(t.shape)}, the model expects {tuple(shape)}")
+        return t.float()
+
+    pad = padded - int(meta["vocab_rows"])
+    log(f"initialised from {init_dir_of(path)} ({meta.get('architecture')}, {meta.get('source')})"
+        + (f"; {pad} padding rows of the embedding are zero" if pad else ""))
+    return source
+
+
+def load_init_weights(model: torch.nn.Module, path, cfg, layout, topo=None, log=print) -> None:
+    """Copy the init weights into an already built `model` (this rank's plain GPT, ParallelGPT
+    or pipeline stage; not ZeRO-3 partitions: the trainer builds from `init_source` instead)."""
+    from pretrain.parallel import spec
+
+    source = init_source(path, cfg, layout, log)
     tp_rank = getattr(topo, "tp_rank", 0) if topo is not None else 0
-    first = bool(getattr(topo, "is_first_stage", True)) if topo is not None else True
-    L = cfg.model.n_layer
-    missing = []
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            plain = _plain_name(name, model, L, first)
-            if plain not in sd:
-                missing.append(plain)
-                continue
-            p.copy_(_local_piece(plain, sd[plain], p.shape, cfg.model, tp, tp_rank).to(p.dtype))
-    if missing:
-        raise UserError(f"checkpoint.init_from={path}: the init weights lack {missing[:4]}")
-    if topo is None or topo.rank == 0:
-        pad = padded - int(meta["vocab_rows"])
-        log(f"initialised from {init_dir_of(path)} ({meta.get('architecture')}, {meta.get('source')})"
-            + (f"; {pad} padding rows of the embedding are zero" if pad else ""))
-    return meta
+    spec.initialize(model, cfg.model, tp=layout.tp, tp_rank=tp_rank, source=source)

@@ -137,14 +137,22 @@ def reshard_checkpoint(tag_dir: Path, log=print, verbose: bool = False) -> list[
     return made
 
 
-def check_reshard(tag_dir: Path, saved: dict, now: dict) -> str:
+def check_reshard(tag_dir: Path, saved: dict, now: dict, reordered: bool = False) -> str:
     """How a checkpoint saved in layout `saved` resumes in layout `now`: 'direct', 'universal' or
-    'consolidated'. UserError (naming the fix) when it cannot."""
+    'consolidated'. UserError (naming the fix) when it cannot. `reordered`: the model's optimizer
+    groups name other parameters, or the same in another order, than the checkpoint records
+    (state.json 'optimizer_groups'), so only a load by name (consolidated) is right."""
     from pretrain.interop.consolidate import check_fp32, has_consolidated
 
     where = f"checkpoint {tag_dir}"
     moved = f"was saved with {_layout_str(saved)}, this run is {_layout_str(now)}"
     state = checkpoint.read_state(tag_dir)
+    if reordered:
+        check_fp32(tag_dir, state, what="resuming a model whose parameter order changed")
+        if not has_consolidated(tag_dir):
+            raise UserError(f"{where} orders the model's parameters differently from this run; convert it once "
+                            f"with `pretrain-convert reshard --run {tag_dir}` (its state is then loaded by name)")
+        return "consolidated"
     degrees = [tuple(int(lay.get(k, 1)) for k in ("tp", "pp")) for lay in (saved, now)]
     z_old, z_new = int(saved["zero_stage"]), int(now["zero_stage"])
     if not _needs_universal(state) and z_new == 0 and degrees[0] == degrees[1]:
@@ -163,11 +171,13 @@ def check_reshard(tag_dir: Path, saved: dict, now: dict) -> str:
     return "consolidated"
 
 
-def load_resharded(engine, tag_dir: Path, saved_layout: dict, now_layout: dict, log=print, topo=None) -> dict:
+def load_resharded(engine, tag_dir: Path, saved_layout: dict, now_layout: dict, log=print, topo=None,
+                   reordered: bool = False) -> dict:
     """Load `tag_dir` (saved in another layout) into `engine`; returns our state (as checkpoint.load).
 
-    The trainer calls this instead of `checkpoint.load` when the layouts differ (`topo`: its
-    `Topology`, for the tensor-parallel rank; None = no tensor parallelism).
+    The trainer calls this instead of `checkpoint.load` when the layouts differ, or the
+    parameter order (`reordered`, see `check_reshard`) (`topo`: its `Topology`, for the
+    tensor-parallel rank; None = no tensor parallelism).
     """
     import torch
     import torch.distributed as dist
@@ -177,7 +187,7 @@ def load_resharded(engine, tag_dir: Path, saved_layout: dict, now_layout: dict, 
     how = None
     if dist.get_rank() == 0:
         try:
-            how = check_reshard(tag_dir, saved_layout, now_layout)
+            how = check_reshard(tag_dir, saved_layout, now_layout, reordered)
         except UserError as e:
             how = e
     how = checkpoint.broadcast_from_rank0(how)
@@ -221,7 +231,7 @@ def load_resharded(engine, tag_dir: Path, saved_layout: dict, now_layout: dict, 
 def load_consolidated(engine, tag_dir: Path, topo=None) -> None:
     """Set the weights, fp32 master weights and Adam state (moments, step) of every local parameter
     of `engine` (any layout; ZeRO 0-3; fp32) from `<tag_dir>/consolidated/`: each rank reads the
-    full tensors one at a time and keeps its piece (`init_weights._local_piece`)."""
+    full tensors one at a time and keeps its piece (`spec.local_piece`)."""
     import deepspeed
     import torch
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
@@ -229,7 +239,7 @@ def load_consolidated(engine, tag_dir: Path, topo=None) -> None:
 
     from pretrain.config.load import config_from_dict
     from pretrain.interop import consolidate as cons
-    from pretrain.interop.init_weights import _local_piece, _plain_name
+    from pretrain.parallel import spec
 
     if engine.bfloat16_enabled() or engine.fp16_enabled():
         raise UserError(f"{tag_dir}: resuming in another tensor/pipeline layout or ZeRO stage supports "
@@ -238,7 +248,6 @@ def load_consolidated(engine, tag_dir: Path, topo=None) -> None:
     m = config_from_dict(state["config"]).model
     module, opt = engine.module, engine.optimizer
     base = getattr(opt, "optimizer", opt)  # DeepSpeed's ZeRO wrappers hold the torch AdamW
-    first = engine.is_first_stage() if hasattr(engine, "is_first_stage") else True  # pipeline stage names
     tp, tp_rank = (topo.tp, topo.tp_rank) if topo is not None else (1, 0)
     zero3 = any(hasattr(p, "ds_id") for p in module.parameters())
     mapped = any(hasattr(p, "_hp_mapping") for p in module.parameters())  # ZeRO-1/2: fp32 partition views
@@ -266,10 +275,13 @@ def load_consolidated(engine, tag_dir: Path, topo=None) -> None:
     with contextlib.ExitStack() as stack, torch.no_grad():
         files = {k: stack.enter_context(safe_open(str(src / f"{k}.safetensors"), framework="pt")) for k in cons.STATES}
         for name, p in module.named_parameters():
-            plain = _plain_name(name, module, m.n_layer, first)
-            shape = p.ds_shape if zero3 else p.shape
-            val = {k: _local_piece(plain, files[k].get_tensor(plain), shape, m, tp, tp_rank).to(p.dtype)
+            plain = spec.plain_name(name, m.n_layer)
+            shape = tuple(p.ds_shape if zero3 else p.shape)
+            val = {k: spec.local_piece(plain, files[k].get_tensor(plain), m, tp, tp_rank).to(p.dtype)
                    for k in cons.STATES}
+            if tuple(val["fp32"].shape) != shape:
+                raise UserError(f"{tag_dir}: consolidated {plain} gives a piece of shape {tuple(val['fp32'].shape)}, "
+                                f"this engine's {name} is {shape}")
             if zero3 or mapped:  # the fp32 partition and the moments (each rank keeps its part)
                 safe_set_full_fp32_param(p, val["fp32"])
                 for kind in ("exp_avg", "exp_avg_sq"):

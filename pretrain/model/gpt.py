@@ -28,8 +28,11 @@ With tied embeddings the output head uses embed.wte.weight; there is no head.lm_
 
 Initialisation (GPT-2): normal(0, init_std) for linear and embedding weights, zero biases,
 unit norm gains, and std init_std/sqrt(2*n_layer) for the residual output projections
-(attn.proj, mlp.proj / mlp.down). Each layer initialises itself in its constructor, so
-construction under a given torch.manual_seed is deterministic.
+(attn.proj, mlp.proj / mlp.down), as `pretrain.parallel.spec` states per name. The layers
+are built on the meta device, then each parameter is filled from its own generator, seeded
+by (seed, name): `GPT(cfg, V, seed=s)` is a function of s, and without a seed one value
+is drawn from torch's default generator (so `torch.manual_seed` makes construction
+deterministic). Every parallel layout builds the same weights the same way.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ import torch.nn.functional as F
 
 from pretrain.config.schema import ModelConfig
 from pretrain.model.layers import Block, Embedding, Head, KVCache, check_config
+from pretrain.parallel import spec
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -52,16 +56,26 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 class GPT(nn.Module):
-    """The whole model. `vocab_size` is the (already padded) embedding-table size."""
+    """The whole model. `vocab_size` is the (already padded) embedding-table size.
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int):
+    `device`: where the parameters live (default: torch's default device); "meta" leaves
+    them unallocated and uninitialised (for builders that materialise pieces themselves).
+    `seed`: the initial weights' seed (default: drawn from torch's default generator).
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, *, device=None, seed: Optional[int] = None):
         super().__init__()
         check_config(cfg)
         self.cfg = cfg
         self.vocab_size = vocab_size
-        self.embed = Embedding(cfg, vocab_size)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.head = Head(cfg, vocab_size, tied_embedding=self.embed if cfg.tie_embeddings else None)
+        with torch.device("meta"):
+            self.embed = Embedding(cfg, vocab_size)
+            self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+            self.head = Head(cfg, vocab_size, tied_embedding=self.embed if cfg.tie_embeddings else None)
+        device = torch.get_default_device() if device is None else torch.device(device)
+        if device.type != "meta":
+            self.to_empty(device=device)
+            spec.initialize(self, cfg, spec.draw_seed() if seed is None else seed)
 
     def layers(self) -> list[nn.Module]:
         """[embed, *blocks, head]: applying them in sequence is the forward pass (without loss)."""
@@ -114,23 +128,11 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norms_and_biases: 
                  decay_embeddings: bool = False) -> list[dict]:
     """AdamW parameter groups: [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0}].
 
-    Decayed: weight matrices (>= 2-D), except nn.Embedding tables unless decay_embeddings;
-    biases and norm gains (< 2-D) only if decay_norms_and_biases. Every trainable parameter
-    lands in exactly one group, a shared (tied) parameter once. Empty groups are dropped.
-    Works on any module tree (GPT, a pipeline stage, a wrapper).
+    Decayed: weight matrices, except the embedding tables unless decay_embeddings; biases and
+    norm gains only if decay_norms_and_biases (the rule of each name: `pretrain.parallel.spec`).
+    Every trainable parameter lands in exactly one group, a shared (tied) parameter once.
+    Empty groups are dropped.
     """
-    embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding)
-                     for p in m.parameters(recurse=False)}
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():  # named_parameters() yields a shared parameter once
-        if not p.requires_grad:
-            continue
-        if id(p) in embedding_ids:
-            use_decay = decay_embeddings
-        elif p.dim() >= 2:
-            use_decay = True
-        else:
-            use_decay = decay_norms_and_biases
-        (decay if use_decay else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+    groups = spec.param_groups(model.named_parameters(), weight_decay, decay_embeddings=decay_embeddings,
+                               decay_norms_and_biases=decay_norms_and_biases)
+    return [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups]

@@ -1,15 +1,15 @@
 """The GPT's layer modules: Embedding -> Block x n_layer -> Head, plus their parts.
 
-Each layer is a self-contained nn.Module that initialises its own weights, so a
-pipeline-parallel wrapper can build any subset of them on a stage and call them in
-sequence (`x = layer(x)`). See `gpt.py` for the parameter naming scheme.
+Each layer is a self-contained nn.Module, so a pipeline-parallel wrapper can build any
+subset of them on a stage and call them in sequence (`x = layer(x)`). See `gpt.py` for the
+parameter naming scheme. The modules do not choose their initial weights: the builders
+(`GPT`, `pretrain.parallel.apply`) fill them from `pretrain.parallel.spec` by name.
 
 Shapes: B batch, T sequence (new tokens), S keys (cached + new), C d_model,
 nh query heads, nkv key/value heads, hd head_dim, V (padded) vocabulary.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -43,12 +43,6 @@ def check_config(cfg: ModelConfig) -> None:
         raise UserError(f"position: rope needs an even head dim, got d_model/n_head = {cfg.d_model // cfg.n_head}")
 
 
-def _init_linear(m: nn.Linear, std: float) -> None:
-    nn.init.normal_(m.weight, mean=0.0, std=std)
-    if m.bias is not None:
-        nn.init.zeros_(m.bias)
-
-
 def make_norm(cfg: ModelConfig) -> nn.Module:
     """LayerNorm (with bias iff cfg.bias) or RMSNorm; parameters `weight` [and `bias`]."""
     if cfg.norm == "rmsnorm":
@@ -65,9 +59,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.to(x.dtype) * self.weight
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight, normalised in fp32 (RMSNorm's forward, shared with its sequence-parallel form)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return xf.to(x.dtype) * weight
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -138,8 +137,6 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(self.n_head * self.head_dim, cfg.d_model, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
-        _init_linear(self.qkv, cfg.init_std)
-        _init_linear(self.proj, cfg.init_std / math.sqrt(2 * cfg.n_layer))  # residual projection
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, start_pos: int = 0) -> torch.Tensor:
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
@@ -178,8 +175,6 @@ class MLP(nn.Module):
         self.fc = nn.Linear(cfg.d_model, d_ff, bias=cfg.bias)
         self.proj = nn.Linear(d_ff, cfg.d_model, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
-        _init_linear(self.fc, cfg.init_std)
-        _init_linear(self.proj, cfg.init_std / math.sqrt(2 * cfg.n_layer))  # residual projection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))  # (B, T, C)
@@ -195,9 +190,6 @@ class SwiGLU(nn.Module):
         self.up = nn.Linear(cfg.d_model, d_ff, bias=cfg.bias)
         self.down = nn.Linear(d_ff, cfg.d_model, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
-        _init_linear(self.gate, cfg.init_std)
-        _init_linear(self.up, cfg.init_std)
-        _init_linear(self.down, cfg.init_std / math.sqrt(2 * cfg.n_layer))  # residual projection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))  # (B, T, C)
@@ -214,18 +206,19 @@ class Embedding(nn.Module):
         self.wte = nn.Embedding(vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.position == "learned" else None
         self.dropout = nn.Dropout(cfg.dropout)
-        nn.init.normal_(self.wte.weight, mean=0.0, std=cfg.init_std)
-        if self.wpe is not None:
-            nn.init.normal_(self.wpe.weight, mean=0.0, std=cfg.init_std)
+
+    def positions(self, start_pos: int, T: int, device) -> Optional[torch.Tensor]:
+        """The learned position embeddings (T, C) of positions start_pos.., or None (rope)."""
+        if self.wpe is None:
+            return None
+        if start_pos + T > self.seq_len:
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds the {self.seq_len} learned positions")
+        return self.wpe(torch.arange(start_pos, start_pos + T, device=device))
 
     def forward(self, idx: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        T = idx.size(1)
         x = self.wte(idx)  # (B, T, C)
-        if self.wpe is not None:
-            if start_pos + T > self.seq_len:
-                raise ValueError(f"sequence of {start_pos + T} tokens exceeds the {self.seq_len} learned positions")
-            x = x + self.wpe(torch.arange(start_pos, start_pos + T, device=idx.device))  # (T, C) broadcast
-        return self.dropout(x)
+        pos = self.positions(start_pos, idx.size(1), idx.device)
+        return self.dropout(x if pos is None else x + pos)  # (T, C) broadcast
 
 
 class Block(nn.Module):
@@ -274,7 +267,6 @@ class Head(nn.Module):
             if tied_embedding is not None:
                 raise ValueError("tied_embedding given but cfg.tie_embeddings is false")
             self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
-            nn.init.normal_(self.lm_head.weight, mean=0.0, std=cfg.init_std)
         # Bypass nn.Module.__setattr__ so the embedding is not registered as a submodule.
         object.__setattr__(self, "tied_embedding", tied_embedding)
 

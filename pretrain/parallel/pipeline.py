@@ -11,10 +11,11 @@ The pipeline's layer list is `GPT.layers()`: [embedding, block 0 .. block L-1, h
 These are exactly the functions `--plan` prints the stage split with, so the plan and the
 built pipeline agree (checked after construction).
 
-Weights: every rank builds the layers one at a time in `GPT`'s order under the run's
-seed (`apply.plain_layers`), keeps (and tensor-parallel-shards) only its stage's layers and
-drops the others at once. So each stage starts from exactly the weights of the
-single-process model, at the memory cost of one full layer.
+Weights: every rank builds the plain layers on the meta device, shards its stage's layers
+(still on the meta device) and allocates and fills only those (`apply.materialize`: each
+parameter's initial value is a function of the run's seed and its name). So each stage
+starts from exactly the weights of the single-process model, holding one full parameter at
+most beyond its own.
 
 Tied input/output embeddings (model.tie_embeddings): the first stage's embedding and the
 last stage's head are DeepSpeed `TiedLayerSpec`s with the key 'embed' and the tied
@@ -35,7 +36,8 @@ checkpoint (the RNG state is restored for the recomputation).
 
 Checkpoint files (DeepSpeed's, per stage and TP rank): `layer_{i:02d}-model_{tp:02d}-model_states.pt`
 hold layer i's state dict with the plain names (embedding: wte/wpe; block: ln_1, attn.qkv,
-...; head: ln_f, lm_head or the tied copy wte). `checkpoint.load_model_weights` merges them.
+...; head: ln_f, lm_head or the tied copy wte). `interop.ds_reader` merges them; stage
+parameter names map to plain ones by `spec.plain_name`.
 """
 from __future__ import annotations
 
@@ -45,20 +47,16 @@ import torch
 import torch.nn as nn
 from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule, TiedLayerSpec
 
+from pretrain.model.gpt import GPT
 from pretrain.model.layers import Block, Embedding
-from pretrain.parallel.apply import (
-    ParallelHead,
-    parallel_loss,
-    plain_layers,
-    shard_block,
-    shard_embedding,
-)
+from pretrain.parallel import spec
+from pretrain.parallel.apply import ParallelHead, materialize, parallel_loss, shard_block, shard_embedding
 from pretrain.parallel.tensor import VocabParallelEmbedding, get_world_size
 from pretrain.plan import partition_balanced, partition_uniform, pipeline_layer_params
 
-__all__ = ["GPTPipe", "PipeLoss", "build_pipeline", "stage_parts", "TIED_KEY", "layer_prefix"]
+__all__ = ["GPTPipe", "PipeLoss", "build_pipeline", "stage_parts", "TIED_KEY"]
 
-TIED_KEY = "embed"
+TIED_KEY = spec.PIPE_TIED_KEY
 TIED_ATTR = "wte.weight"
 
 
@@ -68,15 +66,6 @@ def stage_parts(cfg, padded_vocab: int, pp: int) -> list[int]:
     if cfg.parallel.pipeline_partition == "uniform":
         return partition_uniform(len(counts), pp)
     return partition_balanced(counts, pp)
-
-
-def layer_prefix(idx: int, n_layer: int) -> str:
-    """Plain-GPT name prefix of pipeline layer `idx` ('embed.', 'blocks.{i}.', 'head.')."""
-    if idx == 0:
-        return "embed."
-    if idx <= n_layer:
-        return f"blocks.{idx - 1}."
-    return "head."
 
 
 # ---------------------------------------------------------------------- layer specs
@@ -165,8 +154,10 @@ class GPTPipe(PipelineModule):
         return [spec.num_params for spec in self._layer_specs]
 
 
-def build_pipeline(cfg, layout, topo) -> GPTPipe:
-    """This rank's pipeline stage (call under the run's seed, on every rank)."""
+def build_pipeline(cfg, layout, topo, device=None, seed: int | None = None, source=None) -> GPTPipe:
+    """This rank's pipeline stage, allocated on `device` (default: torch's default device).
+    `seed`: the initial weights' (default: drawn from torch's default generator, as `GPT`);
+    `source`: full tensors by plain name instead (imported weights)."""
     m = cfg.model
     V, L, pp = layout.padded_vocab_size, m.n_layer, layout.pp
     if pp < 2:
@@ -176,42 +167,34 @@ def build_pipeline(cfg, layout, topo) -> GPTPipe:
     lo, hi = parts[topo.pp_rank], parts[topo.pp_rank + 1]
     group, sp, tied = topo.tp_group, cfg.parallel.sequence_parallel, m.tie_embeddings
     ckpt = m.activation_checkpointing
+    seed = spec.draw_seed() if seed is None else seed
+    device = torch.get_default_device() if device is None else torch.device(device)
 
     specs: list = []
-    table = None  # the full token table, for the tied head copy on the last stage
-    for i, layer in enumerate(plain_layers(m, V)):
-        local = lo <= i < hi
+    for i, layer in enumerate(GPT(m, V, device="meta").layers()):
         if i == 0:
-            if tied and topo.is_last_stage:
-                table = layer.wte
-            module = shard_embedding(layer, group, sp) if local else None
+            module = shard_embedding(layer, group, sp)
             kind = Embedding
         elif i <= L:
-            module = shard_block(layer, group, sp) if local else None
-            if module is not None and ckpt:
+            module = shard_block(layer, group, sp)
+            if ckpt:
                 module.activation_checkpointing = False  # the pipeline checkpoints whole blocks
             kind = Block
         else:
-            module = None
-            if local:
-                wte = None
-                if tied:
-                    if get_world_size(group) == 1:
-                        wte = table
-                    else:
-                        w = table.weight
-                        wte = VocabParallelEmbedding(w.shape[0], w.shape[1], group, init_method=None,
-                                                     dtype=w.dtype, device=w.device)
-                        wte.load_full_weight(w)
-                module = ParallelHead(layer, group, sp, wte=wte)
+            wte = None
+            if tied:  # the last stage's copy of the token table
+                if get_world_size(group) == 1:
+                    wte = nn.Embedding(V, m.d_model, device="meta")
+                else:
+                    wte = VocabParallelEmbedding(V, m.d_model, group, init_method=None, device="meta")
+            module = ParallelHead(layer, group, sp, wte=wte)
             kind = ParallelHead
-        del layer
         is_tied = tied and (i == 0 or i == L + 1)
-        if module is not None:
+        if lo <= i < hi:
+            materialize(module, m, group, device, seed, prefix=spec.layer_prefix(i, L), source=source)
             specs.append(_BuiltTied(module, counts[i]) if is_tied else _Built(module, counts[i]))
         else:
             specs.append(_RemoteTied(kind, counts[i]) if is_tied else _Remote(kind, counts[i]))
-    table = None
 
     pipe = GPTPipe(specs, topo, PipeLoss(group), cfg.parallel.pipeline_partition, ckpt)
     if list(pipe.parts) != list(parts):

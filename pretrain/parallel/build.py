@@ -1,0 +1,100 @@
+"""This rank's model for a layout, built without the full model: the one entry point.
+
+    build_model(cfg, layout, topo, device) -> plain GPT | ParallelGPT | pipeline stage
+
+Every variant is first built on the meta device; then only this rank's piece is allocated,
+directly on `device`, and filled from the parameter spec (`pretrain.parallel.spec`): each
+parameter's full initial value is drawn from its own generator seeded by (seed, name) and
+sliced. The seed is one draw of torch's default generator, so `torch.manual_seed(s)` before
+`build_model` gives the same weights in every layout.
+
+* tensor parallelism (`apply.ParallelGPT`): this rank's slices;
+* pipeline parallelism (`pipeline.build_pipeline`): this stage's layers only;
+* ZeRO-3 with data parallelism: the layers are allocated one at a time and handed to
+  `deepspeed.zero.Init(module=layer)`, which keeps this rank's partition of each parameter;
+  `deepspeed.initialize` then finds the model already partitioned. Host peak: one layer.
+
+Layering: spec <- model <- apply <- pipeline <- build (each imports only those to its left).
+"""
+from __future__ import annotations
+
+import resource
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from pretrain.model.gpt import GPT
+from pretrain.parallel import spec
+from pretrain.parallel.apply import ParallelGPT, materialize
+from pretrain.parallel.pipeline import build_pipeline
+
+__all__ = ["build_model", "memory_line", "optimizer_group_names"]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def build_model(cfg, layout, topo, device=None, source: Optional[spec.Source] = None) -> nn.Module:
+    """The model of this rank for `layout` on `device` (default: torch's default device).
+    Call under the run's seed: every variant draws the same full weights. `source`: full
+    tensors by plain name instead of the initial values (imported weights)."""
+    device = torch.get_default_device() if device is None else torch.device(device)
+    seed = spec.draw_seed()
+    if layout.pp > 1:
+        return build_pipeline(cfg, layout, topo, device, seed, source)
+    V = layout.padded_vocab_size
+    if layout.tp > 1:
+        model = ParallelGPT(cfg.model, V, topo.tp_group, cfg.parallel.sequence_parallel, device="meta")
+    else:
+        model = GPT(cfg.model, V, device="meta")
+    if layout.zero_stage == 3 and layout.dp > 1:
+        return _partitioned(model, cfg, layout, topo, device, seed, source)
+    return materialize(model, cfg.model, topo.tp_group, device, seed, source=source)  # tp_group: None at tp 1
+
+
+def _partitioned(model: nn.Module, cfg, layout, topo, device, seed: int, source) -> nn.Module:
+    """ZeRO-3: allocate, fill and partition one layer at a time (`deepspeed.zero.Init(module=...)`)."""
+    import deepspeed
+
+    from pretrain.config.deepspeed import deepspeed_config
+
+    ds_config = deepspeed_config(cfg, layout)
+    dtype = _DTYPES[cfg.train.precision]
+    for i, layer in enumerate(model.layers()):
+        if not any(True for _ in layer.parameters()):
+            continue  # a tied head owns no parameter
+        materialize(layer, cfg.model, topo.tp_group, device, seed, prefix=spec.layer_prefix(i, cfg.model.n_layer),
+                    source=source)
+        layer.to(dtype)  # the engine expects ZeRO-3 parameters in the training precision
+        deepspeed.zero.Init(module=layer, data_parallel_group=topo.dp_group, config_dict_or_path=ds_config,
+                            mpu=topo.mpu(), dtype=dtype)
+    return model
+
+
+def optimizer_group_names(model: nn.Module, cfg, topo) -> dict[str, list[list[str]]]:
+    """{'mp_rank_XX': the module names of each optimizer group of that model-parallel rank}
+    (`spec.group_names`, the groups `engine.build_engine` gives the optimizer), for every
+    model-parallel rank: what a checkpoint records so that readers match optimizer state
+    by name. Collective (every rank calls it)."""
+    import torch.distributed as dist
+
+    names = spec.group_names(model, cfg.optim, cfg.model.n_layer)
+    mine = (topo.pp_rank * topo.tp + topo.tp_rank, topo.dp_rank, names)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return {f"mp_rank_{mp:02d}": n for mp, dp, n in sorted(every, key=lambda e: e[:2]) if dp == 0}
+
+
+def memory_line(rank: int, device: torch.device) -> str:
+    """'rank R after model build: host RSS x GiB (peak y GiB), device ...' for this process."""
+    gib = 2**30
+    with open("/proc/self/statm") as f:
+        rss = int(f.read().split()[1]) * resource.getpagesize()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    line = f"rank {rank} after model build: host RSS {rss / gib:.2f} GiB (peak {peak / gib:.2f} GiB)"
+    if device.type == "cuda":
+        line += (f", {device} allocated {torch.cuda.memory_allocated(device) / gib:.2f} GiB "
+                 f"(peak {torch.cuda.max_memory_allocated(device) / gib:.2f} GiB)")
+    else:
+        line += ", no accelerator (parameters in host memory)"
+    return line
