@@ -208,6 +208,7 @@ class Trainer:
         if self.pipe:  # DeepSpeed reads (inputs, labels) on the first and last stages only
             pairs = ((b[:, :-1], b[:, 1:]) for b in batches)
         window_loss, window_steps, consecutive = 0.0, 0, 0
+        self.window_start, self.excluded = self.step, 0.0  # first step and eval/checkpoint seconds of the window
         t_window = time.perf_counter()
         while self.step < cfg.train.max_steps:
             lr = lr_at(self.step, cfg.optim, cfg.schedule, cfg.train.max_steps)
@@ -245,28 +246,41 @@ class Trainer:
                 window_steps += 1
             stop = self._agree(self.stop.requested)
             if self.step % cfg.logging.interval == 0 or self.step == cfg.train.max_steps:
-                self._log(window_loss, window_steps, time.perf_counter() - t_window, lr, grad_norm(engine, opt))
+                elapsed = time.perf_counter() - t_window - self.excluded
+                self._log(window_loss, window_steps, self.step - self.window_start, elapsed, lr,
+                          grad_norm(engine, opt))
                 window_loss, window_steps, t_window = 0.0, 0, time.perf_counter()
+                self.window_start, self.excluded = self.step, 0.0
             if consecutive >= cfg.train.max_consecutive_skips:
-                path = self._save()
+                path = self._timed("checkpoint", self._save)
                 self.monitor.print(f"error: {consecutive} consecutive non-finite steps; stopped. The last good "
                                    f"weights are in {path}. Lower optim.lr, raise warmup, or check the data.")
                 return EXIT_NONFINITE
             if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
-                self._validate()
+                self._timed("validation", self._validate)
             if stop:
-                path = self._save()
+                path = self._timed("checkpoint", self._save)
                 self.monitor.print(f"stop requested (SIGTERM/SIGUSR1): saved {path} at step {self.step}; exiting")
                 return 0
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
-                self._save()
+                self._timed("checkpoint", self._save)
             faults.kill_if("kill", self.step, self.rank)
             faults.after_step()
         if not cfg.train.eval_interval or self.step % cfg.train.eval_interval:
-            self._validate()
-        path = self._save()
+            self._timed("validation", self._validate)
+        path = self._timed("checkpoint", self._save)
         self.monitor.print(f"done: step {self.step}, checkpoint {path}")
         return 0
+
+    def _timed(self, what: str, fn):
+        """Run a validation or a save outside the throughput window; its seconds get their own scalar."""
+        t0 = time.perf_counter()
+        faults.pause(what)
+        out = fn()
+        seconds = time.perf_counter() - t0
+        self.excluded += seconds
+        self.monitor.log(self.step, {f"perf/{what}_seconds": seconds})
+        return out
 
     def _agree(self, flag: bool) -> bool:
         """True on every rank when any rank has `flag` (signals reach ranks at different times)."""
@@ -284,18 +298,21 @@ class Trainer:
         dist.all_reduce(t, group=self.topo.dp_group)
         return float(t.item()) / self.layout.dp
 
-    def _log(self, loss_total: float, n: int, elapsed: float, lr: float, gnorm: float) -> None:
+    def _log(self, loss_total: float, n: int, steps: int, elapsed: float, lr: float, gnorm: float) -> None:
+        """Log the window of `steps` steps that took `elapsed` training seconds (validation and
+        checkpoint time excluded): `n` of them stepped, their losses summing to `loss_total`."""
         from pretrain.monitor import memory_gib, peak_flops
 
-        lay, steps = self.layout, self.cfg.logging.interval
+        lay = self.layout
         loss = self._mean_over_dp(loss_total / n if n else float("nan"))
-        tokens_per_sec = steps * lay.global_batch_size * self.cfg.model.seq_len / max(elapsed, 1e-9)
+        elapsed = max(elapsed, 1e-9)
+        tokens_per_sec = steps * lay.global_batch_size * self.cfg.model.seq_len / elapsed
         flops_dev = tokens_per_sec * self.flops_per_token / lay.world_size
         peak = peak_flops(self.device, self.cfg.train.precision, self.cfg.logging.peak_flops)
         scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": gnorm,
                    "perf/tokens_per_sec": tokens_per_sec, "perf/tflops_per_device": flops_dev / 1e12,
                    "perf/mfu": flops_dev / peak if peak else None,
-                   "perf/step_time_ms": 1e3 * elapsed / steps,
+                   "perf/step_time_ms": 1e3 * elapsed / steps, "perf/window_steps": steps,
                    "train/skipped_steps": self.skipped_total,
                    "train/consumed_tokens": self.consumed * self.cfg.model.seq_len,
                    **memory_gib(self.device)}
