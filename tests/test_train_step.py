@@ -5,9 +5,11 @@ logging window, with validation and checkpoint time left out and logged as their
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from train_util import check, metrics, run_train
+from train_util import check, losses, metrics, run_train
 
 STEP_SLEEP = 0.25  # faults sleep=: every step takes at least this long
 
@@ -46,3 +48,162 @@ def test_first_window_after_a_resume_off_the_interval(tmp_path):
     assert [(m["step"], m["perf/window_steps"]) for m in rows] == [(6, 2), (7, 1)]
     assert rows[0]["perf/step_time_ms"] >= 1e3 * STEP_SLEEP / 2  # 2 steps, 1 sleep (see above)
     assert rows[1]["perf/step_time_ms"] >= 1e3 * STEP_SLEEP
+
+
+# ---------------------------------------------------------------- one verdict per step
+def _tensors(obj, prefix=""):
+    """Every tensor in a (nested) checkpoint object, by path."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}/{i}")
+
+
+def _checkpoint_tensors(tag_dir):
+    import torch
+
+    out = {}
+    for f in sorted(tag_dir.glob("*.pt")):
+        for path, t in _tensors(torch.load(f, map_location="cpu", weights_only=False)):
+            out[f"{f.name}{path}"] = t
+    return out
+
+
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_poisoned_gradient_skips_the_whole_step_once(tmp_path, zero):
+    """An inf in one parameter's gradient on rank 1 (finite loss), bf16, DP=2: DeepSpeed calls the
+    optimizer once per group (ZeRO 1/2) or sub-group (ZeRO 3); no group may step. The checkpoint
+    after the poisoned step 2 holds the same weights, fp32 masters and Adam moments as step 1's."""
+    from test_parallel_train import launch
+
+    out = tmp_path / "run"
+    log = check(launch(out, ["train.precision=bf16", f"parallel.zero_stage={zero}", "model.dropout=0.0",
+                             "train.max_steps=3", "checkpoint.interval=1", "checkpoint.keep_last=3"],
+                       nproc=2, faults="grad_inf@1:1"))
+    assert log.count("non-finite loss or gradient, step skipped") == 1 and "step 2: non-finite" in log
+    assert [m["train/skipped_steps"] for m in metrics(out) if "train/skipped_steps" in m] == [0, 1, 1]
+    ckpts = out / "checkpoints"
+    before, after = _checkpoint_tensors(ckpts / "step_00000001"), _checkpoint_tensors(ckpts / "step_00000002")
+    assert before.keys() == after.keys() and len(before) > 4
+    changed = [k for k in before if not torch_equal(before[k], after[k])]
+    assert not changed, changed
+    # and the step after it trains again
+    last = _checkpoint_tensors(ckpts / "step_00000003")
+    assert any(not torch_equal(after[k], last[k]) for k in after)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+
+
+# ---------------------------------------------------------------- no host reads between logs
+SYNC_RUNS = {
+    # name: (processes, overrides, DeepSpeed frames allowed to read a value per non-logging step)
+    "zero0": (1, ["parallel.zero_stage=0"], {}),
+    "zero1-bf16": (1, ["parallel.zero_stage=1", "train.precision=bf16"], {}),
+    "zero2-bf16": (1, ["parallel.zero_stage=2", "train.precision=bf16"], {}),
+    # DeepSpeed itself: ZeRO 1/2 check the norm on the host unless the dtype is bf16 (step(),
+    # `is_invalid_grad_norm`); ZeRO-3 always does (stage3.py step()). Exactly that, once a step.
+    "zero1-fp32": (1, ["parallel.zero_stage=1"], {"deepspeed/runtime/zero/stage_1_and_2.py": 1}),
+    "zero3": (1, ["parallel.zero_stage=3"], {"deepspeed/runtime/zero/stage3.py": 1}),
+    "tp2": (2, ["parallel.tensor=2", "parallel.zero_stage=0"], {}),
+    "pp2": (2, ["parallel.pipeline=2", "parallel.zero_stage=0"], {}),
+}
+
+
+def _probe(out, nproc, overrides):
+    """Run tests/sync_probe.py (the trainer, counting Tensor.item/__bool__/... per step) on nproc ranks."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from dist_util import free_port
+    from train_util import TINY
+
+    probe = Path(__file__).with_name("sync_probe.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
+    env.pop("PRETRAIN_FAULTS", None)
+    cmd = [sys.executable, str(probe), str(out / "reads"), *TINY, f"train.out_dir={out}", "model.vocab_size=512",
+           "model.dropout=0.0", "logging.interval=4", "train.max_steps=6", "checkpoint.interval=0",
+           "train.eval_interval=0", "logging.tensorboard=false", *overrides]
+    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(nproc)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, text in zip(procs, logs):
+        assert p.returncode == 0, text[-3000:]
+    return [json.loads((out / f"reads.rank{r}.json").read_text()) for r in range(nproc)]
+
+
+@pytest.mark.parametrize("name", list(SYNC_RUNS))
+def test_no_device_to_host_reads_between_logging_steps(tmp_path, name):
+    nproc, overrides, allowed = SYNC_RUNS[name]
+    for rank, reads in enumerate(_probe(tmp_path, nproc, overrides)):
+        # steps 2, 3, 5: 4 and 6 log; step 1 is set-up (ZeRO-3 traces the module and builds its
+        # optimizer in the first forward, broadcasting lists and formatting its arguments)
+        quiet = [r for r in reads if r[0] in (1, 2, 4)]
+        logged = [r for r in reads if r[0] == 3]
+        assert logged, "the probe saw no reads at the logging step 4"  # the counter works
+        by_place = {}
+        for _, method, caller, callers_caller in quiet:
+            place = next((p for p in allowed if p in callers_caller), f"{method} {caller} <- {callers_caller}")
+            by_place[place] = by_place.get(place, 0) + 1
+        assert by_place == {p: 3 * n for p, n in allowed.items()}, (rank, by_place)
+
+
+# ---------------------------------------------------------------- skip accounting
+def test_loss_scale_events_do_not_count_as_skips():
+    import torch
+
+    from pretrain.steplog import LOSS_SCALE, OK, SKIP, SkipCount, StepLedger
+
+    ledger = StepLedger()
+    one, zero = torch.ones(()), torch.zeros(())
+    # fp16 warm-up: DeepSpeed's loss scaler skips 6 steps without calling our optimizer
+    for step in range(1, 7):
+        ledger.add(step, torch.tensor(10.0), None, fp16=True)
+    ledger.add(7, torch.tensor(5.0), one, fp16=True)  # our guard's verdict
+    ledger.add(8, torch.tensor(4.0), None, fp16=True)  # an overflow between two guard skips
+    ledger.add(9, torch.tensor(3.0), one, fp16=True)
+    ledger.add(10, torch.tensor(2.0), zero, fp16=True)
+    ledger.add(11, torch.tensor(1.0), None, fp16=False)  # bf16/fp32: DeepSpeed's own norm check = a skip
+    got = ledger.settle()
+    assert [o for _, _, o in got] == [LOSS_SCALE] * 6 + [SKIP, LOSS_SCALE, SKIP, OK, SKIP]
+    assert got[9] == (10, 2.0, OK) and ledger.settle() == []
+    count = SkipCount(total=5)
+    for _, _, outcome in got:
+        count.record(outcome)
+    assert count.loss_scale_events == 7 and count.total == 5 + 3
+    assert count.worst_run == 2 and count.in_a_row == 1  # the overflow neither counted nor broke the run
+    count.reset_worst()
+    assert count.worst_run == 1
+
+
+# ---------------------------------------------------------------- train.compile
+def test_compiled_blocks_train_like_eager(tmp_path):
+    """train.compile=true (torch.compile of every block, inductor on CPU): fp32 losses equal eager's
+    within 1e-5 over 10 steps."""
+    common = ["train.max_steps=10", "checkpoint.interval=0", "model.dropout=0.0", "parallel.zero_stage=0",
+              "train.eval_interval=0"]
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    check(run_train(eager, common))
+    check(run_train(compiled, common + ["train.compile=true"], timeout=900))
+    a, b = losses(eager), losses(compiled)
+    assert sorted(a) == list(range(1, 11)) and a.keys() == b.keys()
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-5), step
+
+
+def test_compile_with_zero3_is_refused(tmp_path):
+    proc = run_train(tmp_path / "run", ["train.compile=true", "parallel.zero_stage=3"])
+    log = check(proc, rc=2)
+    assert "train.compile does not work with parallel.zero_stage 3" in log and "Traceback" not in log
