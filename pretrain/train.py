@@ -213,6 +213,7 @@ class Trainer:
         self.ledger, self.skips = StepLedger(), SkipCount(self.skipped_total)
         self.window_loss, self.window_good = 0.0, 0
         self.window_start, self.excluded = self.step, 0.0  # first step and eval/checkpoint seconds of the window
+        self._first_step = self.step
         t_window = time.perf_counter()
         fp16 = cfg.train.precision == "fp16"
         while self.step < cfg.train.max_steps:
@@ -240,6 +241,8 @@ class Trainer:
                 engine.step()
             self.step += 1
             self.consumed += lay.global_batch_size
+            if cfg.train.compile and self.step == self._first_step + 1:
+                self._report_compile()
             # opt.calls == 0: DeepSpeed skipped the step itself (fp16 loss scaler, or its norm check)
             self.ledger.add(self.step, loss_sum / lay.grad_accum, opt.verdict if opt.calls else None, fp16)
             log_now = self.step % cfg.logging.interval == 0 or self.step == cfg.train.max_steps
@@ -276,6 +279,12 @@ class Trainer:
         path = self._timed("checkpoint", self._save)
         self.monitor.print(f"done: step {self.step}, checkpoint {path}")
         return 0
+
+    def _report_compile(self) -> None:
+        from torch._dynamo.utils import counters
+
+        self.monitor.print(f"train.compile: {counters['stats']['unique_graphs']} graph(s) compiled by "
+                           f"torch.compile in the first step ({counters['stats']['calls_captured']} calls captured)")
 
     def _settle(self) -> bool:
         """Read the steps since the last boundary (one device-to-host copy): count skips, warn, add
