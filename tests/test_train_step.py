@@ -111,9 +111,8 @@ SYNC_RUNS = {
     "zero0": (1, ["parallel.zero_stage=0"], {}),
     "zero1-bf16": (1, ["parallel.zero_stage=1", "train.precision=bf16"], {}),
     "zero2-bf16": (1, ["parallel.zero_stage=2", "train.precision=bf16"], {}),
-    # DeepSpeed itself: ZeRO 1/2 check the norm on the host unless the dtype is bf16 (step(),
-    # `is_invalid_grad_norm`); ZeRO-3 always does (stage3.py step()). Exactly that, once a step.
-    "zero1-fp32": (1, ["parallel.zero_stage=1"], {"deepspeed/runtime/zero/stage_1_and_2.py": 1}),
+    # DeepSpeed itself: ZeRO-3 checks the norm on the host (stage3.py step(), `is_invalid_grad_norm`;
+    # so do ZeRO 1/2 for dtypes other than bf16, docs/PERFORMANCE.md). Exactly that, once a step.
     "zero3": (1, ["parallel.zero_stage=3"], {"deepspeed/runtime/zero/stage3.py": 1}),
     "tp2": (2, ["parallel.tensor=2", "parallel.zero_stage=0"], {}),
     "pp2": (2, ["parallel.pipeline=2", "parallel.zero_stage=0"], {}),
