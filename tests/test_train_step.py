@@ -1,7 +1,10 @@
-"""The training step: throughput windows, one skip verdict per step, host syncs, fp16 events.
+"""The training step: throughput windows, one skip verdict per step, no host reads between
+logging steps, fp16 loss-scale events, train.compile.
 
 Throughput figures (tokens/s, TFLOP/s, MFU, ms/step, ETA) come from the steps actually in each
 logging window, with validation and checkpoint time left out and logged as their own scalars.
+A poisoned gradient (finite loss) skips the whole optimizer step under ZeRO 1-3, once. Host
+reads are counted by tests/sync_probe.py; where DeepSpeed itself reads, the test names the place.
 """
 from __future__ import annotations
 
