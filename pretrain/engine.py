@@ -22,40 +22,75 @@ from pretrain.config.validate import Layout
 
 
 class GuardedAdamW(torch.optim.AdamW):
-    """AdamW that refuses a step when any rank saw a non-finite loss or gradient.
+    """AdamW that skips a whole optimizer step when any rank saw a non-finite loss or gradient,
+    deciding on the device (no device-to-host copy).
 
-    `step()` runs on every rank once per optimizer step (DeepSpeed calls it on the
-    parameters, or on each rank's ZeRO partition of them), so it can agree on the
-    verdict with one small all-reduce. A skipped step leaves weights and moments as
-    they were. With `clip` > 0 it also clips and reports the global grad norm itself;
-    the engine uses that only for ZeRO-0 fp32, where DeepSpeed reports no norm.
+    The trainer calls `begin_step(bad_loss)` before each optimizer step. DeepSpeed then calls
+    `step()` once (ZeRO-0) or once per parameter group / sub-group with `param_groups` narrowed
+    to it (ZeRO 1-3). The first call takes the one verdict of the step, for every group and
+    rank: a 0-d float tensor (1 = skip) handed to torch's fused AdamW as `found_inf`, so the
+    kernel leaves weights, moments and step counts as they were; later calls reuse it.
+
+    The verdict reads the global gradient norm: under ZeRO 1-3 DeepSpeed's own
+    (`norm_source`, computed over every group and rank before its first call); otherwise this
+    call's gradients (all groups are in it), with one all-reduce of [loss flag, squared norm].
+    With `clip` > 0 it also clips (on the device) and reports that norm; the engine uses that
+    for ZeRO-0 fp32, where DeepSpeed reports no norm.
 
     Model parallelism (DeepSpeed's rule): with replicated gradients (ZeRO-0) a parameter's
     squared gradient norm counts on every TP rank if it is TP-sharded (`tensor_model_parallel`)
     and only on TP rank 0 otherwise, and a pipeline-tied copy (`ds_pipe_replicated`) not at
     all; the sum over the world is then divided by the data-parallel size (every replica
-    holds the same reduced gradients). With ZeRO 1-3 the optimizer sees flat partitions and
-    the plain sum is reported (the engine prefers DeepSpeed's own norm there).
+    holds the same reduced gradients). With flat partitions the plain sum is reported.
     """
 
     def __init__(self, params, *, clip: float = 0.0, partitioned: bool = False, tp_rank: int = 0,
                  dp_size: int = 1, model_parallel: bool = False, **kwargs):
         super().__init__(params, **kwargs)
         self.clip = clip
-        self.partitioned = partitioned  # grads are disjoint shards across ranks (ZeRO 1-3)
+        self.partitioned = partitioned  # grads are disjoint shards across ranks
         self.tp_rank, self.dp_size = tp_rank, dp_size
         self.model_parallel = model_parallel  # tensor or pipeline parallel: the norm spans ranks
-        self.bad_loss = False  # set by the trainer before DeepSpeed's step
-        self.bad_loss_fn = None  # or a callable checked at step time (pipeline: the last stage's loss)
+        self.norm_source = None  # ZeRO 1-3: callable -> DeepSpeed's global grad norm (set by build_engine)
+        self.bad_loss_fn = None  # pipeline: callable -> this rank's loss flag at step time (last stage)
         # Which parameters this rank counts in the norm, by position: DeepSpeed's unfused
         # bf16/fp16 wrapper later swaps in fp32 copies (same order) that lack the attributes.
         self._count_mask = [[self._counts(p) for p in g["params"]] for g in self.param_groups]
-        self.stepped = False  # set here; False after a step DeepSpeed itself skipped
-        self.skipped = False
-        self.grad_norm: float | None = None
+        self.begin_step()
+
+    def begin_step(self, bad_loss: torch.Tensor | None = None) -> None:
+        """Before each optimizer step: `bad_loss`, this rank's non-finite-loss flag (a bool tensor)."""
+        self.bad_loss = bad_loss
+        self.calls = 0  # step() calls in this optimizer step; 0 after it = DeepSpeed skipped it itself
+        self.verdict: torch.Tensor | None = None  # 0-d float, 1 = skipped
+        self.norm: torch.Tensor | None = None  # pre-clip global grad norm, NaN when skipped
+
+    @property
+    def skipped(self) -> bool:
+        """Host view of the last verdict (a device-to-host copy: read it at logging time)."""
+        return self.calls == 0 or bool(self.verdict)
+
+    @property
+    def grad_norm(self) -> float:
+        return float("nan") if self.calls == 0 else float(self.norm)
 
     @torch.no_grad()
     def step(self, closure=None):
+        grads, keep = self._grads()
+        if self.calls == 0:
+            self._decide(grads, keep)
+        self.calls += 1
+        if self.clip > 0 and grads:
+            # norm NaN/inf: the coefficient is too, but the fused kernel skips the step anyway
+            torch._foreach_mul_(grads, (self.clip / (self.norm + 1e-6)).clamp(max=1.0).to(grads[0].dtype))
+        if self.defaults.get("fused"):
+            self.found_inf = self.verdict
+            return super().step(closure)
+        if bool(self.verdict):  # unfused (neither CPU nor CUDA): a host read, the only way to skip
+            return None
+        return super().step(closure)
+
+    def _grads(self):
         grads, keep = [], []
         for gi, g in enumerate(self.param_groups):
             mask = self._count_mask[gi] if gi < len(self._count_mask) else []
@@ -64,34 +99,41 @@ class GuardedAdamW(torch.optim.AdamW):
                 if p.grad is not None:
                     grads.append(p.grad)
                     keep.append(counts)
-        sq = sq_counted = torch.zeros((), dtype=torch.float64)
-        if grads:
-            # one device-to-host copy for all norms (not one sync per parameter)
-            norms = torch.stack([n.double() for n in torch._foreach_norm(grads, 2.0)]).cpu().pow(2)
-            sq = sq_counted = norms.sum()
-            if not self.partitioned and not all(keep):
-                sq_counted = norms[torch.tensor(keep, dtype=torch.bool)].sum()
-        # [non-finite flag, sum of counted squares]: SUM over the world is right for both
-        # (replicated ZeRO-0 gradients: divided by the data-parallel size below).
-        flag = float(self.bad_loss or (self.bad_loss_fn is not None and self.bad_loss_fn())
-                     or not torch.isfinite(sq))
-        stats = torch.tensor([flag, float(sq_counted)], dtype=torch.float64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            stats = stats.to(_comm_device())
-            dist.all_reduce(stats)
-            stats = stats.cpu()
-        if self.partitioned:
-            total_sq = float(stats[1])
-        else:  # replicated: the local sum is the whole norm unless the model spans ranks
-            total_sq = float(stats[1]) / self.dp_size if self.model_parallel else float(sq)
-        self.stepped = True
-        self.skipped = bool(stats[0] > 0) or not torch.isfinite(torch.tensor(total_sq))
-        self.grad_norm = total_sq ** 0.5 if not self.skipped else float("nan")
-        if self.skipped:
-            return None
-        if self.clip > 0 and self.grad_norm > self.clip:
-            torch._foreach_mul_(grads, self.clip / (self.grad_norm + 1e-6))
-        return super().step(closure)
+        return grads, keep
+
+    def _decide(self, grads, keep) -> None:
+        dev = _comm_device() if dist.is_initialized() else (grads[0].device if grads else torch.device("cpu"))
+        flag = self.bad_loss if self.bad_loss is not None else torch.zeros((), dtype=torch.bool, device=dev)
+        if self.bad_loss_fn is not None:
+            flag = flag | self.bad_loss_fn().to(dev)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        source = self.norm_source() if self.norm_source is not None else None
+        if source is not None:  # ZeRO 1-3: DeepSpeed's norm already spans groups and ranks
+            norm = torch.as_tensor(source, dtype=torch.float64, device=dev)
+            flag = flag.to(device=dev, dtype=torch.float64).reshape(1)
+            if world > 1:
+                dist.all_reduce(flag)
+            bad = (flag[0] > 0) | ~torch.isfinite(norm)
+        else:
+            sq = sq_counted = torch.zeros((), dtype=torch.float64, device=dev)
+            if grads:
+                norms = torch.stack(torch._foreach_norm(grads, 2.0)).to(device=dev, dtype=torch.float64).pow(2)
+                sq = sq_counted = norms.sum()
+                if not self.partitioned and not all(keep):
+                    sq_counted = (norms * torch.tensor(keep, dtype=torch.float64, device=dev)).sum()
+            # [non-finite flag, sum of counted squares]: SUM over the world is right for both
+            # (replicated ZeRO-0 gradients: divided by the data-parallel size below).
+            stats = torch.stack([flag.to(device=dev, dtype=torch.float64).reshape(()), sq_counted])
+            if world > 1:
+                dist.all_reduce(stats)
+            if self.partitioned:
+                total_sq = stats[1]
+            else:  # replicated: the local sum is the whole norm unless the model spans ranks
+                total_sq = stats[1] / self.dp_size if self.model_parallel else sq
+            norm = total_sq.sqrt()
+            bad = (stats[0] > 0) | ~torch.isfinite(norm)
+        self.verdict = bad.float()
+        self.norm = torch.where(bad, torch.full_like(norm, float("nan")), norm)
 
     def _counts(self, p) -> bool:
         """Whether this rank counts p's gradient in the global norm (replicated gradients)."""
@@ -165,10 +207,18 @@ def build_engine(cfg: Config, layout: Layout, model: torch.nn.Module, topo=None)
     # ZeRO-0 bf16/fp16 (not pipelined) runs DeepSpeed's unfused optimizer, whose norm flattens the
     # gradients first and so cannot tell TP-sharded from replicated ones: with TP we clip instead.
     unfused = cfg.train.precision != "fp32" and layout.pp == 1
-    own_clip = layout.zero_stage == 0 and (cfg.train.precision == "fp32" or (unfused and layout.tp > 1))
+    # DeepSpeed clips fp32 ZeRO-0 without reporting the norm, and ZeRO 1/2 clip each group after
+    # reading the norm on the host (`is_invalid_grad_norm`): we clip on the device instead.
+    own_clip = layout.zero_stage in (1, 2) or (
+        layout.zero_stage == 0 and (cfg.train.precision == "fp32" or (unfused and layout.tp > 1)))
     if own_clip:
-        # DeepSpeed clips fp32 ZeRO-0 without reporting the norm; we clip and report instead.
         ds_config["gradient_clipping"] = 0.0
+    if layout.zero_stage in (1, 2) and cfg.train.precision == "bf16":
+        # ZeRO 1/2 bf16: DeepSpeed's overflow check copies a flag to the host every step; our
+        # guard takes the same verdict (non-finite norm) on the device.
+        ds_config["bf16"]["check_grad_overflow"] = False
+    if cfg.train.compile:
+        compile_blocks(model)
     groups = spec.optimizer_groups(model, cfg.optim, cfg.model.n_layer)  # by each parameter's name
     # torch's fused AdamW (one kernel over all tensors, on CUDA and CPU) instead of the default
     # per-tensor loop on CPU / foreach on CUDA: on the 2-core CPU it steps 30M fp32 parameters in
@@ -190,16 +240,27 @@ def build_engine(cfg: Config, layout: Layout, model: torch.nn.Module, topo=None)
         engine.enable_backward_allreduce = False
     if pipe:
         # The NaN guard also needs the loss, which only the last stage has, at step time.
-        optimizer.bad_loss_fn = lambda: bool(engine.is_last_stage() and engine.total_loss is not None
-                                             and not torch.isfinite(engine.total_loss).all())
+        def last_stage_loss_bad() -> torch.Tensor:
+            if engine.is_last_stage() and engine.total_loss is not None:
+                return ~torch.isfinite(engine.total_loss.detach()).all()
+            return torch.zeros((), dtype=torch.bool)
+
+        optimizer.bad_loss_fn = last_stage_loss_bad
+    if layout.zero_stage > 0 or (engine.optimizer is not optimizer and not own_clip):
+        # DeepSpeed's wrapper (ZeRO 1-3, bf16/fp16) computes the global norm over every group
+        # and rank before it calls step() (per group / sub-group under ZeRO 1-3): use it.
+        optimizer.norm_source = lambda: getattr(engine.optimizer, "_global_grad_norm", None)
     return engine, optimizer
 
 
-def grad_norm(engine, optimizer: GuardedAdamW) -> float:
-    """The pre-clip global gradient norm of the last step (NaN when it was skipped)."""
-    if optimizer.clip > 0 or not optimizer.stepped:
-        return optimizer.grad_norm if optimizer.stepped else float("nan")
-    norm = engine.get_global_grad_norm()
-    if norm is None:
-        return optimizer.grad_norm if optimizer.grad_norm is not None else float("nan")
-    return float(norm)
+def compile_blocks(model: torch.nn.Module) -> int:
+    """train.compile: torch.compile every transformer block in place (`nn.Module.compile`), in
+    the plain, tensor-parallel and pipeline models alike; parameter names, checkpoints and the
+    hooks DeepSpeed puts on modules stay as they are. The embedding, the head and its fused
+    loss stay eager. Returns the number of blocks. (ZeRO-3 is refused by the config check.)"""
+    from pretrain.model.layers import Block
+
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    for block in blocks:
+        block.compile()
+    return len(blocks)

@@ -229,24 +229,32 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _loop(self) -> int:
-        cfg, lay, engine, opt = self.cfg, self.layout, self.engine, self.opt
-        from pretrain.engine import grad_norm
+        """The steps. Between boundaries (logging, checkpoint, validation) a step copies nothing
+        from the device: losses and skip verdicts stay there (`pretrain.steplog`) and are read,
+        with the stop-request agreement, at the boundaries."""
+        from pretrain.steplog import StepLedger, SkipCount
 
+        cfg, lay, engine, opt = self.cfg, self.layout, self.engine, self.opt
         batches = self.data.train_batches(self.consumed)
         if self.pipe:  # DeepSpeed reads (inputs, labels) on the first and last stages only
             pairs = ((b[:, :-1], b[:, 1:]) for b in batches)
-        window_loss, window_steps, consecutive = 0.0, 0, 0
+        self.ledger, self.skips = StepLedger(), SkipCount(self.skipped_total)
+        self.window_loss, self.window_good = 0.0, 0
+        self.window_start, self.excluded = self.step, 0.0  # first step and eval/checkpoint seconds of the window
+        self._first_step = self.step
         t_window = time.perf_counter()
+        fp16 = cfg.train.precision == "fp16"
         while self.step < cfg.train.max_steps:
             lr = lr_at(self.step, cfg.optim, cfg.schedule, cfg.train.max_steps)
             for group in opt.param_groups:
                 group["lr"] = lr
             engine.train()
+            faults.poison_grad(engine.module, self.step, self.rank)
             bad = torch.zeros((), dtype=torch.bool, device=self.device)
             loss_sum = torch.zeros((), device=self.device)
             if self.pipe:  # 1F1B over grad_accum micro-batches; the loss comes from the last stage
                 engine.module.loss_fn.poison = faults.active("nan", self.step, self.rank)
-                opt.bad_loss, opt.stepped = False, False
+                opt.begin_step()  # the loss flag is read at step time (GuardedAdamW.bad_loss_fn)
                 loss_sum += engine.train_batch(data_iter=pairs).detach().float() * lay.grad_accum
             for micro in range(0 if self.pipe else lay.grad_accum):
                 batch = next(batches).to(self.device, non_blocking=True)
@@ -257,44 +265,82 @@ class Trainer:
                 loss_sum += loss.detach().float()
                 engine.backward(loss)
                 if micro == lay.grad_accum - 1:  # the boundary: DeepSpeed calls opt.step() now
-                    opt.bad_loss, opt.stepped = bool(bad), False
+                    opt.begin_step(bad)
                 engine.step()
-            skipped = not opt.stepped or opt.skipped
             self.step += 1
             self.consumed += lay.global_batch_size
-            if skipped:
-                consecutive += 1
-                self.skipped_total += 1
-                self.monitor.print(f"warning: step {self.step}: non-finite loss or gradient, step skipped "
-                                   f"({consecutive} in a row)")
-            else:
-                consecutive = 0
-                window_loss += float(loss_sum) / lay.grad_accum
-                window_steps += 1
-            stop = self._agree(self.stop.requested)
-            if self.step % cfg.logging.interval == 0 or self.step == cfg.train.max_steps:
-                self._log(window_loss, window_steps, time.perf_counter() - t_window, lr, grad_norm(engine, opt))
-                window_loss, window_steps, t_window = 0.0, 0, time.perf_counter()
-            if consecutive >= cfg.train.max_consecutive_skips:
-                path = self._save()
-                self.monitor.print(f"error: {consecutive} consecutive non-finite steps; stopped. The last good "
-                                   f"weights are in {path}. Lower optim.lr, raise warmup, or check the data.")
+            if cfg.train.compile and self.step == self._first_step + 1:
+                self._report_compile()
+            # opt.calls == 0: DeepSpeed skipped the step itself (fp16 loss scaler, or its norm check)
+            self.ledger.add(self.step, loss_sum / lay.grad_accum, opt.verdict if opt.calls else None, fp16)
+            log_now = self.step % cfg.logging.interval == 0 or self.step == cfg.train.max_steps
+            save_now = bool(cfg.checkpoint.interval) and self.step % cfg.checkpoint.interval == 0
+            eval_now = bool(cfg.train.eval_interval) and self.step % cfg.train.eval_interval == 0
+            stop = too_many = False
+            if log_now or save_now or eval_now:
+                too_many = self._settle()
+            if log_now or save_now:  # signals reach ranks at different times: agree at boundaries
+                stop = self._agree(self.stop.requested)
+            if log_now:
+                elapsed = time.perf_counter() - t_window - self.excluded
+                self._log(self.window_loss, self.window_good, self.step - self.window_start, elapsed, lr,
+                          opt.grad_norm)
+                self.window_loss, self.window_good, t_window = 0.0, 0, time.perf_counter()
+                self.window_start, self.excluded = self.step, 0.0
+            if too_many:
+                path = self._timed("checkpoint", self._save)
+                self.monitor.print(f"error: {self.skips.worst_run} consecutive non-finite steps; stopped. The last "
+                                   f"good weights are in {path}. Lower optim.lr, raise warmup, or check the data.")
                 return EXIT_NONFINITE
-            if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
-                self._validate()
+            if eval_now:
+                self._timed("validation", self._validate)
             if stop:
-                path = self._save()
+                path = self._timed("checkpoint", self._save)
                 self.monitor.print(f"stop requested (SIGTERM/SIGUSR1): saved {path} at step {self.step}; exiting")
                 return 0
-            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
-                self._save()
+            if save_now:
+                self._timed("checkpoint", self._save)
             faults.kill_if("kill", self.step, self.rank)
             faults.after_step()
         if not cfg.train.eval_interval or self.step % cfg.train.eval_interval:
-            self._validate()
-        path = self._save()
+            self._timed("validation", self._validate)
+        path = self._timed("checkpoint", self._save)
         self.monitor.print(f"done: step {self.step}, checkpoint {path}")
         return 0
+
+    def _report_compile(self) -> None:
+        from torch._dynamo.utils import counters
+
+        self.monitor.print(f"train.compile: {counters['stats']['unique_graphs']} graph(s) compiled by "
+                           f"torch.compile in the first step ({counters['stats']['calls_captured']} calls captured)")
+
+    def _settle(self) -> bool:
+        """Read the steps since the last boundary (one device-to-host copy): count skips, warn, add
+        the stepped losses to the window. True when `train.max_consecutive_skips` was reached."""
+        from pretrain.steplog import OK, SKIP
+
+        for step, loss, outcome in self.ledger.settle():
+            self.skips.record(outcome)
+            if outcome == SKIP:
+                self.monitor.print(f"warning: step {step}: non-finite loss or gradient, step skipped "
+                                   f"({self.skips.in_a_row} in a row)")
+            elif outcome == OK:
+                self.window_loss += loss
+                self.window_good += 1
+        self.skipped_total = self.skips.total
+        too_many = self.skips.worst_run >= self.cfg.train.max_consecutive_skips
+        self.skips.reset_worst()
+        return too_many
+
+    def _timed(self, what: str, fn):
+        """Run a validation or a save outside the throughput window; its seconds get their own scalar."""
+        t0 = time.perf_counter()
+        faults.pause(what)
+        out = fn()
+        seconds = time.perf_counter() - t0
+        self.excluded += seconds
+        self.monitor.log(self.step, {f"perf/{what}_seconds": seconds})
+        return out
 
     def _agree(self, flag: bool) -> bool:
         """True on every rank when any rank has `flag` (signals reach ranks at different times)."""
@@ -312,23 +358,27 @@ class Trainer:
         dist.all_reduce(t, group=self.topo.dp_group)
         return float(t.item()) / self.layout.dp
 
-    def _log(self, loss_total: float, n: int, elapsed: float, lr: float, gnorm: float) -> None:
+    def _log(self, loss_total: float, n: int, steps: int, elapsed: float, lr: float, gnorm: float) -> None:
+        """Log the window of `steps` steps that took `elapsed` training seconds (validation and
+        checkpoint time excluded): `n` of them stepped, their losses summing to `loss_total`."""
         from pretrain.monitor import memory_gib, peak_flops
 
-        lay, steps = self.layout, self.cfg.logging.interval
+        lay = self.layout
         loss = self._mean_over_dp(loss_total / n if n else float("nan"))
-        tokens_per_sec = steps * lay.global_batch_size * self.cfg.model.seq_len / max(elapsed, 1e-9)
+        elapsed = max(elapsed, 1e-9)
+        tokens_per_sec = steps * lay.global_batch_size * self.cfg.model.seq_len / elapsed
         flops_dev = tokens_per_sec * self.flops_per_token / lay.world_size
         peak = peak_flops(self.device, self.cfg.train.precision, self.cfg.logging.peak_flops)
         scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": gnorm,
                    "perf/tokens_per_sec": tokens_per_sec, "perf/tflops_per_device": flops_dev / 1e12,
                    "perf/mfu": flops_dev / peak if peak else None,
-                   "perf/step_time_ms": 1e3 * elapsed / steps,
+                   "perf/step_time_ms": 1e3 * elapsed / steps, "perf/window_steps": steps,
                    "train/skipped_steps": self.skipped_total,
                    "train/consumed_tokens": self.consumed * self.cfg.model.seq_len,
                    **memory_gib(self.device)}
-        if self.cfg.train.precision == "fp16":
+        if self.cfg.train.precision == "fp16":  # DeepSpeed's overflow skips: loss-scale events, not our skips
             scalars["train/loss_scale"] = float(self.engine.optimizer.cur_scale)
+            scalars["train/loss_scale_events"] = self.skips.loss_scale_events
         self.monitor.log(self.step, scalars)
         self.monitor.train_line(self.step, scalars)
 

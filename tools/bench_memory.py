@@ -31,6 +31,8 @@ run (the issue's target: within 15%).
     python tools/bench_memory.py --smoke            # seconds (CI): a tiny model, every run
     python tools/bench_memory.py                    # REFERENCE.md CPU shape 6x384, V 50304, T 256, B 8
     python tools/bench_memory.py --config configs/gpt2-124m.yaml --runs z0 z3 tp2
+    python tools/bench_memory.py --device cuda --world 1 --runs z1 --precision bf16   # GPU: adds
+        torch.cuda.max_memory_allocated per rank and run (tools/gpu_suite.sh)
 """
 from __future__ import annotations
 
@@ -193,14 +195,18 @@ def worker(spec_file: str) -> int:
         resettable = reset_peak_rss()
         rss0 = status_bytes("VmRSS")
         t0 = time.perf_counter()
+        cuda = cfg.train.device == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         tr = MemTrainer(cfg, layout)
         tr.earlier = earlier
         rc = tr.run()
+        gpu_peak = torch.cuda.max_memory_allocated() if cuda else None
         peak = status_bytes("VmHWM")  # without a per-run reset: the process's peak so far
         est = memory_estimate(cfg, layout)
         out.append({"name": run["name"], "rank": rank, "rc": rc, "seconds": time.perf_counter() - t0,
                     "tensors": tr.probe.best, "activations": tr.probe.activations,
-                    "rss_start": rss0, "rss_peak": peak, "peak_reset": resettable,
+                    "rss_start": rss0, "rss_peak": peak, "peak_reset": resettable, "gpu_peak": gpu_peak,
                     "layout": {"dp": layout.dp, "tp": layout.tp, "zero": layout.zero_stage},
                     "estimate": {k: est[k] for k in ("params", "weights", "gradients", "optimizer", "buffers",
                                                       "activations", "activations_stored_attention", "logits",
@@ -277,6 +283,8 @@ def _parse():
     p.add_argument("--config", help="trainer YAML config (default: the built-in defaults + the shape below)")
     add_shape_args(p, "micro-batch per rank")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: ranks on GPUs (one each), also reporting torch.cuda.max_memory_allocated")
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--world", type=int, default=2)
@@ -309,7 +317,7 @@ def main() -> int:
     os.chdir(ROOT)
     tmp = Path(tempfile.mkdtemp(prefix="bench_memory_"))
     base = shape_overrides(a) + [
-        "data.synthetic=true", f"train.precision={a.precision}", "model.dropout=0.0",
+        "data.synthetic=true", f"train.precision={a.precision}", f"train.device={a.device}", "model.dropout=0.0",
         f"train.max_steps={a.steps}", "train.global_batch_size=null", "train.eval_interval=0",
         "logging.interval=1", "logging.tensorboard=false", "checkpoint.interval=0", "checkpoint.resume=none",
         "parallel.timeout_minutes=5"]
@@ -320,7 +328,7 @@ def main() -> int:
     import importlib.metadata as md
 
     shape = " ".join(shape_overrides(a))
-    print(f"bench_memory: {shape}, {a.precision}, {a.world} CPU ranks x {a.threads} thread(s), {a.steps} steps per run, "
+    print(f"bench_memory: {shape}, {a.precision}, {a.world} {a.device.upper()} ranks x {a.threads} thread(s), {a.steps} steps per run, "
           f"{'all runs in one process per rank' if a.shared else 'fresh processes per run'}; "
           f"torch {md.version('torch')}, deepspeed {md.version('deepspeed')}, python {platform.python_version()}, "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}", flush=True)
@@ -362,6 +370,10 @@ def main() -> int:
     for x in res:
         if x["rank"] == 0 and (x["tensors"] or {}).get("other_largest"):
             print(f"  {x['name']}: " + ", ".join(f"{n / MiB:,.1f} {what}" for n, what in x["tensors"]["other_largest"]))
+    for x in res:
+        if x.get("gpu_peak") is not None:
+            print(f"GPU peak allocated (torch.cuda.max_memory_allocated): {x['name']} rank {x['rank']}: "
+                  f"{_mib(x['gpu_peak'])} MiB")
     print("\nparameters per rank before sharding (estimate): "
           + ", ".join(sorted({f"{x['name']}: {x['estimate']['params']:,}" for x in res}))
           + f"; peak RSS reset per run: {all(x['peak_reset'] for x in res)}; load average {os.getloadavg()[0]:.2f}; "

@@ -168,7 +168,7 @@ class TrainConfig:
     max_consecutive_skips: int = 5
     """Stop with a checkpoint of the last good state after this many non-finite steps in a row."""
     compile: bool = False
-    """torch.compile each block (GPU)."""
+    """torch.compile each transformer block (plain, tensor- and pipeline-parallel models; refused with ZeRO-3)."""
 
 
 @dataclass

@@ -92,10 +92,9 @@ class GPT(nn.Module):
         x = self.embed(idx, start_pos)  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, None if cache is None else cache[i], start_pos)  # (B, T, C)
-        logits = self.head(x)  # (B, T, V)
         if targets is None:
-            return logits
-        return loss_fn(logits, targets)
+            return self.head(x)  # (B, T, V)
+        return self.head(x, targets=targets)  # = loss_fn(self.head(x), targets), in chunks
 
     def make_cache(self, batch_size: int, max_len: Optional[int] = None, dtype: Optional[torch.dtype] = None,
                    device: Optional[torch.device] = None) -> list[KVCache]:

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pretrain.config.schema import ModelConfig
 from pretrain.errors import UserError
+from pretrain.model.loss import linear_cross_entropy
 
 
 def resolve_d_ff(cfg: ModelConfig) -> int:
@@ -270,7 +271,10 @@ class Head(nn.Module):
         # Bypass nn.Module.__setattr__ so the embedding is not registered as a submodule.
         object.__setattr__(self, "tied_embedding", tied_embedding)
 
-    def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (B, T, V); with `targets` (B, T) the mean fp32 loss instead, fused with the
+        projection so the logits are never held whole (`pretrain.model.loss`)."""
         if weight is None:
             if self.lm_head is not None:
                 weight = self.lm_head.weight
@@ -278,4 +282,6 @@ class Head(nn.Module):
                 weight = self.tied_embedding.wte.weight
             else:
                 raise ValueError("tied Head without an embedding reference: pass weight=embed.wte.weight")
+        if targets is not None:
+            return linear_cross_entropy(self.ln_f(x), weight, targets)
         return F.linear(self.ln_f(x), weight)  # (B, T, V)

@@ -60,7 +60,7 @@ from pretrain.parallel.tensor import (
     scatter_to_sequence_parallel_region,
     sequence_parallel_param,
 )
-from pretrain.parallel.cross_entropy import vocab_parallel_cross_entropy
+from pretrain.parallel.cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 
 __all__ = [
     "shard_embedding", "shard_block", "shard_head", "materialize",
@@ -245,13 +245,18 @@ class ParallelHead(nn.Module):
             return self.tied_embedding.wte.weight
         raise ValueError("tied ParallelHead without an embedding: pass weight=")
 
-    def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """This rank's logits (B, T, V/tp); with `targets` the mean loss, fused and chunked."""
         h = self.ln_f(x)
         if self.sequence_parallel:  # (B, T/tp, C) -> (B, T, C); backward reduce-scatters
             h = gather_from_sequence_parallel_region(h, self.group, tensor_parallel_output_grad=True)
         else:  # identity forward, all-reduce of the input gradient backward
             h = copy_to_tensor_model_parallel_region(h, self.group)
-        return F.linear(h, self._weight() if weight is None else weight)  # (B, T, V/tp)
+        weight = self._weight() if weight is None else weight
+        if targets is not None:
+            return vocab_parallel_linear_cross_entropy(h, weight, targets, self.group)
+        return F.linear(h, weight)  # (B, T, V/tp)
 
 
 def shard_head(head: Head, group, sequence_parallel: bool = False, tied_embedding=None) -> nn.Module:
@@ -301,10 +306,9 @@ class ParallelGPT(GPT):
         x = self.embed(idx, start_pos)
         for block in self.blocks:
             x = block(x)
-        logits = self.head(x)  # (B, T, V/tp)
         if targets is None:
-            return gather_from_tensor_model_parallel_region(logits, self.group)
-        return parallel_loss(logits, targets, self.group)
+            return gather_from_tensor_model_parallel_region(self.head(x), self.group)  # (B, T, V)
+        return self.head(x, targets=targets)  # = parallel_loss(self.head(x), ...), in chunks
 
     def make_cache(self, *args, **kwargs):
         raise NotImplementedError("KV-cache generation runs on the plain GPT (merge the checkpoint first)")

@@ -70,3 +70,18 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
         raise ValueError(f"vocab_parallel_cross_entropy: logits {tuple(logits.shape)} and "
                          f"target {tuple(target.shape)} disagree")
     return _VocabParallelCrossEntropy.apply(logits, target, group, ignore_index, real_vocab)
+
+
+def vocab_parallel_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                                        group: Optional[ProcessGroup], *, ignore_index: int = -100) -> torch.Tensor:
+    """Mean fp32 cross entropy of `h @ weight.T` with `weight` this rank's vocab rows (rank
+    order), fused and chunked (`pretrain.model.loss`): neither the logits nor the softmax are
+    held whole. Per chunk of tokens: an all-reduce of the row max and one of [target logit,
+    sum of exps] over `group`. The gradient of h is this shard's part: pass h through
+    `copy_to_tensor_model_parallel_region` (or the sequence-parallel gather) first."""
+    from pretrain.model.loss import linear_cross_entropy
+
+    return linear_cross_entropy(h, weight, target, ignore_index=ignore_index,
+                                reduce_max=lambda t: all_reduce(t, group, op=dist.ReduceOp.MAX),
+                                reduce_sum=lambda t: all_reduce(t, group),
+                                vocab_start=get_rank(group) * weight.shape[0])
