@@ -383,8 +383,8 @@ def layout_advice(cfg: Config, layout: Any) -> list[str]:
     if (layout.dp == 1 and layout.zero_stage in (1, 2) and cfg.train.precision == "fp32"
             and not cfg.parallel.offload_optimizer):
         out.append(f"note: parallel.zero_stage {layout.zero_stage} with one data-parallel rank shards nothing; in "
-                   "fp32, parallel.zero_stage 0 skips DeepSpeed's flat-buffer copies (one CPU process: 1.08x vs "
-                   "0.97x the plain-PyTorch baseline, docs/PERFORMANCE.md)")
+                   "fp32, parallel.zero_stage 0 skips DeepSpeed's flat-buffer copies and is faster "
+                   "(figures: docs/PERFORMANCE.md, Training throughput)")
     return out
 
 
