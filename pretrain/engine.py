@@ -19,6 +19,7 @@ import torch.distributed.distributed_c10d as c10d
 from pretrain.config.deepspeed import deepspeed_config
 from pretrain.config.schema import Config
 from pretrain.config.validate import Layout
+from pretrain.third_party import quiet_third_party
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -136,6 +137,7 @@ def init_distributed(cfg: Config, device: torch.device) -> tuple[int, int]:
     # default timeout, not this one: set the default so a dead peer fails them in time too.
     c10d.default_pg_timeout = timeout
     c10d.default_pg_nccl_timeout = timeout
+    quiet_third_party()  # before DeepSpeed's comm backend: it would compile an unused C++ op on CPU
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                auto_mpi_discovery=False, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
