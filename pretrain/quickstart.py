@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     tag_dir = checkpoint.resolve_tag_dir(str(out))
     print("-" * 60 + "\n" + sample_text(tag_dir, a.prompt, max_new_tokens=120) + "\n" + "-" * 60)
     print(f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
-    print(f"More samples: python -m pretrain.generate --checkpoint {out} --prompt 'import '")
+    print(f"More samples: pretrain-generate --checkpoint {out} --prompt 'import ' --num-samples 3")
     return 0
 
 
