@@ -62,6 +62,22 @@ class SyntheticData:
         return out
 
 
+def epoch_report(ds, train_samples: int) -> list[str]:
+    """How many epochs of each source the run reads, and a warning when it repeats data."""
+    lines = []
+    for j, (src, ix) in enumerate(zip(ds.sources, ds.index)):
+        if ix is None:  # weight 0
+            continue
+        reads = train_samples * int(ds.blend.counts[j]) / ds.blend.block
+        epochs = reads / ix.per_epoch
+        lines.append(f"data: {src.path} ({src.split}): {ix.per_epoch:,} samples of {ds.seq_len} tokens per epoch; "
+                     f"this run reads {epochs:.2f} epochs of it")
+        if epochs > 1:
+            lines.append(f"warning: the run repeats data: {epochs:.1f} epochs of {src.path} (each epoch reshuffled); "
+                         f"add data or lower train.max_steps to see each sample at most once")
+    return lines
+
+
 class RunData:
     def __init__(self, cfg: Config, layout: Layout, rank: int, dp_rank: int, out_dir: Path,
                  log: Callable[[str], None]):
@@ -85,6 +101,9 @@ class RunData:
                 dist.barrier()
         self.fingerprint = self.train.fingerprint
         self.tokenizer_dir = self.train.tokenizer_dir
+        if not d.synthetic:
+            for line in epoch_report(self.train, train_samples):
+                log(line)
 
     def _open_valid(self, cache: str):
         from pretrain.data.loader import MissingSplit, open_dataset

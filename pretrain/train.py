@@ -20,7 +20,7 @@ import torch.distributed as dist
 from pretrain import checkpoint, faults
 from pretrain.config.load import config_to_yaml, load_config
 from pretrain.config.schema import Config, to_dict
-from pretrain.config.validate import Layout, resolve
+from pretrain.config.validate import Layout, config_warnings, resolve
 from pretrain.errors import UserError, cli_entry
 from pretrain.run_data import RunData, data_vocab_size
 from pretrain.schedule import lr_at
@@ -30,7 +30,9 @@ EXIT_NONFINITE = 3
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="pretrain-train", description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="YAML config (see configs/); omit for all defaults")
+    p.add_argument("--config", action="append", default=[],
+                   help="YAML config (see configs/); repeat to merge several in order (later files win "
+                        "field by field); omit for all defaults")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--plan", action="store_true",
@@ -45,8 +47,8 @@ def parse_args(argv):
 @cli_entry
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.config is None and args.overrides and args.overrides[0].endswith((".yaml", ".yml")):
-        args.config = args.overrides.pop(0)  # `pretrain-train FILE ...` works too
+    if not args.config and args.overrides and args.overrides[0].endswith((".yaml", ".yml")):
+        args.config = [args.overrides.pop(0)]  # `pretrain-train FILE ...` works too
     cfg = load_config(args.config, args.overrides)
     world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     data_vocab = None
@@ -57,6 +59,9 @@ def main(argv=None) -> int:
             if not (args.plan or args.print_config) or cfg.model.vocab_size is None:
                 raise  # planning works without prepared data when model.vocab_size is set
     layout = resolve(cfg, world, data_vocab)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for warning in config_warnings(cfg):
+            print(warning, file=sys.stderr, flush=True)
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
