@@ -11,7 +11,7 @@ import torch
 
 from pretrain import checkpoint
 from pretrain.config.load import config_from_dict
-from pretrain.errors import UserError, cli_entry
+from pretrain.errors import HelpFormatter, UserError, cli_entry
 from pretrain.model.gpt import GPT
 from pretrain.model.sampling import generate, sample_logits
 
@@ -93,7 +93,8 @@ def sample_text(tag_dir, prompt: str, max_new_tokens: int = 100, **kw) -> str:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="pretrain-generate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="pretrain-generate", description=__doc__.split("\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run directory, its checkpoints/ dir, or a step_* dir")
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=100)

@@ -21,7 +21,7 @@ from pretrain import checkpoint, faults
 from pretrain.config.load import config_to_yaml, load_config
 from pretrain.config.schema import Config, to_dict
 from pretrain.config.validate import Layout, config_warnings, resolve
-from pretrain.errors import UserError, cli_entry
+from pretrain.errors import HelpFormatter, UserError, cli_entry
 from pretrain.run_data import RunData, data_vocab_size
 from pretrain.schedule import lr_at
 
@@ -29,7 +29,8 @@ EXIT_NONFINITE = 3
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="pretrain-train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="pretrain-train", description=__doc__.split("\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--config", action="append", default=[],
                    help="YAML config (see configs/); repeat to merge several in order (later files win "
                         "field by field); omit for all defaults")

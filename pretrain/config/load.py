@@ -22,6 +22,7 @@ import re
 import types
 import typing
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Union
 
 import yaml
@@ -290,12 +291,30 @@ def _apply_override(cfg: Config, item: str) -> None:
     setattr(getattr(cfg, parts[0]), parts[1], _coerce(value, tp, key, source))
 
 
+PRESETS = Path(__file__).resolve().parents[1] / "presets"  # configs/, shipped as package data
+
+
+def preset_path(path: str) -> str:
+    """`path`, or the shipped preset it names when it does not exist here: `gpt2-124m`,
+    `gpt2-124m.yaml` or `configs/gpt2-124m.yaml` work from any directory, also after a
+    non-editable `pip install .`."""
+    p = Path(path)
+    if p.exists() or p.parent.name not in ("", "configs"):
+        return path
+    for name in (p.name, p.name + ".yaml"):
+        if (PRESETS / name).is_file():
+            return str(PRESETS / name)
+    return path
+
+
 def _read_file(path: str) -> dict:
+    path = preset_path(path)
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
-        raise UserError(f"{path}: config file not found (presets are in configs/)") from None
+        names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+        raise UserError(f"{path}: config file not found (presets: {names})") from None
     except IsADirectoryError:
         raise UserError(f"{path}: is a directory, not a YAML config file") from None
     except (OSError, UnicodeDecodeError) as e:

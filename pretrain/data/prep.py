@@ -27,7 +27,7 @@ from pretrain.data.manifest import FORMAT, FORMAT_VERSION, MANIFEST, write_json_
 from pretrain.data.shards import Outputs, RestoreFailed, clean_outputs
 from pretrain.data.sources import check_extras, expand_inputs, iter_chunks, source_info
 from pretrain.data.tokenizer import load_tokenizer, parse_bpe_spec, train_bpe
-from pretrain.errors import UserError, cli_entry
+from pretrain.errors import HelpFormatter, UserError, cli_entry
 
 JOURNAL = ".prep_state.json"
 CHUNK_DOCS = 2048
@@ -58,7 +58,8 @@ def parse_split(s: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pretrain-prep", description="Tokenize raw text into Megatron shards.")
+    p = argparse.ArgumentParser(prog="pretrain-prep", description="Tokenize raw text into Megatron shards.",
+                                formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", help="files, globs or directories: .txt .jsonl .jsonl.gz .jsonl.zst "
                    ".parquet, or a Hugging Face dataset directory (save_to_disk)")
     p.add_argument("-o", "--output", required=True, help="output directory")
