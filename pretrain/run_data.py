@@ -98,12 +98,11 @@ class RunData:
                     self.train = open_dataset(d.paths, d.weights or None, d.train_split, cfg.model.seq_len,
                                               d.seed, train_samples, cache)
                     self.valid = self._open_valid(cache)
+                    for line in epoch_report(self.train, train_samples):
+                        log(line)
                 dist.barrier()
         self.fingerprint = self.train.fingerprint
         self.tokenizer_dir = self.train.tokenizer_dir
-        if not d.synthetic:
-            for line in epoch_report(self.train, train_samples):
-                log(line)
 
     def _open_valid(self, cache: str):
         from pretrain.data.loader import MissingSplit, open_dataset

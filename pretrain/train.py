@@ -36,6 +36,8 @@ def parse_args(argv):
                         "field by field); omit for all defaults")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--print-deepspeed-config", action="store_true",
+                   help="print the DeepSpeed config generated for this job (JSON) and exit")
     p.add_argument("--plan", action="store_true",
                    help="print parameters, FLOPs, batch plan, layout and memory estimate, then exit")
     p.add_argument("--world-size", type=int, default=None,
@@ -52,26 +54,50 @@ def main(argv=None) -> int:
         args.config = [args.overrides.pop(0)]  # `pretrain-train FILE ...` works too
     cfg = load_config(args.config, args.overrides)
     world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    offline = args.plan or args.print_config or args.print_deepspeed_config  # no process group, no GPU
     data_vocab = None
     if not cfg.data.synthetic:
         try:
             data_vocab = data_vocab_size(cfg.data.paths)
         except UserError:
-            if not (args.plan or args.print_config) or cfg.model.vocab_size is None:
-                raise  # planning works without prepared data when model.vocab_size is set
-    layout = resolve(cfg, world, data_vocab)
+            if not offline:
+                raise  # planning and printing work without prepared data
+    # Offline, train.device=cuda plans a GPU job from a CPU node (checked again at launch).
+    layout = resolve(_vocab_placeholder(cfg, data_vocab, args), world, data_vocab,
+                     cuda_available=True if offline and cfg.train.device == "cuda" else None)
     if int(os.environ.get("RANK", "0")) == 0:
         for warning in config_warnings(cfg):
             print(warning, file=sys.stderr, flush=True)
+    if offline and cfg.train.device == "auto" and layout.device == "cpu":
+        print("note: no CUDA device here, so train.device auto plans for the CPU; add train.device=cuda "
+              "to plan a GPU job", file=sys.stderr)
     if args.print_config:
         print(config_to_yaml(cfg), end="")
-        return 0
+    if args.print_deepspeed_config:
+        import json
+
+        from pretrain.config.deepspeed import deepspeed_config
+
+        print(json.dumps(deepspeed_config(cfg, layout), indent=2))
     if args.plan:
         from pretrain.plan import format_plan
 
         print(format_plan(cfg, layout))
+    if offline:
         return 0
     return Trainer(cfg, layout).run()
+
+
+def _vocab_placeholder(cfg: Config, data_vocab: int | None, args) -> Config:
+    """--print-config / --print-deepspeed-config before the data exists: model.vocab_size null is
+    filled from the data later, so every other rule is checked with a stand-in vocabulary."""
+    if cfg.model.vocab_size is not None or data_vocab is not None or args.plan or cfg.data.synthetic:
+        return cfg  # (--plan needs the real size: the error says to set model.vocab_size)
+    import copy
+
+    probe = copy.deepcopy(cfg)
+    probe.model.vocab_size = probe.model.vocab_multiple
+    return probe
 
 
 class _StopRequest:
