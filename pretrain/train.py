@@ -148,7 +148,8 @@ class Trainer:
         self.topo = Topology(lay)  # every rank/group question goes here (DeepSpeed's grid)
         self.dp_rank = self.topo.dp_rank  # tensor-parallel peers (and pipeline stages) read the same batches
         self.pipe = lay.pp > 1
-        self.monitor = Monitor(self.out_dir, self.rank == 0, cfg.logging.tensorboard, cfg.train.max_steps)
+        wandb = {"project": cfg.logging.wandb_project, "config": to_dict(cfg)} if cfg.logging.wandb else None
+        self.monitor = Monitor(self.out_dir, self.rank == 0, cfg.logging.tensorboard, cfg.train.max_steps, wandb)
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             checkpoint.write_atomic(self.out_dir / "config.yaml", config_to_yaml(cfg))
@@ -167,6 +168,7 @@ class Trainer:
         tag_dir = checkpoint.choose_resume(cfg.checkpoint.resume, self.ckpt_dir, self.monitor.print)
         if tag_dir is not None:
             self._resume(tag_dir)
+            self.monitor.rewind(self.step)  # drop what the stopped run logged after this checkpoint
         n_params = count_params(cfg.model, lay.padded_vocab_size)["total"]
         self.monitor.print(f"training {n_params:,} parameters on {lay.world_size} {self.device.type} process(es) "
                            f"(data {lay.dp} x tensor {lay.tp} x pipeline {lay.pp}) "
@@ -354,7 +356,8 @@ class Trainer:
         self.engine.train()
         loss = self._mean_over_dp(total / max(n, 1))
         ppl = math.exp(loss) if loss < 50 else float("inf")
-        self.monitor.log(self.step, {"val/loss": loss, "val/perplexity": ppl})
+        self.monitor.log(self.step, {"val/loss": loss, "val/perplexity": ppl},
+                         tokens=self.consumed * self.cfg.model.seq_len)
         self.monitor.print(f"validation at step {self.step}: loss {loss:.4f} | perplexity {ppl:.2f}")
 
     def _save(self) -> Path:

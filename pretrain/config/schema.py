@@ -191,7 +191,7 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    """Console and TensorBoard."""
+    """Console, TensorBoard, metrics.jsonl and (optionally) Weights & Biases."""
 
     interval: int = 10
     """Print a console line and write TensorBoard scalars every this many steps."""
@@ -199,6 +199,11 @@ class LoggingConfig:
     """Write TensorBoard event files under <train.out_dir>/tensorboard."""
     peak_flops: Optional[float] = None
     """Peak FLOP/s of one device for MFU. null = looked up from the device name (CPU: no MFU)."""
+    wandb: bool = False
+    """Also log the scalars to Weights & Biases (`pip install 'pretrain[wandb]'`; WANDB_MODE=offline
+    writes the run under <train.out_dir>/wandb without a network, `wandb sync` uploads it later)."""
+    wandb_project: str = "pretrain"
+    """W&B project name (logging.wandb only); the run is named after train.out_dir."""
 
 
 @dataclass

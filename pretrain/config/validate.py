@@ -251,6 +251,12 @@ def resolve(cfg: Config, world_size: int, data_vocab_size: int | None = None, *,
         raise UserError(f"world size must be a positive integer, got {world_size}")
     _check_fields(cfg)
     _check_model(cfg)
+    if cfg.logging.wandb:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise UserError("logging.wandb is true but wandb is not installed; pip install 'pretrain[wandb]' "
+                            "(or wandb), or set logging.wandb false")
     m, p, t = cfg.model, cfg.parallel, cfg.train
 
     # ---------------------------------------------------------------- device and precision
