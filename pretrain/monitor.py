@@ -51,7 +51,8 @@ def memory_gib(device: torch.device) -> dict:
 
 
 # TensorBoard tag of a trainer scalar name (others keep their name).
-TB_TAGS = {"train/loss": "loss/train", "val/loss": "loss/val", "val/perplexity": "loss/val_perplexity"}
+TB_TAGS = {"train/loss": "loss/train", "val/loss": "loss/val", "val/perplexity": "loss/val_perplexity",
+           "test/loss": "loss/test", "test/perplexity": "loss/test_perplexity"}
 TOKENS = "train/consumed_tokens"
 
 
@@ -61,7 +62,7 @@ def tensorboard_tags(step: int, scalars: dict, tokens: int | None) -> list[tuple
     tokens = scalars.get(TOKENS, tokens)
     if tokens is not None:
         out += [(f"loss/{k.split('/')[0]}_vs_tokens", scalars[k], int(tokens))
-                for k in ("train/loss", "val/loss") if scalars.get(k) is not None]
+                for k in ("train/loss", "val/loss", "test/loss") if scalars.get(k) is not None]
     return out
 
 

@@ -298,6 +298,7 @@ class Trainer:
             faults.after_step()
         if not cfg.train.eval_interval or self.step % cfg.train.eval_interval:
             self._validate()
+        self._validate("test")  # once, at the end (data.test_paths, or a test split of data.paths)
         path = self._save()
         self.monitor.print(f"done: step {self.step}, checkpoint {path}")
         return 0
@@ -338,8 +339,8 @@ class Trainer:
         self.monitor.log(self.step, scalars)
         self.monitor.train_line(self.step, scalars)
 
-    def _validate(self) -> None:
-        batches = self.data.valid_batches()
+    def _validate(self, which: str = "val") -> None:
+        batches = self.data.valid_batches() if which == "val" else self.data.test_batches()
         if batches is None:
             return
         self.engine.eval()
@@ -356,9 +357,10 @@ class Trainer:
         self.engine.train()
         loss = self._mean_over_dp(total / max(n, 1))
         ppl = math.exp(loss) if loss < 50 else float("inf")
-        self.monitor.log(self.step, {"val/loss": loss, "val/perplexity": ppl},
+        self.monitor.log(self.step, {f"{which}/loss": loss, f"{which}/perplexity": ppl},
                          tokens=self.consumed * self.cfg.model.seq_len)
-        self.monitor.print(f"validation at step {self.step}: loss {loss:.4f} | perplexity {ppl:.2f}")
+        self.monitor.print(f"{'validation' if which == 'val' else which} at step {self.step}: loss {loss:.4f} | "
+                           f"perplexity {ppl:.2f}")
 
     def _save(self) -> Path:
         return checkpoint.save(self.engine, self.ckpt_dir, self.step, self._state(), self.cfg.checkpoint.keep_last)

@@ -57,6 +57,18 @@ def parse_split(s: str) -> list[float]:
     return fr
 
 
+def split_warnings(splits: dict, documents: int) -> list[str]:
+    """A split asked for (fraction > 0) that received no document: documents are assigned by a
+    hash, so a small corpus can leave a 2% validation split empty, and validation would be off."""
+    out = []
+    for name, s in splits.items():
+        if s["fraction"] > 0 and not s["source_documents"]:
+            out.append(f"warning: the {name!r} split got 0 of {documents:,} documents (--split gives it "
+                       f"{s['fraction']:g}; documents are assigned by hash). Raise its fraction (e.g. --split "
+                       f"0.9,0.1) or give the trainer separate data (data.{name}_paths)")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pretrain-prep", description="Tokenize raw text into Megatron shards.",
                                 formatter_class=HelpFormatter)
@@ -278,6 +290,8 @@ def main(argv=None) -> int:
     _run(args, sources, settings, outputs, start, workers, sum(s["size"] for s in src_info), checkpoint,
          (max_doc, chunk_bytes))
     splits = outputs.finish()
+    for warning in split_warnings(splits, outputs.stats["documents"]):
+        print(warning, file=sys.stderr, flush=True)
     m = _manifest(args, argv, tok, tok_name, tok_sha, dtype, splits, outputs.stats, src_info, fp, cfg)
     write_json_atomic(os.path.join(out, MANIFEST), m)
     os.remove(jp)
