@@ -58,8 +58,10 @@ def skip_shm_comm_build() -> None:
     building, so marking the op incompatible there skips the build and nothing else.
     """
     import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if get_accelerator().device_name() == "cpu":  # (GPU accelerators have no such op: no probe needed)
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def quiet_third_party() -> None:
