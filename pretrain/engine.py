@@ -143,6 +143,32 @@ def init_distributed(cfg: Config, device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def _own_clip(cfg: Config, layout: Layout) -> bool:
+    """Whether GuardedAdamW clips (and reports the norm) instead of DeepSpeed.
+
+    ZeRO-0 bf16/fp16 (not pipelined) runs DeepSpeed's unfused optimizer, whose norm flattens the
+    gradients first and so cannot tell TP-sharded from replicated ones: with TP we clip instead.
+    DeepSpeed clips fp32 ZeRO-0 without reporting the norm; we clip and report instead."""
+    unfused = cfg.train.precision != "fp32" and layout.pp == 1
+    return layout.zero_stage == 0 and (cfg.train.precision == "fp32" or (unfused and layout.tp > 1))
+
+
+def engine_ds_config(cfg: Config, layout: Layout) -> dict:
+    """The config handed to deepspeed.initialize (`pretrain-train --print-deepspeed-config`): the
+    generated one (pretrain.config.deepspeed) plus the keys that follow from how this engine runs."""
+    ds_config = deepspeed_config(cfg, layout)
+    if layout.pp > 1:
+        # DeepSpeed splits replicated activations over the TP ranks for the p2p transfer
+        # ("partitioned"); sequence-parallel activations are already split, so not then.
+        split = not cfg.parallel.sequence_parallel
+        ds_config.setdefault("pipeline", {}).update({"pipe_partitioned": split, "grad_partitioned": split})
+    # Our optimizer is torch AdamW with a guard (a subclass DeepSpeed does not recognise).
+    ds_config["zero_allow_untested_optimizer"] = True
+    if _own_clip(cfg, layout):
+        ds_config["gradient_clipping"] = 0.0
+    return ds_config
+
+
 def build_engine(cfg: Config, layout: Layout, model: torch.nn.Module, topo=None):
     """Wrap `model` in a DeepSpeed engine; returns (engine, GuardedAdamW).
 
@@ -155,22 +181,10 @@ def build_engine(cfg: Config, layout: Layout, model: torch.nn.Module, topo=None)
 
     from pretrain.parallel.apply import parallel_param_groups
 
-    ds_config = deepspeed_config(cfg, layout)
+    ds_config = engine_ds_config(cfg, layout)
     pipe = layout.pp > 1
-    if pipe:
-        # DeepSpeed splits replicated activations over the TP ranks for the p2p transfer
-        # ("partitioned"); sequence-parallel activations are already split, so not then.
-        split = not cfg.parallel.sequence_parallel
-        ds_config.setdefault("pipeline", {}).update({"pipe_partitioned": split, "grad_partitioned": split})
-    # Our optimizer is torch AdamW with a guard (a subclass DeepSpeed does not recognise).
-    ds_config["zero_allow_untested_optimizer"] = True
-    # ZeRO-0 bf16/fp16 (not pipelined) runs DeepSpeed's unfused optimizer, whose norm flattens the
-    # gradients first and so cannot tell TP-sharded from replicated ones: with TP we clip instead.
     unfused = cfg.train.precision != "fp32" and layout.pp == 1
-    own_clip = layout.zero_stage == 0 and (cfg.train.precision == "fp32" or (unfused and layout.tp > 1))
-    if own_clip:
-        # DeepSpeed clips fp32 ZeRO-0 without reporting the norm; we clip and report instead.
-        ds_config["gradient_clipping"] = 0.0
+    own_clip = _own_clip(cfg, layout)
     groups = parallel_param_groups(model, cfg.optim)
     # torch's fused AdamW (one kernel over all tensors, on CUDA and CPU) instead of the default
     # per-tensor loop on CPU / foreach on CUDA: on the 2-core CPU it steps 30M fp32 parameters in

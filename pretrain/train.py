@@ -37,7 +37,7 @@ def parse_args(argv):
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--print-deepspeed-config", action="store_true",
-                   help="print the DeepSpeed config generated for this job (JSON) and exit")
+                   help="print the DeepSpeed config this job hands to deepspeed.initialize (JSON) and exit")
     p.add_argument("--plan", action="store_true",
                    help="print parameters, FLOPs, batch plan, layout and memory estimate, then exit")
     p.add_argument("--world-size", type=int, default=None,
@@ -76,9 +76,9 @@ def main(argv=None) -> int:
     if args.print_deepspeed_config:
         import json
 
-        from pretrain.config.deepspeed import deepspeed_config
+        from pretrain.engine import engine_ds_config
 
-        print(json.dumps(deepspeed_config(cfg, layout), indent=2))
+        print(json.dumps(engine_ds_config(cfg, layout), indent=2))
     if args.plan:
         from pretrain.plan import format_plan
 

@@ -285,6 +285,7 @@ def test_plan_a_gpu_job_from_a_cpu_node(tmp_path):
     assert "bf16, device cuda" in r.stdout
     ds = json.loads(r.stdout[r.stdout.index("{"):r.stdout.index("\nModel")])
     assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] is True
+    assert ds["zero_allow_untested_optimizer"] is True and ds["gradient_clipping"] == 1.0  # as the engine passes it
     assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 8
     if not torch.cuda.is_available():
         r = _train_cli("--config", "configs/llama-7b.yaml", "--world-size", "8", "--plan")
