@@ -19,6 +19,7 @@ import torch.distributed.distributed_c10d as c10d
 from pretrain.config.deepspeed import deepspeed_config
 from pretrain.config.schema import Config
 from pretrain.config.validate import Layout
+from pretrain.third_party import quiet_third_party
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -178,9 +179,42 @@ def init_distributed(cfg: Config, device: torch.device) -> tuple[int, int]:
     # default timeout, not this one: set the default so a dead peer fails them in time too.
     c10d.default_pg_timeout = timeout
     c10d.default_pg_nccl_timeout = timeout
+    quiet_third_party()  # before DeepSpeed's comm backend: it would compile an unused C++ op on CPU
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                auto_mpi_discovery=False, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _own_clip(cfg: Config, layout: Layout) -> bool:
+    """Whether GuardedAdamW clips (and reports the norm) instead of DeepSpeed.
+
+    ZeRO-0 bf16/fp16 (not pipelined) runs DeepSpeed's unfused optimizer, whose norm flattens the
+    gradients first and so cannot tell TP-sharded from replicated ones: with TP we clip instead.
+    DeepSpeed clips fp32 ZeRO-0 without reporting the norm, and ZeRO 1/2 clip each group after
+    reading the norm on the host (`is_invalid_grad_norm`): we clip on the device instead."""
+    unfused = cfg.train.precision != "fp32" and layout.pp == 1
+    return layout.zero_stage in (1, 2) or (
+        layout.zero_stage == 0 and (cfg.train.precision == "fp32" or (unfused and layout.tp > 1)))
+
+
+def engine_ds_config(cfg: Config, layout: Layout) -> dict:
+    """The config handed to deepspeed.initialize (`pretrain-train --print-deepspeed-config`): the
+    generated one (pretrain.config.deepspeed) plus the keys that follow from how this engine runs."""
+    ds_config = deepspeed_config(cfg, layout)
+    if layout.pp > 1:
+        # DeepSpeed splits replicated activations over the TP ranks for the p2p transfer
+        # ("partitioned"); sequence-parallel activations are already split, so not then.
+        split = not cfg.parallel.sequence_parallel
+        ds_config.setdefault("pipeline", {}).update({"pipe_partitioned": split, "grad_partitioned": split})
+    # Our optimizer is torch AdamW with a guard (a subclass DeepSpeed does not recognise).
+    ds_config["zero_allow_untested_optimizer"] = True
+    if _own_clip(cfg, layout):
+        ds_config["gradient_clipping"] = 0.0
+    if layout.zero_stage in (1, 2) and cfg.train.precision == "bf16":
+        # ZeRO 1/2 bf16: DeepSpeed's overflow check copies a flag to the host every step; our
+        # guard takes the same verdict (non-finite norm) on the device.
+        ds_config["bf16"]["check_grad_overflow"] = False
+    return ds_config
 
 
 def build_engine(cfg: Config, layout: Layout, model: torch.nn.Module, topo=None):
@@ -195,28 +229,10 @@ def build_engine(cfg: Config, layout: Layout, model: torch.nn.Module, topo=None)
 
     from pretrain.parallel import spec
 
-    ds_config = deepspeed_config(cfg, layout)
+    ds_config = engine_ds_config(cfg, layout)
     pipe = layout.pp > 1
-    if pipe:
-        # DeepSpeed splits replicated activations over the TP ranks for the p2p transfer
-        # ("partitioned"); sequence-parallel activations are already split, so not then.
-        split = not cfg.parallel.sequence_parallel
-        ds_config.setdefault("pipeline", {}).update({"pipe_partitioned": split, "grad_partitioned": split})
-    # Our optimizer is torch AdamW with a guard (a subclass DeepSpeed does not recognise).
-    ds_config["zero_allow_untested_optimizer"] = True
-    # ZeRO-0 bf16/fp16 (not pipelined) runs DeepSpeed's unfused optimizer, whose norm flattens the
-    # gradients first and so cannot tell TP-sharded from replicated ones: with TP we clip instead.
     unfused = cfg.train.precision != "fp32" and layout.pp == 1
-    # DeepSpeed clips fp32 ZeRO-0 without reporting the norm, and ZeRO 1/2 clip each group after
-    # reading the norm on the host (`is_invalid_grad_norm`): we clip on the device instead.
-    own_clip = layout.zero_stage in (1, 2) or (
-        layout.zero_stage == 0 and (cfg.train.precision == "fp32" or (unfused and layout.tp > 1)))
-    if own_clip:
-        ds_config["gradient_clipping"] = 0.0
-    if layout.zero_stage in (1, 2) and cfg.train.precision == "bf16":
-        # ZeRO 1/2 bf16: DeepSpeed's overflow check copies a flag to the host every step; our
-        # guard takes the same verdict (non-finite norm) on the device.
-        ds_config["bf16"]["check_grad_overflow"] = False
+    own_clip = _own_clip(cfg, layout)
     if cfg.train.compile:
         compile_blocks(model)
     groups = spec.optimizer_groups(model, cfg.optim, cfg.model.n_layer)  # by each parameter's name

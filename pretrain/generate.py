@@ -11,10 +11,10 @@ import torch
 
 from pretrain import checkpoint
 from pretrain.config.load import config_from_dict
-from pretrain.errors import UserError, cli_entry
+from pretrain.errors import HelpFormatter, UserError, cli_entry
 from pretrain.interop.ds_reader import load_model_weights
 from pretrain.model.gpt import GPT
-from pretrain.model.sampling import generate
+from pretrain.model.sampling import generate, sample_logits
 
 
 def load_model(tag_dir, device: torch.device) -> tuple[GPT, dict]:
@@ -41,25 +41,61 @@ def load_tokenizer_for(state: dict, override: str | None):
     return tokenizer_from_manifest(state["tokenizer_dir"])
 
 
-def sample_text(tag_dir, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
-                top_k: int | None = 50, top_p: float | None = None, seed: int = 0,
-                tokenizer: str | None = None, device: str = "cpu") -> str:
+def heal_prompt(tok, prompt: str, ids: list[int]) -> tuple[list[int], str, list[int] | None]:
+    """Token healing for a prompt that ends in whitespace ("def ").
+
+    A byte-level BPE spells a word with its leading space ("Ġname"), so "def " encodes as
+    [def, Ġ]: a lone space token the model rarely saw before a word, and it degenerates.
+    Drop that token and let the first new token start with the same whitespace instead.
+    Returns (ids, the prompt text kept, allowed first-token ids or None when nothing changed).
+    """
+    if len(ids) < 2 or not prompt[-1:].isspace():
+        return ids, prompt, None
+    tail = tok.decode(ids[-1:])
+    if not tail or tail.strip() or not prompt.endswith(tail):
+        return ids, prompt, None
+    allowed = [i for i in range(tok.vocab_size) if i != tok.eos_id
+               and len(piece := tok.decode([i])) > len(tail) and piece.startswith(tail)]
+    if not allowed:  # e.g. the byte tokenizer: a space is the only way to write a space
+        return ids, prompt, None
+    return ids[:-1], prompt[:-len(tail)], allowed
+
+
+def sample_texts(tag_dir, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
+                 top_k: int | None = 50, top_p: float | None = None, seed: int = 0,
+                 tokenizer: str | None = None, device: str = "cpu", num_samples: int = 1) -> list[str]:
+    """`num_samples` continuations of `prompt`, drawn as one batch (reproducible for a seed)."""
     dev = torch.device(device)
     model, state = load_model(tag_dir, dev)
     tok = load_tokenizer_for(state, tokenizer)
     ids = tok.encode(prompt)
     if not ids:
         ids = [tok.eos_id if tok.eos_id is not None else 0]
-    idx = torch.tensor([ids[-model.cfg.seq_len + 1:]], dtype=torch.long, device=dev)
+    ids, kept, allowed = heal_prompt(tok, prompt, ids)
+    idx = torch.tensor([ids[-model.cfg.seq_len + 1:]] * num_samples, dtype=torch.long, device=dev)
     gen = torch.Generator(device=dev).manual_seed(seed)
+    first = idx[:, :0]
+    if allowed is not None and max_new_tokens > 0:  # the healed first token, then the rest as usual
+        with torch.no_grad():
+            logits = model(idx)[:, -1, :].float()
+        mask = torch.full_like(logits, float("-inf"))
+        mask[:, allowed] = 0.0
+        first = sample_logits(logits + mask, temperature, top_k, top_p, gen)
+        idx, max_new_tokens = torch.cat([idx, first], dim=1), max_new_tokens - 1
     out = generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    generator=gen, eos_id=tok.eos_id, valid_vocab=tok.vocab_size)
-    new = [t for t in out[0, idx.size(1):].tolist() if t != tok.eos_id]
-    return prompt + tok.decode(new)
+    start = idx.size(1) - first.size(1)
+    return [kept + tok.decode([t for t in row[start:].tolist() if t != tok.eos_id]) for row in out]
+
+
+def sample_text(tag_dir, prompt: str, max_new_tokens: int = 100, **kw) -> str:
+    """One continuation of `prompt` (see `sample_texts`)."""
+    return sample_texts(tag_dir, prompt, max_new_tokens, **kw)[0]
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="pretrain-generate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="pretrain-generate", description=__doc__.split("\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run directory, its checkpoints/ dir, or a step_* dir")
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=100)
@@ -69,6 +105,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", default=None, help="override the recorded tokenizer (byte, hf:PATH, ...)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--num-samples", "-n", type=int, default=1, help="samples to draw (one batch)")
     return p.parse_args(argv)
 
 
@@ -104,8 +141,10 @@ def main(argv=None) -> int:
     a = parse_args(sys.argv[1:] if argv is None else argv)
     check_args(a)
     tag_dir = checkpoint.resolve_tag_dir(a.checkpoint)
-    print(sample_text(tag_dir, a.prompt, a.max_new_tokens, a.temperature, a.top_k or None, a.top_p,
-                      a.seed, a.tokenizer, a.device))
+    texts = sample_texts(tag_dir, a.prompt, a.max_new_tokens, a.temperature, a.top_k or None, a.top_p,
+                         a.seed, a.tokenizer, a.device, a.num_samples)
+    for i, text in enumerate(texts):
+        print(text if len(texts) == 1 else f"--- sample {i + 1} of {len(texts)} ---\n{text}")
     return 0
 
 

@@ -1,7 +1,13 @@
-"""Run monitoring on rank 0: console lines, TensorBoard scalars, and `metrics.jsonl`.
+"""Run monitoring on rank 0: console lines, TensorBoard scalars, `metrics.jsonl`, optionally W&B.
 
 `metrics.jsonl` holds one JSON object per logged step (the same numbers as TensorBoard),
-so scripts and tests can read a run without TensorBoard.
+so scripts and tests can read a run without TensorBoard. After a resume it is rewound to the
+checkpoint's step (`rewind`), so a step appears once however often the run was restarted.
+
+Names: the trainer logs `train/loss`, `val/loss`, `perf/...`, `mem/...` (metrics.jsonl and
+W&B keep them). TensorBoard sorts its sections by name, so `tensorboard_tags` files the losses
+under `loss/` (first, above `mem/` and `perf/`) and adds each loss against tokens seen
+(`loss/train_vs_tokens`, `loss/val_vs_tokens`: x axis = consumed tokens, not steps).
 """
 from __future__ import annotations
 
@@ -44,6 +50,22 @@ def memory_gib(device: torch.device) -> dict:
     return {"mem/cpu_rss_gib": psutil.Process().memory_info().rss / 2**30}
 
 
+# TensorBoard tag of a trainer scalar name (others keep their name).
+TB_TAGS = {"train/loss": "loss/train", "val/loss": "loss/val", "val/perplexity": "loss/val_perplexity",
+           "test/loss": "loss/test", "test/perplexity": "loss/test_perplexity"}
+TOKENS = "train/consumed_tokens"
+
+
+def tensorboard_tags(step: int, scalars: dict, tokens: int | None) -> list[tuple[str, float, int]]:
+    """(tag, value, x) for TensorBoard: x is the step, or the tokens seen for the *_vs_tokens curves."""
+    out = [(TB_TAGS.get(k, k), v, step) for k, v in scalars.items() if v is not None]
+    tokens = scalars.get(TOKENS, tokens)
+    if tokens is not None:
+        out += [(f"loss/{k.split('/')[0]}_vs_tokens", scalars[k], int(tokens))
+                for k in ("train/loss", "val/loss", "test/loss") if scalars.get(k) is not None]
+    return out
+
+
 def _fmt_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
@@ -51,35 +73,75 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-class Monitor:
-    """Writes scalars on rank 0; on other ranks every method is a no-op."""
+def _row_step(row: str) -> int | None:
+    try:
+        return int(json.loads(row)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a torn last line of the run that stopped
 
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, max_steps: int):
+
+class Monitor:
+    """Writes scalars on rank 0; on other ranks every method is a no-op.
+
+    wandb: None, or {"project": ..., "config": {...}} to also log to Weights & Biases (the
+    `wandb` extra; WANDB_MODE=offline writes the run under <out_dir>/wandb without a network).
+    """
+
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, max_steps: int,
+                 wandb: dict | None = None):
         self.enabled = enabled
         self.max_steps = max_steps
-        self.writer = None
+        self.out_dir = Path(out_dir)
+        self.tensorboard = tensorboard
+        self.writer = None  # opened at the first scalar, after a resume set purge_step
+        self.purge_step = None
         self.metrics = None
+        self.wandb = None
         if not enabled:
             return
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = open(out_dir / "metrics.jsonl", "a")
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = open(self.out_dir / "metrics.jsonl", "a")
+        if wandb is not None:
+            import wandb as wandb_lib
 
-            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+            self.wandb = wandb_lib.init(project=wandb["project"], config=wandb.get("config"),
+                                        dir=str(self.out_dir), name=self.out_dir.name)
+
+    def rewind(self, step: int) -> None:
+        """Resumed at `step`: drop what the stopped run logged after it (metrics.jsonl rows now,
+        TensorBoard events through purge_step), so no step appears twice."""
+        if not self.enabled:
+            return
+        path = self.out_dir / "metrics.jsonl"
+        self.metrics.close()
+        rows = path.read_text().splitlines(keepends=True)
+        keep = [r if r.endswith("\n") else r + "\n" for r in rows
+                if (n := _row_step(r)) is not None and n <= step]
+        if keep != rows:
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(keep))
+            tmp.replace(path)
+        self.metrics = open(path, "a")
+        self.purge_step = step + 1
 
     def print(self, msg: str) -> None:
         if self.enabled:
             print(msg, flush=True)
 
-    def log(self, step: int, scalars: dict) -> None:
+    def log(self, step: int, scalars: dict, tokens: int | None = None) -> None:
+        """Scalars of `step`; `tokens` = tokens seen so far, unless scalars carry train/consumed_tokens."""
         if not self.enabled:
             return
+        if self.tensorboard and self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.purge_step)
         if self.writer is not None:
-            for k, v in scalars.items():
-                if v is not None:
-                    self.writer.add_scalar(k, v, step)
+            for tag, v, x in tensorboard_tags(step, scalars, tokens):
+                self.writer.add_scalar(tag, v, x)
             self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in scalars.items() if v is not None}, step=step)
         self.metrics.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
         self.metrics.flush()
 
@@ -100,5 +162,7 @@ class Monitor:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
         if self.metrics is not None:
             self.metrics.close()

@@ -17,9 +17,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from pretrain.errors import UserError, cli_entry
-
-REPO = Path(__file__).resolve().parents[1]
+from pretrain.config.load import preset_path
+from pretrain.errors import HelpFormatter, UserError, cli_entry
 
 
 def write_corpus(out: Path, max_mb: float | None) -> Path:
@@ -49,9 +48,10 @@ def write_corpus(out: Path, max_mb: float | None) -> Path:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="pretrain-quickstart", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="pretrain-quickstart", description=__doc__.split("\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--out", default="runs/quickstart", help="run directory (data, checkpoints, logs)")
-    p.add_argument("--config", default=str(REPO / "configs" / "quickstart.yaml"))
+    p.add_argument("--config", default=preset_path("quickstart.yaml"), help="trainer config")
     p.add_argument("--max-mb", type=float, default=None, help="cap the corpus size (smoke tests)")
     p.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary size")
     p.add_argument("--prompt", default="def ", help="prompt for the closing sample")
@@ -66,9 +66,9 @@ def main(argv=None) -> int:
     from pretrain.generate import sample_text
 
     a = parse_args(sys.argv[1:] if argv is None else argv)
+    a.config = preset_path(a.config)
     if not Path(a.config).is_file():
-        raise UserError(f"{a.config}: quickstart config not found; run from a source checkout "
-                        "(pip install -e .) or pass --config")
+        raise UserError(f"{a.config}: quickstart config not found; pass --config FILE")
     out = Path(a.out)
     data_dir = out / "data"
     print(f"[1/4] corpus: Python standard library sources -> {out / 'corpus.jsonl'}", flush=True)
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     tag_dir = checkpoint.resolve_tag_dir(str(out))
     print("-" * 60 + "\n" + sample_text(tag_dir, a.prompt, max_new_tokens=120) + "\n" + "-" * 60)
     print(f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
-    print(f"More samples: python -m pretrain.generate --checkpoint {out} --prompt 'import '")
+    print(f"More samples: pretrain-generate --checkpoint {out} --prompt 'import ' --num-samples 3")
     return 0
 
 

@@ -65,6 +65,37 @@ class SyntheticData:
         return out
 
 
+def eval_sources(paths: list) -> tuple[list[str], list[str]]:
+    """Separate evaluation data is read whole: a pretrain-prep output contributes every split it
+    has (one source per split), a Megatron prefix all of it. Returns (paths, one split per path)
+    for `open_dataset`."""
+    from pretrain.data.manifest import is_manifest_dir, read_manifest
+
+    out_paths, out_splits = [], []
+    for p in map(str, paths):
+        have = ([k for k, v in read_manifest(p)["splits"].items() if v.get("shards")] if is_manifest_dir(p)
+                else ["train"])  # a bare prefix: TokenSource's name for all of it
+        out_paths += [p] * len(have)
+        out_splits += have
+    return out_paths, out_splits
+
+
+def epoch_report(ds, train_samples: int) -> list[str]:
+    """How many epochs of each source the run reads, and a warning when it repeats data."""
+    lines = []
+    for j, (src, ix) in enumerate(zip(ds.sources, ds.index)):
+        if ix is None:  # weight 0
+            continue
+        reads = train_samples * int(ds.blend.counts[j]) / ds.blend.block
+        epochs = reads / ix.per_epoch
+        lines.append(f"data: {src.path} ({src.split}): {ix.per_epoch:,} samples of {ds.seq_len} tokens per epoch; "
+                     f"this run reads {epochs:.2f} epochs of it")
+        if epochs > 1:
+            lines.append(f"warning: the run repeats data: {epochs:.1f} epochs of {src.path} (each epoch reshuffled); "
+                         f"add data or lower train.max_steps to see each sample at most once")
+    return lines
+
+
 class RunData:
     def __init__(self, cfg: Config, layout: Layout, rank: int, dp_rank: int, out_dir: Path,
                  log: Callable[[str], None]):
@@ -78,27 +109,62 @@ class RunData:
         if d.synthetic:
             self.train = SyntheticData(cfg.model.vocab_size, cfg.model.seq_len, d.seed, train_samples)
             self.valid = SyntheticData(cfg.model.vocab_size, cfg.model.seq_len, d.seed + 1, self.valid_samples)
+            self.test = None
         else:
             # Rank 0 builds (and caches) the index first; the others then read the cache.
             for turn in (0, 1):
                 if (rank == 0) == (turn == 0):
                     self.train = open_dataset(d.paths, d.weights or None, d.train_split, cfg.model.seq_len,
                                               d.seed, train_samples, cache)
-                    self.valid = self._open_valid(cache)
+                    self.valid = self._open_eval("validation", d.valid_paths, d.valid_split, cache)
+                    self.test = self._open_eval("test", d.test_paths, d.test_split, cache)
+                    for line in epoch_report(self.train, train_samples):
+                        log(line)
                 dist.barrier()
         self.fingerprint = self.train.fingerprint
         self.tokenizer_dir = self.train.tokenizer_dir
 
-    def _open_valid(self, cache: str):
+    def _open_eval(self, name: str, paths: list, split: str, cache: str):
+        """Validation or test data: `paths` when given (data.valid_paths / test_paths), else `split`
+        of data.paths in the sources that have it (a warning names those that do not)."""
         from pretrain.data.loader import MissingSplit, open_dataset
 
         d = self.cfg.data
+        common = (self.cfg.model.seq_len, d.seed, self.valid_samples, cache)
+        if paths:
+            src_paths, splits = eval_sources(paths)
+            return open_dataset(src_paths, None, splits, *common)
         try:
-            return open_dataset(d.paths, d.weights or None, d.valid_split, self.cfg.model.seq_len,
-                                d.seed, self.valid_samples, cache)
-        except MissingSplit as e:  # a corrupt validation shard is still an error
-            self.log(f"warning: no validation data ({e}); validation is skipped")
+            ds = open_dataset(d.paths, d.weights or None, split, *common, missing_split="skip")
+        except MissingSplit as e:  # a corrupt shard is still an error
+            if name == "validation":
+                self.log(f"warning: no validation data ({e}); validation is skipped. Prepare the data with a "
+                         f"valid split (pretrain-prep --split) or set data.valid_paths")
             return None
+        have = {s.path for s in ds.sources}
+        missing = [str(p) for p in d.paths if str(p) not in have]
+        if missing:
+            self.log(f"warning: {len(missing)} of {len(d.paths)} data sources have no {split!r} split "
+                     f"({', '.join(missing)}); {name} uses the other {len(have)}")
+        return ds
+
+    def valid_batches(self) -> Iterator[torch.Tensor] | None:
+        """The same first `train.eval_steps` validation micro-batches every time."""
+        return self._eval_batches(self.valid)
+
+    def test_batches(self) -> Iterator[torch.Tensor] | None:
+        """Like valid_batches, from the test data (None without any)."""
+        return self._eval_batches(self.test)
+
+    def _eval_batches(self, ds) -> Iterator[torch.Tensor] | None:
+        if ds is None:
+            return None
+        from pretrain.data.loader import micro_batches
+
+        lay = self.layout
+        it = self._in_vocab(micro_batches(ds, lay.micro_batch_size, self.dp_rank, lay.dp, 0), 0,
+                            "validation" if ds is self.valid else "test")
+        return (next(it) for _ in range(self.cfg.train.eval_steps))
 
     def train_batches(self, consumed_samples: int) -> Iterator[torch.Tensor]:
         from pretrain.data.loader import micro_batches
@@ -106,16 +172,6 @@ class RunData:
         lay = self.layout
         return self._in_vocab(micro_batches(self.train, lay.micro_batch_size, self.dp_rank, lay.dp, consumed_samples),
                               consumed_samples, "train")
-
-    def valid_batches(self) -> Iterator[torch.Tensor] | None:
-        """The same first `train.eval_steps` validation micro-batches every time."""
-        if self.valid is None:
-            return None
-        from pretrain.data.loader import micro_batches
-
-        lay = self.layout
-        it = self._in_vocab(micro_batches(self.valid, lay.micro_batch_size, self.dp_rank, lay.dp, 0), 0, "validation")
-        return (next(it) for _ in range(self.cfg.train.eval_steps))
 
     def _in_vocab(self, batches: Iterator[torch.Tensor], consumed: int, split: str) -> Iterator[torch.Tensor]:
         """Batches whose token ids are all below the vocabulary; UserError at the first that is not.

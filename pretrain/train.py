@@ -27,8 +27,8 @@ import torch.distributed as dist
 from pretrain import checkpoint, faults, preflight, runlock, stop
 from pretrain.config.load import config_to_yaml, load_config
 from pretrain.config.schema import Config, to_dict
-from pretrain.config.validate import Layout, resolve
-from pretrain.errors import UserError, cli_entry
+from pretrain.config.validate import Layout, config_warnings, resolve
+from pretrain.errors import HelpFormatter, UserError, cli_entry
 from pretrain.run_data import RunData, data_vocab_size
 from pretrain.schedule import lr_at
 
@@ -36,10 +36,15 @@ EXIT_NONFINITE = 3
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="pretrain-train", description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="YAML config (see configs/); omit for all defaults")
+    p = argparse.ArgumentParser(prog="pretrain-train", description=__doc__.split("\n")[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("--config", action="append", default=[],
+                   help="YAML config (see configs/); repeat to merge several in order (later files win "
+                        "field by field); omit for all defaults")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--print-deepspeed-config", action="store_true",
+                   help="print the DeepSpeed config this job hands to deepspeed.initialize (JSON) and exit")
     p.add_argument("--plan", action="store_true",
                    help="print parameters, FLOPs, batch plan, layout and memory estimate, then exit")
     p.add_argument("--world-size", type=int, default=None,
@@ -56,31 +61,59 @@ def parse_args(argv):
 def main(argv=None) -> int:
     stop.install()  # first: SIGTERM/SIGUSR1 from now on mean "checkpoint and exit 0"
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.config is None and args.overrides and args.overrides[0].endswith((".yaml", ".yml")):
-        args.config = args.overrides.pop(0)  # `pretrain-train FILE ...` works too
+    if not args.config and args.overrides and args.overrides[0].endswith((".yaml", ".yml")):
+        args.config = [args.overrides.pop(0)]  # `pretrain-train FILE ...` works too
     cfg = load_config(args.config, args.overrides)
     world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    offline = args.plan or args.print_config or args.print_deepspeed_config  # no process group, no GPU
     data_vocab = None
     if not cfg.data.synthetic:
         try:
             data_vocab = data_vocab_size(cfg.data.paths)
         except UserError:
-            if not (args.plan or args.print_config) or cfg.model.vocab_size is None:
-                raise  # planning works without prepared data when model.vocab_size is set
-    layout = resolve(cfg, world, data_vocab)
+            if not offline:
+                raise  # planning and printing work without prepared data
+    # Offline, train.device=cuda plans a GPU job from a CPU node (checked again at launch).
+    layout = resolve(_vocab_placeholder(cfg, data_vocab, args), world, data_vocab,
+                     cuda_available=True if offline and cfg.train.device == "cuda" else None)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for warning in config_warnings(cfg):
+            print(warning, file=sys.stderr, flush=True)
+    if offline and cfg.train.device == "auto" and layout.device == "cpu":
+        print("note: no CUDA device here, so train.device auto plans for the CPU; add train.device=cuda "
+              "to plan a GPU job", file=sys.stderr)
     if args.print_config:
         print(config_to_yaml(cfg), end="")
-        return 0
-    preflight.check_deepspeed(cfg, layout)
+    if not args.print_config or args.plan or args.print_deepspeed_config:
+        preflight.check_deepspeed(cfg, layout)  # DeepSpeed's own config model, before any process starts
+    if args.print_deepspeed_config:
+        import json
+
+        from pretrain.engine import engine_ds_config
+
+        print(json.dumps(engine_ds_config(cfg, layout), indent=2))
     if args.plan:
         from pretrain.plan import format_plan
 
         print(format_plan(cfg, layout))
+    if offline:
         return 0
     if args.check:
         print(f"config ok for {layout.world_size} process(es)")
         return 0
     return Trainer(cfg, layout).run()
+
+
+def _vocab_placeholder(cfg: Config, data_vocab: int | None, args) -> Config:
+    """--print-config / --print-deepspeed-config before the data exists: model.vocab_size null is
+    filled from the data later, so every other rule is checked with a stand-in vocabulary."""
+    if cfg.model.vocab_size is not None or data_vocab is not None or args.plan or cfg.data.synthetic:
+        return cfg  # (--plan needs the real size: the error says to set model.vocab_size)
+    import copy
+
+    probe = copy.deepcopy(cfg)
+    probe.model.vocab_size = probe.model.vocab_multiple
+    return probe
 
 
 class Trainer:
@@ -137,7 +170,8 @@ class Trainer:
         self.topo = Topology(lay)  # every rank/group question goes here (DeepSpeed's grid)
         self.dp_rank = self.topo.dp_rank  # tensor-parallel peers (and pipeline stages) read the same batches
         self.pipe = lay.pp > 1
-        self.monitor = Monitor(self.out_dir, self.rank == 0, cfg.logging.tensorboard, cfg.train.max_steps)
+        wandb = {"project": cfg.logging.wandb_project, "config": to_dict(cfg)} if cfg.logging.wandb else None
+        self.monitor = Monitor(self.out_dir, self.rank == 0, cfg.logging.tensorboard, cfg.train.max_steps, wandb)
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             checkpoint.write_atomic(self.out_dir / "config.yaml", config_to_yaml(cfg))
@@ -159,6 +193,7 @@ class Trainer:
         tag_dir = checkpoint.choose_resume(cfg.checkpoint.resume, self.ckpt_dir, self.monitor.print)
         if tag_dir is not None:
             self._resume(tag_dir)
+            self.monitor.rewind(self.step)  # drop what the stopped run logged after this checkpoint
         n_params = count_params(cfg.model, lay.padded_vocab_size)["total"]
         self.monitor.print(f"training {n_params:,} parameters on {lay.world_size} {self.device.type} process(es) "
                            f"(data {lay.dp} x tensor {lay.tp} x pipeline {lay.pp}) "
@@ -304,6 +339,7 @@ class Trainer:
             faults.after_step()
         if not cfg.train.eval_interval or self.step % cfg.train.eval_interval:
             self._timed("validation", self._validate)
+        self._timed("validation", lambda: self._validate("test"))  # once, at the end (data.test_paths, or a test split)
         path = self._timed("checkpoint", self._save)
         self.monitor.print(f"done: step {self.step}, checkpoint {path}")
         return 0
@@ -382,8 +418,8 @@ class Trainer:
         self.monitor.log(self.step, scalars)
         self.monitor.train_line(self.step, scalars)
 
-    def _validate(self) -> None:
-        batches = self.data.valid_batches()
+    def _validate(self, which: str = "val") -> None:
+        batches = self.data.valid_batches() if which == "val" else self.data.test_batches()
         if batches is None:
             return
         self.engine.eval()
@@ -400,8 +436,10 @@ class Trainer:
         self.engine.train()
         loss = self._mean_over_dp(total / max(n, 1))
         ppl = math.exp(loss) if loss < 50 else float("inf")
-        self.monitor.log(self.step, {"val/loss": loss, "val/perplexity": ppl})
-        self.monitor.print(f"validation at step {self.step}: loss {loss:.4f} | perplexity {ppl:.2f}")
+        self.monitor.log(self.step, {f"{which}/loss": loss, f"{which}/perplexity": ppl},
+                         tokens=self.consumed * self.cfg.model.seq_len)
+        self.monitor.print(f"{'validation' if which == 'val' else which} at step {self.step}: loss {loss:.4f} | "
+                           f"perplexity {ppl:.2f}")
 
     def _save(self) -> Path:
         return checkpoint.save(self.engine, self.ckpt_dir, self.step, self._state(), self.cfg.checkpoint.keep_last)

@@ -151,6 +151,35 @@ def test_deepspeed_overrides_go_to_passthrough(tmp_path):
     }
 
 
+def test_several_config_files_merge_in_order(tmp_path):
+    """`--config base.yaml --config mine.yaml` (NeoX style): later files win field by field."""
+    a = _write(tmp_path, "model: {n_layer: 2, d_model: 64}\ntrain: {max_steps: 5}\n"
+                         "deepspeed: {comms_logger: {enabled: true, verbose: true}}\n", "a.yaml")
+    b = _write(tmp_path, "model: {n_layer: 3}\ndata: {paths: [x]}\ndeepspeed: {comms_logger: {verbose: false}}\n",
+               "b.yaml")
+    cfg = load_config([a, b], ["train.max_steps=7"])
+    assert (cfg.model.n_layer, cfg.model.d_model, cfg.train.max_steps, cfg.data.paths) == (3, 64, 7, ["x"])
+    assert cfg.deepspeed == {"comms_logger": {"enabled": True, "verbose": False}}
+    assert load_config([b, a]).model.n_layer == 2
+    assert load_config([a]) == load_config(a)
+    bad = _write(tmp_path, "model: {n_layers: 3}\n", "bad.yaml")
+    with pytest.raises(UserError, match=r"bad\.yaml: unknown key 'model\.n_layers'"):
+        load_config([a, bad])
+
+
+def test_cli_merges_configs_and_warns_about_unexportable_models(tmp_path):
+    a = _write(tmp_path, "model: {n_layer: 2, vocab_size: 300, position: rope}\ndata: {synthetic: true}\n", "a.yaml")
+    b = _write(tmp_path, "model: {n_layer: 3}\n", "b.yaml")
+    r = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", a, "--config", b, "--print-config"],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert r.returncode == 0, r.stderr
+    model = config_from_dict(__import__("yaml").safe_load(r.stdout)).model
+    assert (model.n_layer, model.vocab_size, model.position) == (3, 300, "rope")
+    # rope + layernorm trains, but export-hf refuses it later: said before training starts
+    assert "warning: this model (position='rope', norm='layernorm', mlp='gelu') has no transformers" in r.stderr
+    assert "export-hf` will refuse it" in r.stderr
+
+
 def test_config_to_yaml_round_trip(tmp_path):
     cfg = load_config(str(ROOT / "configs" / "llama-7b.yaml"), ["deepspeed.a.b=1", "optim.eps=1e-8"])
     text = config_to_yaml(cfg)

@@ -6,6 +6,8 @@ Nothing is downloaded: HF models are built from configs here. The transformers t
 the `transformers` test extra (skipped without it).
 """
 import json
+import os
+import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -223,8 +225,8 @@ def test_import_checks_config_vocab_and_files(tmp_path):
         import_hf(str(src), None, str(run), ov + ["model.n_head=8", "model.d_ff=256"], log=lambda s: None)
     msg = str(e.value)
     assert "model.n_head is 8, the imported model has 4" in msg and "model.d_ff" in msg
-    with pytest.raises(UserError, match="model.position is 'learned'"):
-        import_hf(str(src), None, str(run), run_overrides("gpt2", run), log=lambda s: None)
+    with pytest.raises(UserError, match="model.position is 'rope', the imported model has 'learned'"):
+        import_hf(str(random_hf("gpt2", tmp_path / "hf-gpt2")), None, str(run), ov, log=lambda s: None)
     with pytest.raises(UserError, match="set model.vocab_size: 256"):
         import_hf(str(src), None, str(run), ov + ["model.vocab_size=200"], log=lambda s: None)
     with pytest.raises(UserError, match="no config.json"):
@@ -236,6 +238,30 @@ def test_import_checks_config_vocab_and_files(tmp_path):
     (src / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(UserError, match="not a readable safetensors"):
         import_hf(str(src), None, str(run), ov, log=lambda s: None)
+
+
+@needs_hf
+def test_import_derives_the_model_needs_no_data_and_next_runs(tmp_path, capsys):
+    """A newcomer's import: no config file, no model section, data not prepared yet; the printed
+    `next:` command keeps the overrides and trains from the imported weights."""
+    import shlex
+
+    src = random_hf("llama", tmp_path / "hf")
+    run = tmp_path / "run"
+    ov = [f"data.paths=[{tmp_path / 'not-yet'}]", "model.seq_len=32", "train.device=cpu", "train.precision=fp32"]
+    assert convert(["import-hf", "--model", str(src), "--out", str(run), *ov]) == 0
+    out = capsys.readouterr().out
+    assert "model.position=rope model.norm=rmsnorm model.mlp=swiglu" in out and "no prepared data" in out
+    cmd = shlex.split(out.split("next: ", 1)[1].splitlines()[0])
+    assert cmd[:3] == ["pretrain-train", "--config", str(run / "init" / "model.yaml")]
+    assert all(o in cmd for o in ov)
+    cfg = load_config([cmd[2]], [o for o in cmd[3:] if not o.startswith("data.")] + ["data.synthetic=true"])
+    assert (cfg.model.position, cfg.model.n_kv_head, cfg.model.vocab_size) == ("rope", 2, 256)
+    r = subprocess.run([sys.executable, "-m", "pretrain.train", *cmd[1:], "data.paths=[]", "data.synthetic=true",
+                        "train.max_steps=1", "logging.tensorboard=false"], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "done: step 1" in r.stdout
 
 
 @needs_hf

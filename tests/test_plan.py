@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import random
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from pretrain.config import load_config, resolve
 from pretrain.config.schema import Config, ModelConfig
@@ -282,3 +287,43 @@ def test_host_memory_at_build_holds_one_full_parameter_beyond_the_ranks_own():
     wte = 4 * gpu.padded_vocab_size * cfg.model.d_model
     assert host_memory(cfg, gpu) == {"build": HOST_BASELINE + wte, "steady": HOST_BASELINE}
     assert "Host memory per rank (estimate)" in format_plan(cfg, gpu)
+
+
+def _train_cli(*argv, cwd=None):
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("RANK", None)
+    return subprocess.run([sys.executable, "-m", "pretrain.train", *argv], cwd=cwd or root, capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+def test_plan_a_gpu_job_from_a_cpu_node(tmp_path):
+    """--plan / --print-deepspeed-config take train.device=cuda without a GPU here, and need no data."""
+    r = _train_cli("--config", "configs/llama-7b.yaml", "train.device=cuda", "--world-size", "8", "--plan",
+                   "--print-deepspeed-config")
+    assert r.returncode == 0, r.stderr
+    assert "bf16, device cuda" in r.stdout
+    ds = json.loads(r.stdout[r.stdout.index("{"):r.stdout.index("\nModel")])
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] is True
+    assert ds["zero_allow_untested_optimizer"] is True and ds["gradient_clipping"] == 1.0  # as the engine passes it
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 8
+    if not torch.cuda.is_available():
+        r = _train_cli("--config", "configs/llama-7b.yaml", "--world-size", "8", "--plan")
+        assert r.returncode == 0 and "device cpu" in r.stdout
+        assert "add train.device=cuda to plan a GPU job" in r.stderr
+
+
+def test_print_config_before_the_data_exists(tmp_path):
+    r = _train_cli("--config", "configs/quickstart.yaml", f"data.paths=[{tmp_path / 'not-yet'}]", "--print-config")
+    assert r.returncode == 0, r.stderr
+    assert "vocab_size: null" in r.stdout and "not-yet" in r.stdout
+    # still validated: a bad field is refused in one line
+    r = _train_cli("--config", "configs/quickstart.yaml", f"data.paths=[{tmp_path}]", "train.micro_batch_size=0",
+                   "--print-config")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+    assert "micro_batch_size" in r.stderr
+    # --plan needs the vocabulary: the error says how to give it
+    r = _train_cli("--config", "configs/quickstart.yaml", f"data.paths=[{tmp_path / 'not-yet'}]", "--plan")
+    assert r.returncode == 2 and "set model.vocab_size" in r.stderr

@@ -8,7 +8,7 @@ import sys
 from pretrain import checkpoint
 
 
-def test_quickstart_end_to_end(tmp_path):
+def test_quickstart_end_to_end(tmp_path, capsys):
     out = tmp_path / "qs"
     cmd = [sys.executable, "-m", "pretrain.quickstart", "--out", str(out), "--max-mb", "1", "--vocab", "320",
            "train.max_steps=8", "schedule.warmup_steps=2", "logging.interval=4", "checkpoint.interval=4",
@@ -24,3 +24,18 @@ def test_quickstart_end_to_end(tmp_path):
     assert (out / "data" / "manifest.json").is_file() and (out / "data" / "tokenizer.json").is_file()
     assert checkpoint.verify(checkpoint.resolve_tag_dir(str(out))) is None
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+    # The suggested follow-up: several samples in one call; the prompt's trailing space is healed
+    # (the first new token carries the space: "import" + " x", not "import " + a lone " ").
+    from pretrain.generate import main as generate_main
+
+    capsys.readouterr()
+    assert generate_main(["--checkpoint", str(out), "--prompt", "import ", "--num-samples", "3",
+                          "--max-new-tokens", "12"]) == 0
+    printed = capsys.readouterr().out
+    samples = [s.strip("\n") for s in printed.split("---")[2::2]]
+    assert printed.count("--- sample ") == 3 and len(samples) == 3, printed
+    assert all(s.startswith("import ") and len(s) > len("import ") for s in samples), samples
+    assert len(set(samples)) > 1  # independent draws
+    assert generate_main(["--checkpoint", str(out), "--num-samples", "0"]) == 2
+    assert "--num-samples must be at least 1" in capsys.readouterr().err

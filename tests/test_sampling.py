@@ -113,3 +113,22 @@ def test_eos_and_valid_vocab_and_mode_restored():
     model.train()
     generate(model, idx, 2)
     assert model.training
+
+
+def test_prompt_ending_in_a_space_is_healed(tmp_path):
+    """A byte-level BPE encodes "def " as [def, ' ']; generation drops the lone space token and
+    makes the first new token start with the space instead (the quickstart's prompt)."""
+    from pretrain.data.tokenizer import train_bpe
+    from pretrain.generate import heal_prompt
+
+    code = ["def f(x):\n    return x\n", "import os\nimport sys\n", "def g(self, y):\n    pass\n"] * 50
+    tok = train_bpe(code, 300, str(tmp_path / "tokenizer.json"))
+    for prompt in ("def ", "import "):
+        ids = tok.encode(prompt)
+        assert tok.decode(ids[-1:]) == " "  # the trap
+        healed, kept, allowed = heal_prompt(tok, prompt, ids)
+        assert healed == tok.encode(prompt[:-1]) and kept == prompt[:-1]
+        pieces = [tok.decode([i]) for i in allowed]
+        assert pieces and all(p.startswith(" ") and len(p) > 1 for p in pieces)
+        assert any(p[1:2].isalpha() for p in pieces)
+    assert heal_prompt(tok, "def", tok.encode("def"))[2] is None  # nothing to heal

@@ -34,6 +34,14 @@ def test_kill_during_save_resumes_from_previous_commit(straight, tmp_path):
     assert "resumed from" in log and "step_00000003" in log
     assert losses(out) == losses(straight)
     assert checkpoint.verify(ckpts / "step_00000006") is None  # re-saved and committed
+    # the killed run had logged steps 4-6 too: metrics.jsonl and TensorBoard hold each step once
+    steps = [m["step"] for m in metrics(out) if "train/loss" in m]
+    assert steps == sorted(set(steps)) == list(range(1, 7)), steps
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss/train")] == steps
 
 
 def test_corrupt_shard_makes_auto_resume_fall_back(straight, tmp_path):
@@ -102,13 +110,18 @@ def test_tensorboard_has_every_scalar(straight):
     acc = EventAccumulator(str(straight / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    expected = {"train/loss", "val/loss", "val/perplexity", "train/lr", "train/grad_norm",
-                "perf/tokens_per_sec", "perf/tflops_per_device", "perf/step_time_ms",
-                "mem/cpu_rss_gib", "train/skipped_steps", "train/consumed_tokens"}
+    # the losses come first in TensorBoard's (sorted) sections, also against tokens seen
+    expected = {"loss/train", "loss/val", "loss/val_perplexity", "loss/train_vs_tokens", "loss/val_vs_tokens",
+                "train/lr", "train/grad_norm", "perf/tokens_per_sec", "perf/tflops_per_device",
+                "perf/step_time_ms", "mem/cpu_rss_gib", "train/skipped_steps", "train/consumed_tokens"}
     assert expected <= tags, expected - tags
+    assert sorted({t.split("/")[0] for t in tags})[0] == "loss"
     # MFU needs a peak: CPU has none unless logging.peak_flops is set (test below);
     # loss_scale exists only for fp16, which needs a GPU.
-    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(list(losses(straight).values()))
+    assert [e.value for e in acc.Scalars("loss/train")] == pytest.approx(list(losses(straight).values()))
+    by_tokens = acc.Scalars("loss/train_vs_tokens")
+    assert [e.step for e in by_tokens] == [m["train/consumed_tokens"] for m in metrics(straight) if "train/loss" in m]
+    assert [e.value for e in by_tokens] == pytest.approx(list(losses(straight).values()))
 
 
 def test_mfu_logged_with_peak_override(tmp_path):

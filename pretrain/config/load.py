@@ -9,7 +9,7 @@
   the nearest valid one. Every value is checked against its field's annotation.
 * Overrides are `section.field=value`; the value is parsed as YAML (`null`, `[a, b]`,
   `true`, `3e-4`). `deepspeed.a.b=v` sets a key of the DeepSpeed passthrough dict.
-* `path=None` means all defaults (plus overrides).
+* `path=None` means all defaults (plus overrides); a list of files is merged in order.
 
 Cross-field rules (batch sizes, parallel degrees, ...) are checked later by
 `validate.resolve`.
@@ -22,6 +22,7 @@ import re
 import types
 import typing
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Union
 
 import yaml
@@ -290,21 +291,66 @@ def _apply_override(cfg: Config, item: str) -> None:
     setattr(getattr(cfg, parts[0]), parts[1], _coerce(value, tp, key, source))
 
 
-def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config (None = all defaults) and apply dotted overrides, in order."""
-    if path is None:
+PRESETS = Path(__file__).resolve().parents[1] / "presets"  # configs/, shipped as package data
+
+
+def preset_path(path: str) -> str:
+    """`path`, or the shipped preset it names when it does not exist here: `gpt2-124m`,
+    `gpt2-124m.yaml` or `configs/gpt2-124m.yaml` work from any directory, also after a
+    non-editable `pip install .`."""
+    p = Path(path)
+    if p.exists() or p.parent.name not in ("", "configs"):
+        return path
+    for name in (p.name, p.name + ".yaml"):
+        if (PRESETS / name).is_file():
+            return str(PRESETS / name)
+    return path
+
+
+def _read_file(path: str) -> dict:
+    path = preset_path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+        raise UserError(f"{path}: config file not found (presets: {names})") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not a YAML config file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read config file: {e}") from None
+    data = parse_yaml(text, path)
+    config_from_dict(data, path)  # every key and type checked, with this file's name
+    return data or {}
+
+
+def _merge_files(datas: list[dict]) -> dict:
+    """Files merged in order: a later file's field replaces an earlier one's, field by field
+    (lists too); the `deepspeed` passthrough merges recursively."""
+    merged: dict = {}
+    for data in datas:
+        for name, value in data.items():
+            if name == _PASSTHROUGH:
+                merged[name] = deep_merge(merged.get(name) or {}, value or {})
+            else:
+                merged[name] = {**(merged.get(name) or {}), **(value or {})}
+    return merged
+
+
+def load_config(path: str | list[str] | tuple[str, ...] | None,
+                overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read YAML config file(s) and apply dotted overrides, in order.
+
+    `path`: one file, several (merged in order, later files win field by field, as with
+    `--config base.yaml --config mine.yaml`), or None/[] for all defaults.
+    """
+    paths = [path] if isinstance(path, str) else list(path or [])
+    if not paths:
         cfg = Config()
+    elif len(paths) == 1:
+        cfg = config_from_dict(_read_file(paths[0]), paths[0])
     else:
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except FileNotFoundError:
-            raise UserError(f"{path}: config file not found (presets are in configs/)") from None
-        except IsADirectoryError:
-            raise UserError(f"{path}: is a directory, not a YAML config file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: cannot read config file: {e}") from None
-        cfg = config_from_dict(parse_yaml(text, path), path)
+        cfg = config_from_dict(_merge_files([_read_file(p) for p in paths]), " + ".join(paths))
     for item in overrides or ():
         _apply_override(cfg, item)
     return cfg

@@ -73,7 +73,16 @@ class DataConfig:
     train_split: str = "train"
     """Split of each manifest used for training."""
     valid_split: str = "valid"
-    """Split used for validation; missing in every source = validation is skipped with a warning."""
+    """Split of data.paths used for validation (when valid_paths is empty). A source without it is left
+    out of validation with a warning; missing in every source = validation is skipped with a warning."""
+    valid_paths: list = field(default_factory=list)
+    """Validation data kept apart from data.paths (Megatron's --valid-data-path, NeoX's valid_data_paths):
+    pretrain-prep outputs (every split of each is read) or Megatron prefixes. Empty = valid_split of data.paths."""
+    test_split: str = "test"
+    """Split of data.paths evaluated once at the end of the run (test/loss), where present (test_paths empty)."""
+    test_paths: list = field(default_factory=list)
+    """Test data kept apart from data.paths (Megatron's --test-data-path), evaluated once at the end of
+    the run; read like valid_paths. Empty = test_split of data.paths."""
     seed: int = 1234
     """Seed of the sample-index shuffle (independent of the model seed)."""
     cache_dir: Optional[str] = None
@@ -191,7 +200,7 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    """Console and TensorBoard."""
+    """Console, TensorBoard, metrics.jsonl and (optionally) Weights & Biases."""
 
     interval: int = 10
     """Print a console line and write TensorBoard scalars every this many steps."""
@@ -199,6 +208,11 @@ class LoggingConfig:
     """Write TensorBoard event files under <train.out_dir>/tensorboard."""
     peak_flops: Optional[float] = None
     """Peak FLOP/s of one device for MFU. null = looked up from the device name (CPU: no MFU)."""
+    wandb: bool = False
+    """Also log the scalars to Weights & Biases (`pip install 'pretrain[wandb]'`; WANDB_MODE=offline
+    writes the run under <train.out_dir>/wandb without a network, `wandb sync` uploads it later)."""
+    wandb_project: str = "pretrain"
+    """W&B project name (logging.wandb only); the run is named after train.out_dir."""
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pretrain.config.schema import Config
 from pretrain.errors import UserError
 
-__all__ = ["Layout", "resolve", "padded_vocab", "tokens_per_step", "ENUMS", "DEEPSPEED_OWNED_KEYS"]
+__all__ = ["Layout", "resolve", "config_warnings", "padded_vocab", "tokens_per_step", "ENUMS", "DEEPSPEED_OWNED_KEYS"]
 
 ENUMS: dict[str, tuple[str, ...]] = {
     "model.position": ("learned", "rope"),
@@ -255,6 +255,12 @@ def resolve(cfg: Config, world_size: int, data_vocab_size: int | None = None, *,
         raise UserError(f"world size must be a positive integer, got {world_size}")
     _check_fields(cfg)
     _check_model(cfg)
+    if cfg.logging.wandb:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise UserError("logging.wandb is true but wandb is not installed; pip install 'pretrain[wandb]' "
+                            "(or wandb), or set logging.wandb false")
     m, p, t = cfg.model, cfg.parallel, cfg.train
 
     # ---------------------------------------------------------------- device and precision
@@ -345,6 +351,19 @@ def resolve(cfg: Config, world_size: int, data_vocab_size: int | None = None, *,
     return Layout(world_size=world_size, dp=dp, tp=tp, pp=pp, micro_batch_size=micro,
                   grad_accum=accum, global_batch_size=global_batch, vocab_size=vocab,
                   padded_vocab_size=padded, zero_stage=p.zero_stage, device=device)
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Valid but surprising choices, printed before training starts (also by --plan)."""
+    from dataclasses import asdict
+
+    from pretrain.interop.names import architecture  # the one place that knows the export targets
+
+    try:
+        architecture(asdict(cfg.model))
+    except UserError as e:
+        return [f"warning: {e}. It trains, but `pretrain-convert export-hf` will refuse it"]
+    return []
 
 
 def tokens_per_step(cfg: Config, layout: Layout) -> int:

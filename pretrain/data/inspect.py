@@ -16,7 +16,7 @@ from pretrain.data.indexed import IndexedReader, check_prefix, sha256_file
 from pretrain.data.manifest import MANIFEST, is_manifest_dir, read_manifest
 from pretrain.data.prep import JOURNAL
 from pretrain.data.shards import OUR_FILES
-from pretrain.errors import UserError, cli_entry
+from pretrain.errors import HelpFormatter, UserError, cli_entry
 
 UNFINISHED = "unfinished: re-run pretrain-prep with the same arguments to resume"
 
@@ -133,14 +133,17 @@ def show(path: str, split: str | None, doc: int, max_chars: int, tokenizer: str 
 
 @cli_entry
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="pretrain-shards", description="Verify or show token shards.")
+    p = argparse.ArgumentParser(prog="pretrain-shards", description="Verify or show token shards.",
+                                formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    v = sub.add_parser("verify", help="check magic, version, dtype, sizes, pointers, doc_idx, checksums, token ids")
+    v = sub.add_parser("verify", formatter_class=HelpFormatter,
+                       help="check magic, version, dtype, sizes, pointers, doc_idx, checksums, token ids")
     v.add_argument("paths", nargs="+", help="pretrain-prep output directories or Megatron prefixes")
     v.add_argument("--no-checksums", action="store_true", help="skip sha256 and the token-id scan (fast)")
     v.add_argument("--vocab-size", type=int, default=None, help="token id bound for prefixes without a manifest")
     v.add_argument("--quiet", action="store_true", help="print problems only")
-    s = sub.add_parser("show", help="statistics and a decoded sample document")
+    s = sub.add_parser("show", formatter_class=HelpFormatter,
+                       help="statistics and a decoded sample document")
     s.add_argument("path")
     s.add_argument("--split", default=None, help="split to sample from (default train)")
     s.add_argument("--doc", type=int, default=0, help="document number to decode (default 0)")

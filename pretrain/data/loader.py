@@ -178,6 +178,7 @@ def open_dataset(paths: list[str], weights: Optional[list[float]], split: str, s
     verify: 'structure' (headers, sizes vs .bin length, pointers, doc_idx), 'full' (also sha256 of
     every file against the manifest and token ids < vocabulary) or 'auto' (default; full when the
     shards total at most 1 GiB, else structure). Env PRETRAIN_DATA_VERIFY sets the default.
+    split: one split name for every path, or a list with one per path.
     missing_split: 'error' (a source without `split` is a UserError naming it) or 'skip' (drop such
     sources; UserError only if none has it).
     num_samples <= 0 means one epoch of every source.
@@ -192,13 +193,13 @@ def open_dataset(paths: list[str], weights: Optional[list[float]], split: str, s
     sources, kept_w = [], []
     for j, p in enumerate(paths):
         try:
-            sources.append(TokenSource(str(p), split))
+            sources.append(TokenSource(str(p), split[j] if isinstance(split, (list, tuple)) else split))
             kept_w.append(j)
         except MissingSplit:
             if missing_split != "skip":
                 raise
     if not sources:
-        raise UserError(f"no data source has a {split!r} split")
+        raise MissingSplit(f"no data source has a {split!r} split")
     if weights is not None and len(weights) and len(weights) != len(paths):
         normalise_weights(weights, len(paths), None)  # raises the count mismatch
     w_in = [weights[j] for j in kept_w] if weights is not None and len(weights) else None
@@ -214,6 +215,8 @@ def open_dataset(paths: list[str], weights: Optional[list[float]], split: str, s
     if len(toks) > 1:
         raise UserError("data sources were made with different tokenizers: blend only data made with the same one")
     w = normalise_weights(w_in, len(sources), [max(s.tokens, 0) for s in sources])
+    if isinstance(split, (list, tuple)):  # one split per path (pretrain.run_data: separate eval data)
+        split = "+".join(s.split for s in sources)
     return BlendedDataset(sources, w, split, seq_len, seed, num_samples, cache_dir)
 
 

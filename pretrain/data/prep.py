@@ -27,7 +27,7 @@ from pretrain.data.manifest import FORMAT, FORMAT_VERSION, MANIFEST, write_json_
 from pretrain.data.shards import Outputs, RestoreFailed, clean_outputs
 from pretrain.data.sources import check_extras, expand_inputs, iter_chunks, source_info
 from pretrain.data.tokenizer import load_tokenizer, parse_bpe_spec, train_bpe
-from pretrain.errors import UserError, cli_entry
+from pretrain.errors import HelpFormatter, UserError, cli_entry
 from pretrain.ioerrors import known_io_errors, os_error_line
 
 JOURNAL = ".prep_state.json"
@@ -58,8 +58,21 @@ def parse_split(s: str) -> list[float]:
     return fr
 
 
+def split_warnings(splits: dict, documents: int) -> list[str]:
+    """A split asked for (fraction > 0) that received no document: documents are assigned by a
+    hash, so a small corpus can leave a 2% validation split empty, and validation would be off."""
+    out = []
+    for name, s in splits.items():
+        if s["fraction"] > 0 and not s["source_documents"]:
+            out.append(f"warning: the {name!r} split got 0 of {documents:,} documents (--split gives it "
+                       f"{s['fraction']:g}; documents are assigned by hash). Raise its fraction (e.g. --split "
+                       f"0.9,0.1) or give the trainer separate data (data.{name}_paths)")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pretrain-prep", description="Tokenize raw text into Megatron shards.")
+    p = argparse.ArgumentParser(prog="pretrain-prep", description="Tokenize raw text into Megatron shards.",
+                                formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", help="files, globs or directories: .txt .jsonl .jsonl.gz .jsonl.zst "
                    ".parquet, or a Hugging Face dataset directory (save_to_disk)")
     p.add_argument("-o", "--output", required=True, help="output directory")
@@ -300,6 +313,8 @@ def main(argv=None) -> int:
                     (max_doc, chunk_bytes))
     _check_survivors(outputs, examples, args.max_bad_fraction, out)
     splits = outputs.finish()
+    for warning in split_warnings(splits, outputs.stats["documents"]):
+        print(warning, file=sys.stderr, flush=True)
     m = _manifest(args, argv, tok, tok_name, tok_sha, dtype, splits, outputs.stats, src_info, fp, cfg)
     write_json_atomic(os.path.join(out, MANIFEST), m)
     os.remove(jp)

@@ -11,14 +11,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pretrain.errors import UserError, cli_entry
+from pretrain.errors import HelpFormatter, UserError, cli_entry
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="pretrain-convert", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="pretrain-convert", description=__doc__.split("\n")[0],
+                                formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{export-hf,import-hf,reshard}")
 
-    e = sub.add_parser("export-hf", help="write a transformers model directory from a checkpoint")
+    e = sub.add_parser("export-hf", formatter_class=HelpFormatter,
+                       help="write a transformers model directory from a checkpoint")
     e.add_argument("--run", required=True, help="run directory, checkpoints/ dir, step_* dir, or an import-hf init dir")
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest committed)")
     e.add_argument("--out", required=True, help="output directory (new or empty)")
@@ -28,7 +30,8 @@ def parse_args(argv):
                    help="rows of the embedding to export (default: the run's real vocabulary)")
     e.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
 
-    i = sub.add_parser("import-hf", help="initialise a run from a local transformers GPT-2 / Llama model")
+    i = sub.add_parser("import-hf", formatter_class=HelpFormatter,
+                       help="initialise a run from a local transformers GPT-2 / Llama model")
     i.add_argument("--model", required=True, help="local transformers model directory (config.json + safetensors)")
     i.add_argument("--config", default=None, help="the run's YAML config (its model section must match)")
     i.add_argument("--out", required=True, help="the run directory to initialise (train.out_dir)")
@@ -37,7 +40,8 @@ def parse_args(argv):
                    help="import even though the data was tokenized with another tokenizer")
     i.add_argument("--force", action="store_true", help="replace an earlier import / ignore existing checkpoints")
 
-    r = sub.add_parser("reshard", help="make a checkpoint resumable in another data/tensor/pipeline layout "
+    r = sub.add_parser("reshard", formatter_class=HelpFormatter,
+                       help="make a checkpoint resumable in another data/tensor/pipeline layout "
                                        "or ZeRO stage")
     r.add_argument("--run", required=True, help="run directory, checkpoints/ dir or step_* dir")
     r.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest committed)")

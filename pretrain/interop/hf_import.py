@@ -1,11 +1,13 @@
 """Start a run from a local transformers checkpoint (GPT-2 or Llama family).
 
-    pretrain-convert import-hf --model HF_DIR --config FILE --out RUN_DIR
-    pretrain-train --config FILE train.out_dir=RUN_DIR checkpoint.init_from=RUN_DIR/init
+    pretrain-convert import-hf --model HF_DIR [--config FILE] --out RUN_DIR [overrides]
+    pretrain-train [--config FILE] --config RUN_DIR/init/model.yaml [overrides] \
+        train.out_dir=RUN_DIR checkpoint.init_from=RUN_DIR/init        (printed as `next:`)
 
 import-hf reads HF_DIR/config.json and its safetensors weights (a pytorch_model.bin is
-refused: we never unpickle a downloaded file), checks the config's model section against
-the HF config (every mismatching field is named, with the value to set), checks the
+refused: we never unpickle a downloaded file), derives the model section from the HF config
+(fields left at their defaults; a field set to another value is named, with the value to
+set), and writes it to RUN_DIR/init/model.yaml. When the data is prepared it checks the
 vocabulary and -- when both are Hugging Face tokenizers -- that the data was tokenized with
 the model's tokenizer, and writes RUN_DIR/init/ (see `init_weights.py`). Training then
 starts from those weights with a fresh optimizer, at step 0.
@@ -111,9 +113,51 @@ def _check_tokenizer(model_dir: Path, cfg, allow: bool, log) -> None:
             log(f"warning: {msg}")
 
 
+def derive_model(cfg, want: dict, hf_vocab: int) -> list[str]:
+    """Fill the config's model section from the imported model: a field still at its default takes
+    the checkpoint's value (a field set to something else is left for `mismatches` to refuse).
+    Returns the fields it set, as `model.k=v`."""
+    from pretrain.config.schema import ModelConfig
+
+    defaults, set_ = asdict(ModelConfig()), []
+    for key, value in want.items():
+        if key == "seq_len":  # a training choice: only learned positions cap it (at the model's table)
+            if want["position"] != "learned" or cfg.model.seq_len <= value:
+                continue
+        if getattr(cfg.model, key) == defaults[key] and getattr(cfg.model, key) != value:
+            setattr(cfg.model, key, value)
+            set_.append(f"model.{key}={json.dumps(value) if not isinstance(value, str) else value}")
+    return set_
+
+
+def _data_ready(cfg) -> tuple[bool, int | None]:
+    """(whether data.paths holds prepared data, its vocabulary). Importing needs no data yet."""
+    from pretrain.run_data import data_vocab_size
+
+    if cfg.data.synthetic:
+        return True, None
+    if not cfg.data.paths:
+        return False, None
+    try:
+        return True, data_vocab_size(cfg.data.paths)
+    except UserError:
+        return False, None
+
+
 def import_hf(model_dir: str, config: str | None, out: str, overrides=(), allow_tokenizer_mismatch: bool = False,
               force: bool = False, log=print) -> Path:
-    """Write `<out>/init/` from the transformers model in `model_dir` for the run config `config`."""
+    """Write `<out>/init/` from the transformers model in `model_dir` for the run config `config`.
+
+    The model section is derived from the checkpoint (fields left at their defaults take its
+    values) and written to `<out>/init/model.yaml`, which the printed `next:` command loads after
+    `config`, with the same overrides. Prepared data is optional: without it the vocabulary and
+    tokenizer checks are left to the data (`pretrain-prep --tokenizer hf:MODEL_DIR/tokenizer.json`).
+    """
+    import copy
+    import shlex
+
+    import yaml
+
     from pretrain.config.load import load_config
     from pretrain.config.validate import padded_vocab, resolve
 
@@ -121,25 +165,25 @@ def import_hf(model_dir: str, config: str | None, out: str, overrides=(), allow_
     hf_cfg = read_hf_config(src)
     arch, want, hf_vocab = names.model_from_hf_config(hf_cfg)
     cfg = load_config(config, list(overrides))
-    m = asdict(cfg.model)
-    bad = mismatches(m, want)
+    derived = derive_model(cfg, want, hf_vocab)
+    bad = mismatches(asdict(cfg.model), want)
     if bad:
         keys = ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "position", "norm", "mlp", "bias",
                 "tie_embeddings", "norm_eps", "rope_theta")
         wanted = " ".join(f"model.{k}={want[k] if isinstance(want[k], str) else json.dumps(want[k])}"
                           for k in keys if k in want)
         raise UserError(f"{config or 'the config'}: the model section does not match {src}/config.json: "
-                        + "; ".join(bad) + f" (the imported model is: {wanted})")
+                        + "; ".join(bad) + f" (the imported model is: {wanted}; or leave these fields out: "
+                        "import-hf derives them)")
 
     # Vocabulary: every data token id must have a row, and every imported row must fit.
-    data_vocab = None
-    if not cfg.data.synthetic:
-        from pretrain.run_data import data_vocab_size
-
-        data_vocab = data_vocab_size(cfg.data.paths)
-        if data_vocab is not None and data_vocab > hf_vocab:
-            raise UserError(f"the data's vocabulary ({data_vocab}) is larger than the imported model's ({hf_vocab}); "
-                            "was it tokenized with another tokenizer?")
+    ready, data_vocab = _data_ready(cfg)
+    if data_vocab is not None and data_vocab > hf_vocab:
+        raise UserError(f"the data's vocabulary ({data_vocab}) is larger than the imported model's ({hf_vocab}); "
+                        "was it tokenized with another tokenizer?")
+    if cfg.model.vocab_size is None and data_vocab is None:
+        cfg.model.vocab_size = hf_vocab
+        derived.append(f"model.vocab_size={hf_vocab}")
     rows = max(data_vocab or 0, cfg.model.vocab_size or 0)
     if rows < hf_vocab:
         raise UserError(f"the run's vocabulary ({rows}: model.vocab_size={cfg.model.vocab_size}, data "
@@ -147,9 +191,18 @@ def import_hf(model_dir: str, config: str | None, out: str, overrides=(), allow_
                         f"model.vocab_size: {hf_vocab}")
     par = cfg.parallel
     world = (par.data or 1) * par.tensor * par.pipeline
-    resolve(cfg, world, data_vocab)  # the whole config must be valid for its own run
+    probe = cfg
+    if not ready:  # the rest of the config must be valid for its own run; the data comes later
+        probe = copy.deepcopy(cfg)
+        probe.data.synthetic = True
+    resolve(probe, world, data_vocab)
     padded = padded_vocab(rows, cfg.model.vocab_multiple, par.tensor)
-    _check_tokenizer(src, cfg, allow_tokenizer_mismatch, log)
+    if ready:
+        _check_tokenizer(src, cfg, allow_tokenizer_mismatch, log)
+    else:
+        tok = f" --tokenizer hf:{src / 'tokenizer.json'}" if (src / "tokenizer.json").is_file() else ""
+        log(f"note: no prepared data at data.paths {cfg.data.paths} yet: prepare it with pretrain-prep{tok}, "
+            "so that its token ids are the model's")
 
     run = Path(out)
     init = run / "init"
@@ -173,12 +226,18 @@ def import_hf(model_dir: str, config: str | None, out: str, overrides=(), allow_
             "vocab_rows": hf_vocab, "bos_token_id": hf_cfg.get("bos_token_id"),
             "eos_token_id": hf_cfg.get("eos_token_id"), "tokenizer_files": tok_files, "hf_config": hf_cfg}
     write_init(init, sd, meta)
+    model_yaml = init / "model.yaml"  # the model section this import was checked against
+    model_yaml.write_text(f"# written by pretrain-convert import-hf: the model section of {src}\n"
+                          + yaml.safe_dump({"model": asdict(cfg.model)}, sort_keys=False))
     n = sum(t.numel() for t in sd.values())
     log(f"imported {names.ARCHITECTURES[arch]} ({n:,} parameters, vocabulary {hf_vocab}) from {src} into {init}")
+    if derived:
+        log(f"model section from {src}/config.json: {' '.join(derived)} (in {model_yaml})")
     if padded > hf_vocab:
         log(f"note: the run pads the vocabulary to {padded}: {padded - hf_vocab} zero rows whose logits (0) join the "
             "softmax, so the first loss is close to, not equal to, transformers'. For exact equality choose "
             f"model.vocab_multiple so that the padded vocabulary is {hf_vocab}.")
-    cfg_arg = f"--config {config} " if config else ""
-    log(f"next: pretrain-train {cfg_arg}train.out_dir={run} checkpoint.init_from={init}")
+    cmd = ["pretrain-train", *(["--config", config] if config else []), "--config", str(model_yaml),
+           *overrides, f"train.out_dir={run}", f"checkpoint.init_from={init}"]
+    log("next: " + shlex.join(cmd))
     return init

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from pretrain import checkpoint
-from pretrain.errors import UserError, cli_entry
+from pretrain.errors import HelpFormatter, UserError, cli_entry
 
 
 def _candidates(path: Path) -> tuple[Path | None, list[Path]]:
@@ -141,7 +141,10 @@ def _fmt(report: dict) -> str:
         lines.append("model        " + " ".join(f"{k}={v}" for k, v in ms.items()))
         cfg = report.get("config") or {}
         t, o = cfg.get("train", {}), cfg.get("optim", {})
-        lines.append(f"training     precision {t.get('precision')}, global batch {t.get('global_batch_size')}, "
+        gbs = t.get("global_batch_size")
+        if gbs is None and t.get("micro_batch_size") and lay.get("dp"):  # null = micro x data-parallel
+            gbs = f"{t['micro_batch_size'] * lay['dp']} (= micro x data {lay['dp']}, train.global_batch_size null)"
+        lines.append(f"training     precision {t.get('precision')}, global batch {gbs}, "
                      f"micro batch {t.get('micro_batch_size')}, max_steps {t.get('max_steps')}, lr {o.get('lr')}, "
                      f"seq_len {cfg.get('model', {}).get('seq_len')}")
         d = report.get("data") or {}
@@ -170,7 +173,8 @@ def _fmt(report: dict) -> str:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="pretrain-inspect-ckpt", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="pretrain-inspect-ckpt", description=__doc__.split("\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("path", help="run directory, its checkpoints/ directory, or a step_* directory")
     p.add_argument("--step", type=int, default=None, help="inspect this step (default: latest)")
     p.add_argument("--json", action="store_true", help="print the report as JSON (with the full config)")

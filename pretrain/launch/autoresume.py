@@ -64,14 +64,14 @@ def config_from_command(command: list[str]):
     """The trainer's `Config` for `command`, from its config file and dotted overrides."""
     from pretrain.config.load import load_config
 
-    config, overrides = None, []
+    config, overrides = [], []  # --config may repeat (merged in order)
     for i, arg in enumerate(command):
         if arg == "--config" and i + 1 < len(command):
-            config = command[i + 1]
+            config.append(command[i + 1])
         elif arg.startswith("--config="):
-            config = arg.split("=", 1)[1]
-        elif config is None and arg.endswith((".yaml", ".yml")) and not arg.startswith("-") and "=" not in arg:
-            config = arg
+            config.append(arg.split("=", 1)[1])
+        elif not config and arg.endswith((".yaml", ".yml")) and not arg.startswith("-") and "=" not in arg:
+            config.append(arg)
         elif OVERRIDE_RE.match(arg):
             overrides.append(arg)
     timeout = os.environ.get("PRETRAIN_TIMEOUT_MINUTES")
