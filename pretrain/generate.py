@@ -30,14 +30,16 @@ def load_model(tag_dir, device: torch.device) -> tuple[GPT, dict]:
     return model.to(device).eval(), state
 
 
-def load_tokenizer_for(state: dict, override: str | None):
+def load_tokenizer_for(state: dict, override: str | None, tag_dir):
+    """--tokenizer SPEC, else the checkpoint's own copy of the run's tokenizer."""
     from pretrain.data.tokenizer import load_tokenizer, tokenizer_from_manifest
 
     if override:
         return load_tokenizer(override)
-    if not state.get("tokenizer_dir"):
-        raise UserError("this run has no recorded tokenizer (synthetic data?); pass --tokenizer SPEC")
-    return tokenizer_from_manifest(state["tokenizer_dir"])
+    tdir = checkpoint.tokenizer_dir(tag_dir, state)
+    if not tdir:
+        raise UserError(f"{tag_dir}: this run has no recorded tokenizer (synthetic data?); pass --tokenizer SPEC")
+    return tokenizer_from_manifest(tdir)
 
 
 def sample_text(tag_dir, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
@@ -45,7 +47,7 @@ def sample_text(tag_dir, prompt: str, max_new_tokens: int = 100, temperature: fl
                 tokenizer: str | None = None, device: str = "cpu") -> str:
     dev = torch.device(device)
     model, state = load_model(tag_dir, dev)
-    tok = load_tokenizer_for(state, tokenizer)
+    tok = load_tokenizer_for(state, tokenizer, tag_dir)
     ids = tok.encode(prompt)
     if not ids:
         ids = [tok.eos_id if tok.eos_id is not None else 0]

@@ -158,9 +158,21 @@ def load_init_weights(model: torch.nn.Module, path, cfg, layout, topo=None, log=
     if int(meta["vocab_rows"]) > padded:
         raise UserError(f"checkpoint.init_from={path}: the imported model has {meta['vocab_rows']} vocabulary "
                         f"rows, this run's embedding only {padded}; set model.vocab_size: {meta['vocab_rows']}")
+    copy_weights(model, sd, cfg, layout, topo, f"checkpoint.init_from={path}")
+    if topo is None or topo.rank == 0:
+        pad = padded - int(meta["vocab_rows"])
+        log(f"initialised from {init_dir_of(path)} ({meta.get('architecture')}, {meta.get('source')})"
+            + (f"; {pad} padding rows of the embedding are zero" if pad else ""))
+    return meta
+
+
+def copy_weights(model: torch.nn.Module, sd: dict, cfg, layout, topo, where: str) -> None:
+    """Copy the full plain-GPT state dict `sd` into `model` (this rank's plain GPT, ParallelGPT or
+    pipeline stage); embedding rows are zero-padded, or cut to, the run's padded vocabulary."""
+    padded = layout.padded_vocab_size
     for k in ("embed.wte.weight", "head.lm_head.weight"):
         if k in sd:
-            sd[k] = names.pad_rows(sd[k], padded)
+            sd[k] = names.pad_rows(sd[k][:padded], padded)
     tp = layout.tp
     tp_rank = getattr(topo, "tp_rank", 0) if topo is not None else 0
     first = bool(getattr(topo, "is_first_stage", True)) if topo is not None else True
@@ -174,9 +186,4 @@ def load_init_weights(model: torch.nn.Module, path, cfg, layout, topo=None, log=
                 continue
             p.copy_(_local_piece(plain, sd[plain], p.shape, cfg.model, tp, tp_rank).to(p.dtype))
     if missing:
-        raise UserError(f"checkpoint.init_from={path}: the init weights lack {missing[:4]}")
-    if topo is None or topo.rank == 0:
-        pad = padded - int(meta["vocab_rows"])
-        log(f"initialised from {init_dir_of(path)} ({meta.get('architecture')}, {meta.get('source')})"
-            + (f"; {pad} padding rows of the embedding are zero" if pad else ""))
-    return meta
+        raise UserError(f"{where}: the init weights lack {missing[:4]}")
