@@ -115,13 +115,18 @@ class _HashingFile(io.RawIOBase):
 
     def __init__(self, f, on_write=None):
         self.f, self.sha, self.size, self.on_write = f, hashlib.sha256(), 0, on_write
+        self.error: OSError | None = None  # torch.save reports a failed write as its own RuntimeError
 
     def writable(self):
         return True
 
     def write(self, b):
         self.sha.update(b)
-        self.f.write(b)
+        try:
+            self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
         self.size += len(b)
         if self.on_write:
             self.on_write()
@@ -247,7 +252,12 @@ class CheckpointWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as f:
             w = _HashingFile(f, mid_file)
-            torch.save(sd, w)
+            try:
+                torch.save(sd, w)
+            except RuntimeError:
+                if w.error is not None:
+                    raise w.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         return {"size": w.size, "sha256": w.sha.hexdigest()}
