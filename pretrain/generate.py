@@ -46,8 +46,8 @@ def sample_text(tag_dir, prompt: str, max_new_tokens: int = 100, temperature: fl
                 top_k: int | None = 50, top_p: float | None = None, seed: int = 0,
                 tokenizer: str | None = None, device: str = "cpu") -> str:
     dev = torch.device(device)
+    tok = load_tokenizer_for(checkpoint.read_state(tag_dir), tokenizer, tag_dir)  # before the weights: fail fast
     model, state = load_model(tag_dir, dev)
-    tok = load_tokenizer_for(state, tokenizer, tag_dir)
     ids = tok.encode(prompt)
     if not ids:
         ids = [tok.eos_id if tok.eos_id is not None else 0]
