@@ -199,7 +199,7 @@ class CheckpointWriter:
         dist.all_gather_object(errors, self._error)
         bad = next((e for e in errors if e), None)
         if bad:
-            if self.rank == 0 and self._tag_dir is not None:
+            if self.rank == 0 and self._tag_dir is not None and not (self._tag_dir / checkpoint.MANIFEST).exists():
                 shutil.rmtree(self._tag_dir, ignore_errors=True)  # never committed: free the space
             raise UserError(bad)
 

@@ -76,3 +76,10 @@ def test_bench_memory_smoke():
     assert "estimate vs measured peak, worst rank per run:" in out
     assert all(x["estimate_over_peak"] > 0 for x in res)
     assert by[("ZeRO-3, DP=2", 0)]["estimate"]["buffers"] > 0  # the gathered layer
+
+
+def test_bench_ckpt_smoke():
+    out, res = _run("bench_ckpt.py")  # one rank here; the figures in docs/PERFORMANCE.md use two
+    assert "stall per save: async" in out and "commit overhead vs bare save_checkpoint" in out
+    assert set(res["median"]) == {"bare", "before", "sync", "async_stall", "async_total"}
+    assert all(v > 0 for v in res["median"].values()) and res["world"] == 1

@@ -165,8 +165,12 @@ def main() -> int:
               f"{med['sync']:.2f} s (before: {med['before']:.2f} s)")
         print(f"commit overhead vs bare save_checkpoint: ours (sync) {med['sync'] / med['bare'] - 1:+.1%}, "
               f"before {med['before'] / med['bare'] - 1:+.1%}")
+        result = {"params": n, "world": world, "times": times, "median": med,
+                  "stall_fraction": med["async_stall"] / med["sync"], "overhead": med["sync"] / med["bare"] - 1,
+                  "overhead_before": med["before"] / med["bare"] - 1}
+        print("RESULT " + json.dumps(result))
         if a.json:
-            Path(a.json).write_text(json.dumps({"params": n, "world": world, "times": times, "median": med}, indent=1))
+            Path(a.json).write_text(json.dumps(result, indent=1))
         if not a.dir:
             shutil.rmtree(base, ignore_errors=True)
     dist.barrier()
