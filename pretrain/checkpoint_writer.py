@@ -9,7 +9,10 @@
    device; on CPU a memory copy).
 3. A background thread of each rank writes its own files (DeepSpeed's, `rng_<rank>.json`,
    and on rank 0 `state.json` and the tokenizer copy), hashing each file's bytes as they
-   are written, fsyncs them and publishes `{name: size, sha256}` in `.digests_<rank>.json`.
+   are written, and publishes `{name: size, sha256}` in `.digests_<rank>.json`. Like DeepSpeed's
+   own save, the data files are not fsynced (that would double the save time on a slow disk);
+   the digests, the manifest and `latest` are (temp file + fsync + rename), and resume checks
+   every file's size against the manifest.
 4. Rank 0's thread waits for every rank's digests, adds the few files DeepSpeed wrote by
    itself (its recovery scripts), writes `manifest.json` (the commit), moves `latest`, prunes.
 
@@ -32,7 +35,6 @@ import errno
 import hashlib
 import io
 import json
-import os
 import shutil
 import threading
 import time
@@ -177,6 +179,7 @@ class CheckpointWriter:
             engine.checkpoint_engine = own
             del engine._copy_recovery_script
         files = [(Path(p), sd) for p, sd in recorder.files]
+        recorder.files.clear()  # the writer thread alone holds the snapshots (and frees each once written)
         small = {f"rng_{self.rank:05d}.json": json.dumps(checkpoint.rng_state())}
         if self.rank == 0:
             small[checkpoint.STATE] = json.dumps(state, indent=1, sort_keys=True)
@@ -207,13 +210,15 @@ class CheckpointWriter:
     def _write(self, tag_dir: Path, step: int, files, small: dict, scripts: bool) -> None:
         current = tag_dir
         try:
-            digests = {}
-            for i, (path, sd) in enumerate(files):
+            digests, first = {}, True
+            while files:
+                path, sd = files.pop(0)  # each snapshot is dropped as soon as it is on disk
                 current = path
-                digests[str(path.relative_to(tag_dir))] = self._write_pt(path, sd, step, first=i == 0)
-                if i == 0:
+                digests[str(path.relative_to(tag_dir))] = self._write_pt(path, sd, step, first=first)
+                del sd
+                if first:
                     faults.kill_if("save_point1", step, self.rank)
-            files.clear()  # drop the snapshots as soon as they are on disk
+                first = False
             for name, text in small.items():
                 current = tag_dir / name
                 digests[name] = _write_bytes(current, text.encode())
@@ -259,7 +264,6 @@ class CheckpointWriter:
                     raise w.error from None
                 raise
             f.flush()
-            os.fsync(f.fileno())
         return {"size": w.size, "sha256": w.sha.hexdigest()}
 
     def _rank0_extras(self, tag_dir: Path, scripts: bool) -> dict:
@@ -306,6 +310,4 @@ def _write_bytes(path: Path, data: bytes) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
     return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
