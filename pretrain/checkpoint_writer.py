@@ -71,36 +71,61 @@ def last_committed(ckpt_dir: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- snapshot
-def snapshot(obj):
+class Staging:
+    """CPU buffers for the snapshot. With `keep` (async saves) the buffers of one save are reused by
+    the next (same tensors in the same order): copying into memory already faulted in is several
+    times faster than allocating it afresh; the price is one resident copy of the saved state."""
+
+    def __init__(self, keep: bool):
+        self.keep, self.old, self.new, self.reuse = keep, [], [], iter(())
+
+    def begin(self) -> None:
+        self.reuse, self.new = iter(self.old if self.keep else ()), []
+
+    def end(self) -> None:
+        self.old = self.new if self.keep else []
+        self.new, self.reuse = [], iter(())
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        buf = next(self.reuse, None)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            self.reuse = iter(())  # out of step: fresh buffers from here on
+            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+        buf.copy_(t.detach(), non_blocking=t.is_cuda)
+        self.new.append(buf)
+        return buf
+
+
+def snapshot(obj, staging: Staging):
     """A copy of `obj` whose tensors live on the CPU and share nothing with the live training state."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return staging.copy(obj)
     if isinstance(obj, dict):
-        items = [(k, snapshot(v)) for k, v in obj.items()]
+        items = [(k, snapshot(v, staging)) for k, v in obj.items()]
         try:
             return type(obj)(items)
         except TypeError:
             return dict(items)
     if isinstance(obj, list):
-        return [snapshot(v) for v in obj]
+        return [snapshot(v, staging) for v in obj]
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(snapshot(v) for v in obj)
+        return tuple(snapshot(v, staging) for v in obj)
     return obj  # numbers, strings, config objects: not changed by training
 
 
 class _Recorder(CheckpointEngine):
     """A DeepSpeed checkpoint engine that keeps snapshots of what it is asked to save."""
 
-    def __init__(self):
+    def __init__(self, staging: Staging):
         super().__init__()
-        self.name = "pretrain-recorder"
+        self.name, self.staging = "pretrain-recorder", staging
         self.files: list[tuple[str, object]] = []
 
     def create(self, info):
         pass
 
     def save(self, state_dict, path: str):
-        self.files.append((path, snapshot(state_dict)))
+        self.files.append((path, snapshot(state_dict, self.staging)))
 
     def load(self, path: str, map_location=None):
         return torch.load(path, map_location=map_location, weights_only=False)
@@ -146,6 +171,7 @@ class CheckpointWriter:
         self._error: str | None = None
         self._tag_dir: Path | None = None
         self._kept = resumed_step  # a committed step that is not rewritten (resumed from it, or saved already)
+        self._staging = Staging(keep=async_save)
 
     # ------------------------------------------------------------------ training thread
     def save(self, engine, step: int, state: dict) -> Path:
@@ -157,6 +183,9 @@ class CheckpointWriter:
             try:
                 self.ckpt_dir.mkdir(parents=True, exist_ok=True)
                 already = step == self._kept and checkpoint.verify(tag_dir, "sizes") is None
+                latest = self.ckpt_dir / "latest"
+                if already and (not latest.is_file() or latest.read_text().strip() != tag_dir.name):
+                    checkpoint.write_atomic(latest, tag_dir.name + "\n")  # killed between manifest and latest
                 if tag_dir.exists() and not already:
                     shutil.rmtree(tag_dir)  # a partial save of this step from a killed run
                 tag_dir.mkdir(exist_ok=True)
@@ -169,13 +198,17 @@ class CheckpointWriter:
             raise UserError(problem)
         if already:  # e.g. the final save right after a periodic one
             return tag_dir
-        recorder, own = _Recorder(), engine.checkpoint_engine
+        recorder, own = _Recorder(self._staging), engine.checkpoint_engine
         scripts: list[str] = []
         engine.checkpoint_engine = recorder
         engine._copy_recovery_script = scripts.append  # copied (and hashed) by the writer thread instead
+        self._staging.begin()
         try:
             engine.save_checkpoint(str(self.ckpt_dir), tag=tag_dir.name, save_latest=False)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # the copies off the device are complete
         finally:
+            self._staging.end()
             engine.checkpoint_engine = own
             del engine._copy_recovery_script
         files = [(Path(p), sd) for p, sd in recorder.files]

@@ -15,7 +15,8 @@ moments exist), then, `--repeat` times in rotating order, saves the same state f
   sync     `CheckpointWriter(async_save=False)`: every rank writes its own files, hashing them
            as they are written, rank 0 commits from the gathered digests; the trainer waits for all
   async    `CheckpointWriter(async_save=True)`: the trainer waits only for the snapshot; the
-           write/hash/commit time is measured up to the commit
+           write/hash/commit time is measured up to the commit. One writer serves every repeat,
+           as in training: the first save allocates the snapshot buffers, later ones reuse them
 
 Times are the slowest rank's (between barriers). Printed: the median of each, the stall of
 async as a fraction of sync, and the commit overhead (sync / bare - 1, before / bare - 1).
@@ -127,8 +128,11 @@ def main() -> int:
             checkpoint.write_atomic(tag / checkpoint.MANIFEST, json.dumps({"files": files}))
             checkpoint.write_atomic(d / "latest", "step_00000001\n")
 
-    def ours(d, async_save):
-        w = CheckpointWriter(d, 3, async_save, 600.0)
+    writers = {}
+
+    def ours(d, async_save):  # one writer per mode for the whole run, as in training (it keeps its buffers)
+        w = writers.setdefault(async_save, CheckpointWriter(d.parent, 3, async_save, 600.0))
+        w.ckpt_dir, w._kept = d, None
         stall = _timed(lambda: w.save(engine, 1, state))
         total = stall + _timed(w.wait)
         return stall, total
