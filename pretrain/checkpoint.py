@@ -4,15 +4,18 @@ Layout of `<checkpoint dir>`:
     step_00000100/          DeepSpeed's files (model states, ZeRO optimizer shards)
         state.json          ours: step, consumed samples, config, data fingerprint, layout
         rng_00000.json      ours, one per rank: python/numpy/torch RNG states
+        tokenizer/          ours: the run's copy of the tokenizer files (digests in state.json)
         manifest.json       the commit record: every file above with size and sha256
     latest                  the tag of the newest committed checkpoint
 
-DeepSpeed writes shards in place and is not atomic, so a checkpoint counts only once
-its manifest exists: after every rank has written and a barrier, rank 0 hashes the
-files, writes `manifest.json` (temp file + fsync + rename) and only then moves
-`latest`. Resume picks the newest checkpoint whose manifest verifies; anything
-partial or corrupt is skipped with a warning naming it. Our files are JSON: no pickle
-of our own objects. (DeepSpeed's own shards are pickles: load only trusted runs.)
+A checkpoint counts only once its manifest exists. `pretrain.checkpoint_writer` writes
+it: every rank hashes the files it wrote while writing them, rank 0 gathers the digests,
+writes `manifest.json` (temp file + fsync + rename) and only then moves `latest`, in the
+background while training goes on. Resume picks the newest checkpoint whose manifest
+verifies (`checkpoint.verify`: sizes by default, or full sha256 split over the ranks);
+anything partial or corrupt is skipped with a warning naming it, and when committed
+checkpoints exist but none verifies the run stops instead of starting over. Our files are
+JSON: no pickle of our own objects. (DeepSpeed's own shards are pickles: load only trusted runs.)
 """
 from __future__ import annotations
 
@@ -28,7 +31,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pretrain import faults
 from pretrain.errors import UserError
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
@@ -88,35 +90,67 @@ def set_rng_state(state: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- verify / find
-def verify(tag_dir: Path) -> str | None:
-    """None when `tag_dir` is a complete, intact checkpoint; else the reason it is not."""
+VERIFY_MODES = ("sizes", "full")
+
+
+def read_manifest(tag_dir: Path) -> tuple[dict | None, str | None]:
     try:
         manifest = json.loads((tag_dir / MANIFEST).read_text())
+        return manifest, None if isinstance(manifest.get("files"), dict) else "manifest.json lists no files"
     except FileNotFoundError:
-        return "no manifest.json (the save never committed)"
-    except (OSError, ValueError) as e:
-        return f"unreadable manifest.json ({e})"
-    for name, meta in manifest.get("files", {}).items():
+        return None, "no manifest.json (the save never committed)"
+    except (OSError, ValueError, AttributeError) as e:
+        return None, f"unreadable manifest.json ({e})"
+
+
+def check_sizes(tag_dir: Path, files: dict) -> str | None:
+    for name, meta in files.items():
         path = tag_dir / name
         if not path.is_file():
             return f"missing file {name}"
         if path.stat().st_size != meta["size"]:
             return f"{name} has {path.stat().st_size} bytes, manifest says {meta['size']}"
-        if sha256_file(path) != meta["sha256"]:
+    return None
+
+
+def check_hashes(tag_dir: Path, names: list[str], files: dict) -> str | None:
+    for name in names:
+        if sha256_file(tag_dir / name) != files[name]["sha256"]:
             return f"{name} fails its sha256 check"
     return None
 
 
-def find_resumable(ckpt_dir: Path) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint under `ckpt_dir` that verifies, and a warning per one skipped."""
-    warnings = []
-    tags = sorted((p for p in ckpt_dir.glob("step_*") if TAG_RE.match(p.name)), reverse=True)
-    for tag_dir in tags:
-        reason = verify(tag_dir)
-        if reason is None:
-            return tag_dir, warnings
-        warnings.append(f"skipping checkpoint {tag_dir}: {reason}")
-    return None, warnings
+def verify(tag_dir: Path, mode: str = "full") -> str | None:
+    """None when `tag_dir` is a complete, intact checkpoint; else the reason it is not.
+
+    mode 'sizes': the manifest exists and every file it lists has its size; 'full': also sha256.
+    """
+    manifest, reason = read_manifest(tag_dir)
+    if reason:
+        return reason
+    files = manifest["files"]
+    return check_sizes(tag_dir, files) or (check_hashes(tag_dir, sorted(files), files) if mode == "full" else None)
+
+
+def _tags(ckpt_dir: Path) -> list[Path]:
+    return sorted((p for p in ckpt_dir.glob("step_*") if TAG_RE.match(p.name)), reverse=True) \
+        if ckpt_dir.is_dir() else []
+
+
+def _verify_everywhere(tag_dir: Path | None, mode: str) -> str | None:
+    """verify() with the sha256 work split over the ranks (collective; rank 0's `tag_dir` counts)."""
+    reason = None
+    if dist.get_rank() == 0 and tag_dir is not None:
+        reason = verify(tag_dir, "sizes")
+    tag_dir, reason = broadcast_from_rank0((tag_dir, reason))
+    if reason or mode != "full" or tag_dir is None:
+        return reason
+    files = read_manifest(tag_dir)[0]["files"]
+    names = sorted(files, key=lambda n: -files[n]["size"])[dist.get_rank()::dist.get_world_size()]
+    mine = [check_hashes(tag_dir, names, files)]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine[0])
+    return next((r for r in everyone if r), None)
 
 
 def read_state(tag_dir: Path) -> dict:
@@ -127,42 +161,13 @@ def read_state(tag_dir: Path) -> dict:
                         "point checkpoint.resume at a directory written by pretrain-train") from None
 
 
-# ----------------------------------------------------------------------------- save / load
-def save(engine, ckpt_dir: Path, step: int, state: dict, keep_last: int) -> Path:
-    """Save and commit the checkpoint of `step` (collective: every rank calls it)."""
-    rank = dist.get_rank()
-    tag_dir = ckpt_dir / tag_for(step)
-    if rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        if tag_dir.exists() and verify(tag_dir) is not None:
-            shutil.rmtree(tag_dir)  # a partial save of this step from a killed run
-    already = broadcast_from_rank0(tag_dir.exists() and (tag_dir / MANIFEST).exists())
-    if already:  # e.g. the final save right after a periodic one
-        return tag_dir
-    dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag_dir.name, save_latest=False)
-    write_atomic(tag_dir / f"rng_{rank:05d}.json", json.dumps(rng_state()))
-    if rank == 0:
-        write_atomic(tag_dir / STATE, json.dumps(state, indent=1, sort_keys=True))
-    dist.barrier()  # every rank's files are on disk before the commit
-    faults.kill_if("kill_in_save", step, rank)
-    if rank == 0:
-        files = {str(p.relative_to(tag_dir)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-                 for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != MANIFEST}
-        write_atomic(tag_dir / MANIFEST, json.dumps({"format": 1, "step": step, "files": files}, indent=1))
-        write_atomic(ckpt_dir / "latest", tag_dir.name + "\n")
-        _prune(ckpt_dir, keep_last)
-    dist.barrier()
-    return tag_dir
-
-
-def _prune(ckpt_dir: Path, keep_last: int) -> None:
-    tags = sorted(p for p in ckpt_dir.glob("step_*") if TAG_RE.match(p.name))
-    committed = [p for p in tags if (p / MANIFEST).exists()]
+def prune(ckpt_dir: Path, keep_last: int) -> None:
+    committed = sorted(p for p in _tags(ckpt_dir) if (p / MANIFEST).exists())
     for old in committed[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+# ----------------------------------------------------------------------------- load
 def load(engine, tag_dir: Path) -> dict:
     """Load weights and optimizer state of `tag_dir` into `engine`; returns our state."""
     load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
@@ -170,7 +175,7 @@ def load(engine, tag_dir: Path) -> dict:
     return finish_load(load_path, tag_dir)
 
 
-def finish_load(load_path, tag_dir: Path) -> dict:
+def finish_load(load_path, tag_dir: Path, rng: bool = True) -> dict:
     """After DeepSpeed's load_checkpoint returned `load_path`: this rank's RNG state, our state.
 
     Ranks beyond the saved world (a resharded resume) keep their seeded RNG.
@@ -179,7 +184,7 @@ def finish_load(load_path, tag_dir: Path) -> dict:
         raise UserError(f"{tag_dir}: DeepSpeed could not load this checkpoint; "
                         "set checkpoint.resume=none to start fresh")
     rng_file = tag_dir / f"rng_{dist.get_rank():05d}.json"
-    if rng_file.exists():
+    if rng and rng_file.exists():
         set_rng_state(json.loads(rng_file.read_text()))
     return read_state(tag_dir)
 
@@ -191,26 +196,41 @@ def broadcast_from_rank0(value):
     return obj[0]
 
 
-def choose_resume(resume: str, ckpt_dir: Path, log) -> Path | None:
-    """Rank 0 decides which checkpoint to resume from and tells every rank (collective)."""
-    choice = None
-    if dist.get_rank() == 0 and resume != "none":
-        if resume == "auto":
-            choice, warnings = find_resumable(ckpt_dir) if ckpt_dir.is_dir() else (None, [])
-            for w in warnings:
-                log(f"warning: {w}")
-        else:
-            tag_dir = Path(resume)
-            reason = verify(tag_dir) if tag_dir.is_dir() else "no such directory"
-            choice = tag_dir if reason is None else UserError(
-                f"checkpoint.resume={resume}: {reason}; use checkpoint.resume=auto or a committed step_* directory")
-    choice = broadcast_from_rank0(str(choice) if isinstance(choice, Path) else choice)
-    if isinstance(choice, UserError):
-        raise choice
-    return Path(choice) if choice else None
+def choose_resume(resume: str, ckpt_dir: Path, log, mode: str = "sizes") -> Path | None:
+    """The checkpoint to resume from, the same on every rank (collective).
+
+    'auto': the newest that verifies (`mode`: sizes or full, the hashing split over the ranks).
+    When committed checkpoints exist but none verifies, stop with an error rather than
+    start again from step 0; only uncommitted saves (killed before their first commit) are
+    left for a fresh start.
+    """
+    if resume == "none":
+        return None
+    if resume != "auto":
+        tag_dir = Path(resume)
+        exists = broadcast_from_rank0(tag_dir.is_dir() if dist.get_rank() == 0 else None)
+        reason = _verify_everywhere(tag_dir, mode) if exists else "no such directory"
+        if reason:
+            raise UserError(f"checkpoint.resume={resume}: {reason}; use checkpoint.resume=auto or a committed "
+                            "step_* directory")
+        return tag_dir
+    tags = broadcast_from_rank0(_tags(ckpt_dir) if dist.get_rank() == 0 else None)
+    skipped = []
+    for tag_dir in tags:
+        reason = _verify_everywhere(tag_dir, mode)
+        if reason is None:
+            return tag_dir
+        skipped.append(f"{tag_dir.name}: {reason}")
+        log(f"warning: skipping checkpoint {tag_dir}: {reason}")
+    committed = [t for t in tags if (t / MANIFEST).exists()] or (ckpt_dir / "latest").is_file()
+    if committed:
+        raise UserError(f"{ckpt_dir}: no checkpoint verifies ({'; '.join(skipped)}); restore the files, point "
+                        "checkpoint.resume at a good step_* directory, or set checkpoint.resume=none to start "
+                        "over from step 0 (the bad checkpoints are then overwritten)")
+    return None
 
 
-def resolve_tag_dir(path: str) -> Path:
+def resolve_tag_dir(path: str, mode: str = "full") -> Path:
     """A committed checkpoint from a run directory, a checkpoint directory, or a step_* directory."""
     p = Path(path)
     for latest in (p / "checkpoints" / "latest", p / "latest"):
@@ -220,7 +240,23 @@ def resolve_tag_dir(path: str) -> Path:
     if not (p / STATE).is_file():
         raise UserError(f"{path}: no checkpoint here (expected a run directory, its checkpoints/ "
                         "directory, or a step_* directory with state.json)")
-    reason = verify(p)
+    reason = verify(p, mode)
     if reason is not None:
         raise UserError(f"{p}: {reason}; pick another step_* directory")
     return p
+
+
+def tokenizer_dir(tag_dir: Path, state: dict) -> str | None:
+    """The tokenizer of a checkpoint: its own copy (`tokenizer/`, checked against state.json's
+    digests), else the data directory older checkpoints recorded; None when it has none."""
+    own = Path(tag_dir) / "tokenizer"
+    record = state.get("tokenizer") or {}
+    if own.is_dir() and record.get("files"):
+        for name, digest in record["files"].items():
+            if not (own / name).is_file() or sha256_file(own / name) != digest:
+                raise UserError(f"{own / name}: missing or fails its sha256 check (state.json); the checkpoint's "
+                                "tokenizer copy is damaged: pass --tokenizer SPEC")
+        return str(own)
+    old = state.get("tokenizer_dir")
+    return old if old and (Path(old) / "manifest.json").is_file() else None
+

@@ -31,14 +31,16 @@ def load_model(tag_dir, device: torch.device) -> tuple[GPT, dict]:
     return model.to(device).eval(), state
 
 
-def load_tokenizer_for(state: dict, override: str | None):
+def load_tokenizer_for(state: dict, override: str | None, tag_dir):
+    """--tokenizer SPEC, else the checkpoint's own copy of the run's tokenizer."""
     from pretrain.data.tokenizer import load_tokenizer, tokenizer_from_manifest
 
     if override:
         return load_tokenizer(override)
-    if not state.get("tokenizer_dir"):
-        raise UserError("this run has no recorded tokenizer (synthetic data?); pass --tokenizer SPEC")
-    return tokenizer_from_manifest(state["tokenizer_dir"])
+    tdir = checkpoint.tokenizer_dir(tag_dir, state)
+    if not tdir:
+        raise UserError(f"{tag_dir}: this run has no recorded tokenizer (synthetic data?); pass --tokenizer SPEC")
+    return tokenizer_from_manifest(tdir)
 
 
 def heal_prompt(tok, prompt: str, ids: list[int]) -> tuple[list[int], str, list[int] | None]:
@@ -66,8 +68,8 @@ def sample_texts(tag_dir, prompt: str, max_new_tokens: int = 100, temperature: f
                  tokenizer: str | None = None, device: str = "cpu", num_samples: int = 1) -> list[str]:
     """`num_samples` continuations of `prompt`, drawn as one batch (reproducible for a seed)."""
     dev = torch.device(device)
+    tok = load_tokenizer_for(checkpoint.read_state(tag_dir), tokenizer, tag_dir)  # before the weights: fail fast
     model, state = load_model(tag_dir, dev)
-    tok = load_tokenizer_for(state, tokenizer)
     ids = tok.encode(prompt)
     if not ids:
         ids = [tok.eos_id if tok.eos_id is not None else 0]

@@ -3,9 +3,12 @@
 Wraps `pretrain.data.loader` (shards) or random tokens (`data.synthetic`), opens the
 data before the first step so a missing or corrupt shard fails fast, and builds the
 sample index on rank 0 first so other ranks reuse its cache instead of racing on it.
+Rank 0 keeps the run's own copy of the tokenizer in `<train.out_dir>/tokenizer/` (checked
+by digest), so checkpoints work after the data or the run directory moved.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Callable, Iterator
@@ -39,6 +42,38 @@ def data_vocab_size(paths: list[str]) -> int | None:
             raise UserError(f"data.paths: {p} is neither a directory written by pretrain-prep "
                             "nor a Megatron prefix with a .idx file; fix the path or run pretrain-prep")
     return max(sizes) if sizes else None
+
+
+TOKENIZER_DIR = "tokenizer"
+MANIFEST_KEYS = ("format", "format_version", "tokenizer", "vocab_size", "token_dtype", "eos_id", "bos_id")
+
+
+def copy_tokenizer(src: str, dest: Path) -> dict:
+    """Copy the tokenizer of the data directory `src` into `dest`: its file and a manifest of the
+    tokenizer alone (readable by `tokenizer_from_manifest`). Returns {"files": {name: sha256}, ...}."""
+    from pretrain.checkpoint import write_atomic
+    from pretrain.data.manifest import read_manifest
+
+    m = read_manifest(src)
+    tok = m["tokenizer"]
+    texts = {"manifest.json": json.dumps({**{k: m[k] for k in MANIFEST_KEYS if k in m}, "splits": {}}, indent=1)}
+    files = {}
+    dest.mkdir(parents=True, exist_ok=True)
+    if tok.get("file"):
+        data = (Path(src) / tok["file"]).read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if tok.get("sha256") and tok["sha256"] != digest:
+            raise UserError(f"{Path(src) / tok['file']}: fails the sha256 recorded in {src}/manifest.json; "
+                            "re-run pretrain-prep")
+        if not (dest / tok["file"]).is_file() or (dest / tok["file"]).read_bytes() != data:
+            tmp = dest / f".{tok['file']}.tmp"
+            tmp.write_bytes(data)
+            tmp.replace(dest / tok["file"])
+        files[tok["file"]] = digest
+    for name, text in texts.items():
+        write_atomic(dest / name, text)
+        files[name] = hashlib.sha256(text.encode()).hexdigest()
+    return {"files": files, "type": tok.get("type"), "spec": tok.get("spec"), "vocab_size": int(m["vocab_size"])}
 
 
 class SyntheticData:
@@ -123,6 +158,23 @@ class RunData:
                 dist.barrier()
         self.fingerprint = self.train.fingerprint
         self.tokenizer_dir = self.train.tokenizer_dir
+        # the real vocabulary (rows token ids reach); the embedding is padded beyond it
+        self.vocab_size = max(v for v in (None if d.synthetic else self.train.vocab_size, cfg.model.vocab_size, 0) if v is not None)
+        self.tokenizer, self.tokenizer_copy = None, None  # the run's copy (rank 0 made it)
+        if self.tokenizer_dir:
+            self.tokenizer_copy = out_dir / TOKENIZER_DIR
+            if rank == 0:
+                self.tokenizer = copy_tokenizer(self.tokenizer_dir, self.tokenizer_copy)
+
+    def sources(self) -> dict:
+        """What identifies the data, source by source (for messages naming what changed on resume)."""
+        d = self.cfg.data
+        if d.synthetic:
+            return {"synthetic": True, "seed": d.seed}
+        ids = {str(Path(s.path).resolve()): hashlib.sha256(json.dumps(s.identity, sort_keys=True).encode())
+               .hexdigest()[:16] for s in self.train.sources}
+        return {"sources": ids, "weights": [round(float(w), 6) for w in self.train.weights],
+                "train_split": d.train_split, "seed": d.seed}
 
     def _open_eval(self, name: str, paths: list, split: str, cache: str):
         """Validation or test data: `paths` when given (data.valid_paths / test_paths), else `split`

@@ -29,6 +29,7 @@ from pretrain.config.load import config_to_yaml, load_config
 from pretrain.config.schema import Config, to_dict
 from pretrain.config.validate import Layout, config_warnings, resolve
 from pretrain.errors import HelpFormatter, UserError, cli_entry
+from pretrain.resume_check import resolved_config
 from pretrain.run_data import RunData, data_vocab_size
 from pretrain.schedule import lr_at
 
@@ -177,11 +178,9 @@ class Trainer:
             checkpoint.write_atomic(self.out_dir / "config.yaml", config_to_yaml(cfg))
         self.data = RunData(cfg, lay, self.rank, self.dp_rank, self.out_dir, self.monitor.print)
 
-        source = None
-        if cfg.checkpoint.init_from:  # imported weights (pretrain-convert import-hf); a resume overrides them
-            from pretrain.interop.init_weights import init_source
-
-            source = init_source(cfg.checkpoint.init_from, cfg, lay, self.monitor.print)
+        # checkpoint.init_from: imported weights (import-hf) or one of our checkpoints (continued
+        # pretraining); a resume overrides them.
+        source, init_tag = self._init_source() if cfg.checkpoint.init_from else (None, None)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank, in every layout
         model = build_model(cfg, lay, self.topo, self.device, source)  # only this rank's piece, on its device
         print(memory_line(self.rank, self.device), flush=True)
@@ -190,27 +189,35 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, lay.padded_vocab_size)
 
         self.step, self.consumed, self.skipped_total = 0, 0, 0
-        tag_dir = checkpoint.choose_resume(cfg.checkpoint.resume, self.ckpt_dir, self.monitor.print)
+        self.writer, self.resumed_step = None, None
+        tag_dir = checkpoint.choose_resume(cfg.checkpoint.resume, self.ckpt_dir, self.monitor.print,
+                                           cfg.checkpoint.verify)
         if tag_dir is not None:
             self._resume(tag_dir)
             self.monitor.rewind(self.step)  # drop what the stopped run logged after this checkpoint
+        elif init_tag is not None and cfg.checkpoint.init_optimizer:
+            self._init_optimizer(init_tag)
         n_params = count_params(cfg.model, lay.padded_vocab_size)["total"]
         self.monitor.print(f"training {n_params:,} parameters on {lay.world_size} {self.device.type} process(es) "
                            f"(data {lay.dp} x tensor {lay.tp} x pipeline {lay.pp}) "
                            f"from step {self.step} to {cfg.train.max_steps}")
         for note in layout_advice(cfg, lay):
             self.monitor.print(note)
-        return self._loop()
+        rc = self._loop()
+        if self.writer is not None:
+            self.writer.wait()  # the last save is committed before the exit
+        return rc
 
     # ------------------------------------------------------------------ resume
     def _state(self) -> dict:
         import deepspeed
 
-        return {"format": 1, "step": self.step, "consumed_samples": self.consumed,
+        return {"format": 2, "step": self.step, "consumed_samples": self.consumed,
                 "consumed_tokens": self.consumed * self.cfg.model.seq_len,
-                "skipped_steps": self.skipped_total, "config": to_dict(self.cfg),
+                "skipped_steps": self.skipped_total, "config": resolved_config(self.cfg),
                 "model_shape": self._model_shape(), "data_fingerprint": self.data.fingerprint,
-                "tokenizer_dir": self.data.tokenizer_dir,
+                "data_sources": self.data.sources(), "vocab_size": self.data.vocab_size,
+                "tokenizer": self.data.tokenizer,
                 "layout": {"dp": self.layout.dp, "tp": self.layout.tp, "pp": self.layout.pp,
                            "zero_stage": self.layout.zero_stage},
                 "optimizer_groups": self.optim_groups,
@@ -227,13 +234,11 @@ class Trainer:
         return shape
 
     def _resume(self, tag_dir: Path) -> None:
+        from pretrain.resume_check import check_resume
+
         saved = checkpoint.read_state(tag_dir)
-        where = f"checkpoint {tag_dir}"
-        if saved.get("model_shape") != self._model_shape():
-            raise UserError(self._shape_mismatch(where, saved.get("model_shape") or {}))
-        if saved.get("data_fingerprint") != self.data.fingerprint:
-            raise UserError(f"{where} was trained on other data (fingerprint {saved.get('data_fingerprint')} vs "
-                            f"{self.data.fingerprint}); restore data.* or start a new train.out_dir")
+        for line in check_resume(saved, self.cfg, self._model_shape(), self.layout.tp, self.data, f"checkpoint {tag_dir}"):
+            self.monitor.print(line)
         now = self._state()["layout"]
         # Same model-parallel grid, other parameter order: the optimizer state is matched by name.
         same_grid = all((saved.get("layout") or {}).get(k, 1) == now[k] for k in ("tp", "pp"))
@@ -246,21 +251,44 @@ class Trainer:
         else:
             state = checkpoint.load(self.engine, tag_dir)
         self.step, self.consumed = state["step"], state["consumed_samples"]
-        self.skipped_total = state.get("skipped_steps", 0)
+        self.skipped_total, self.resumed_step = state.get("skipped_steps", 0), self.step
         self.monitor.print(f"resumed from {tag_dir} at step {self.step}")
 
-    def _shape_mismatch(self, where: str, shape: dict) -> str:
-        want = self._model_shape()
-        rows, new_rows, tp = shape.get("padded_vocab_size"), want["padded_vocab_size"], self.layout.tp
-        if {**shape, "padded_vocab_size": new_rows} != want or not rows:
-            return (f"{where} holds a model of shape {shape}, the config asks for {want}; restore the model "
-                    "section or set checkpoint.resume=none")
-        # Only the padding differs (model.vocab_multiple x parallel.tensor): padding rows are trained
-        # and take part in the softmax, so they cannot be cut or added without changing the loss.
-        fix = (f"set model.vocab_multiple={rows // tp} to keep {rows}" if rows % tp == 0 else
-               f"no model.vocab_multiple keeps {rows} at parallel.tensor {tp}: use a tensor degree dividing {rows}")
-        return (f"{where} has a padded vocabulary of {rows} rows, this run {new_rows} (model.vocab_multiple x "
-                f"parallel.tensor); the padding rows are part of the model: {fix}")
+    def _init_source(self):
+        """checkpoint.init_from: (a model-building source of the weights, our checkpoint's directory
+        or None for an import-hf directory). With checkpoint.init_optimizer the source is None: the
+        optimizer load after the engine is built brings the weights too. Step, schedule and data
+        position stay at 0 (continued pretraining)."""
+        from pretrain.interop.init_weights import META, init_source, weights_source
+
+        src, lay = self.cfg.checkpoint.init_from, self.layout
+        if (Path(src) / META).is_file() or (Path(src) / "init" / META).is_file() or src.endswith(".safetensors"):
+            return init_source(src, self.cfg, lay, self.monitor.print), None
+        from pretrain.interop.ds_reader import load_model_weights
+        from pretrain.resume_check import check_init
+
+        tag_dir = checkpoint.resolve_tag_dir(src, self.cfg.checkpoint.verify)
+        saved = checkpoint.read_state(tag_dir)
+        check_init(saved, self.cfg, self._model_shape(), f"checkpoint.init_from={src}")
+        source = None
+        if not self.cfg.checkpoint.init_optimizer:
+            source = weights_source(load_model_weights(tag_dir), lay.padded_vocab_size, f"checkpoint.init_from={src}")
+        self.monitor.print(f"initialised from {tag_dir} (step {saved.get('step')}, "
+                           f"{'weights and optimizer state' if self.cfg.checkpoint.init_optimizer else 'weights only'}); "
+                           "this run starts at step 0 and sample 0 of its data")
+        return source, tag_dir
+
+    def _init_optimizer(self, tag_dir: Path) -> None:
+        """checkpoint.init_optimizer: weights and optimizer state of `tag_dir`, in any layout."""
+        saved, now = checkpoint.read_state(tag_dir), self._state()["layout"]
+        if saved.get("layout") != now:
+            from pretrain.interop.reshard import load_resharded
+
+            load_resharded(self.engine, tag_dir, saved.get("layout") or {}, now, self.monitor.print, topo=self.topo)
+        else:
+            load_path, _ = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                       load_optimizer_states=True, load_lr_scheduler_states=False)
+            checkpoint.finish_load(load_path, tag_dir, rng=False)
 
     # ------------------------------------------------------------------ loop
     def _loop(self) -> int:
@@ -442,7 +470,20 @@ class Trainer:
                            f"perplexity {ppl:.2f}")
 
     def _save(self) -> Path:
-        return checkpoint.save(self.engine, self.ckpt_dir, self.step, self._state(), self.cfg.checkpoint.keep_last)
+        """Start the checkpoint of this step (committed in the background with checkpoint.async_save);
+        a save that is not a periodic one (the last, a stop, a non-finite stop) is committed on return."""
+        from pretrain.checkpoint_writer import CheckpointWriter
+
+        c = self.cfg.checkpoint
+        if self.writer is None:
+            self.writer = CheckpointWriter(self.ckpt_dir, c.keep_last, c.async_save,
+                                           60 * self.cfg.parallel.timeout_minutes, self.data.tokenizer_copy,
+                                           resumed_step=self.resumed_step)
+        path = self.writer.save(self.engine, self.step, self._state())
+        stop = getattr(getattr(self, "stop", None), "requested", False)
+        if stop or self.step >= self.cfg.train.max_steps or not c.interval or self.step % c.interval:
+            self.writer.wait()
+        return path
 
 
 if __name__ == "__main__":

@@ -103,3 +103,10 @@ def test_gpu_suite_smoke_runs_the_four_setups():
         assert res["setups"][name]["tokens_per_sec_median"] > 0 and res["setups"][name]["runs"][0]["loss"] > 0
     assert res["ratios"]["plain compiled"] is None
     assert all(res["ratios"][n]["pairs_median"] > 0 for n in names[1:])
+
+
+def test_bench_ckpt_smoke():
+    out, res = _run("bench_ckpt.py")  # one rank here; the figures in docs/PERFORMANCE.md use two
+    assert "stall per save: async" in out and "commit overhead vs bare save_checkpoint" in out
+    assert set(res["median"]) == {"bare", "before", "sync", "async_stall", "async_total"}
+    assert all(v > 0 for v in res["median"].values()) and res["world"] == 1

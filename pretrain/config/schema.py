@@ -193,9 +193,24 @@ class CheckpointConfig:
     dir: Optional[str] = None
     """Checkpoint directory. null = <train.out_dir>/checkpoints."""
     init_from: Optional[str] = None
-    """Start from these model weights instead of a random initialisation: a directory written by
-    `pretrain-convert import-hf` (or its model.safetensors). Optimizer state starts fresh; a checkpoint
-    being resumed takes precedence. null = random initialisation."""
+    """Start from these model weights instead of a random initialisation (continued pretraining): a
+    run directory, checkpoints/ directory or step_* directory of ours (any parallel layout, merged and
+    re-split for this run), or a directory written by `pretrain-convert import-hf` (or its
+    model.safetensors). The step, the schedule and the data position start at 0 in the new run; the
+    data may be new. A checkpoint of this run being resumed takes precedence. null = random initialisation."""
+    init_optimizer: bool = False
+    """With init_from = one of our checkpoints: also load its optimizer state (Adam moments and step
+    count) instead of starting Adam fresh. Through `pretrain-convert reshard` when the layout differs."""
+    verify: str = "sizes"
+    """What resume checks before trusting a checkpoint: 'sizes' (the commit manifest exists and every
+    file it lists has its recorded size) or 'full' (also the sha256 of every file, split over the ranks)."""
+    async_save: bool = True
+    """Write, hash and commit checkpoints in the background: training waits only for the copy of the
+    state off the device. The next save, a stop and the exit wait for the previous commit."""
+    allow_changes: list = field(default_factory=list)
+    """Sections that may differ from the checkpoint being resumed: any of 'data', 'optim', 'schedule'.
+    The trainer prints each change. Resuming with changed data keeps the sample position (the new
+    data is read from the number of samples already consumed). Empty = such a resume is refused."""
 
 
 @dataclass

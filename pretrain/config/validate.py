@@ -24,7 +24,9 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "schedule.kind": ("cosine", "linear", "constant", "wsd"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
+    "checkpoint.verify": ("sizes", "full"),
 }
+RESUME_CHANGES = ("data", "optim", "schedule")
 
 # DeepSpeed keys generated from our own fields: setting them in the `deepspeed:` passthrough
 # would silently disagree with the rest of the system, so they are rejected with a pointer.
@@ -174,6 +176,12 @@ def _check_fields(cfg: Config) -> None:
     if c.resume not in ("auto", "none") and not os.path.isdir(c.resume):
         raise UserError(f"checkpoint.resume: checkpoint directory '{c.resume}' does not exist; "
                         f"use 'auto' (newest checkpoint of the run), 'none', or an existing directory")
+    bad = [x for x in c.allow_changes if x not in RESUME_CHANGES]
+    if bad:
+        raise UserError(f"checkpoint.allow_changes: {bad} not allowed; list any of {', '.join(RESUME_CHANGES)}")
+    if c.init_optimizer and not c.init_from:
+        raise UserError("checkpoint.init_optimizer needs checkpoint.init_from (the checkpoint whose optimizer "
+                        "state to load)")
     if c.dir is not None and not c.dir:
         raise UserError("checkpoint.dir must be a directory or null (= <train.out_dir>/checkpoints)")
 

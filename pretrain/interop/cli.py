@@ -1,6 +1,7 @@
 """pretrain-convert: checkpoints to and from transformers, and across parallel layouts.
 
     pretrain-convert export-hf --run RUN_DIR [--step N] --out DIR [--dtype bfloat16] [--max-shard-size 5GB]
+                              [--no-tokenizer]
     pretrain-convert import-hf --model HF_DIR --config FILE --out RUN_DIR [overrides ...]
     pretrain-convert reshard   --run RUN_DIR [--step N]
 
@@ -29,6 +30,8 @@ def parse_args(argv):
     e.add_argument("--vocab-size", type=int, default=None,
                    help="rows of the embedding to export (default: the run's real vocabulary)")
     e.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    e.add_argument("--no-tokenizer", action="store_true",
+                   help="export the weights even though the run has no Hugging Face tokenizer to go with them")
 
     i = sub.add_parser("import-hf", formatter_class=HelpFormatter,
                        help="initialise a run from a local transformers GPT-2 / Llama model")
@@ -55,7 +58,8 @@ def main(argv=None) -> int:
     if a.cmd == "export-hf":
         from pretrain.interop.hf_export import export_hf
 
-        export_hf(a.run, a.out, a.step, a.dtype, a.max_shard_size, a.vocab_size, a.overwrite)
+        export_hf(a.run, a.out, a.step, a.dtype, a.max_shard_size, a.vocab_size, a.overwrite,
+                  no_tokenizer=a.no_tokenizer)
     elif a.cmd == "import-hf":
         from pretrain.interop.hf_import import import_hf
 

@@ -8,7 +8,8 @@ or LlamaForCausalLM, see `names.py` for the rules) and holds:
     config.json                     the architecture (vocab_size = the real vocabulary)
     model.safetensors               or model-0000i-of-0000n.safetensors + model.safetensors.index.json
     generation_config.json          bos/eos token ids
-    tokenizer.json, tokenizer_config.json   when the run's tokenizer is a Hugging Face one
+    tokenizer.json, tokenizer_config.json   the run's tokenizer (from the checkpoint's own copy); a run
+                                    without a Hugging Face tokenizer is refused unless --no-tokenizer
     pretrain_export.json            where it came from (run, step, tokens seen)
 
 The weights come from `ds_reader.load_model_weights` (any ZeRO stage, tensor- and
@@ -102,50 +103,51 @@ def _has_checkpoints(run: Path) -> bool:
     return any((d / "latest").is_file() or any(d.glob("step_*/manifest.json")) for d in (run / "checkpoints", run))
 
 
-def data_vocab(state: dict) -> tuple[int | None, str]:
+def data_vocab(state: dict, tag_dir: Path) -> tuple[int | None, str]:
     """The real vocabulary of a run (rows that token ids can reach) and where it came from."""
-    m = state["config"]["model"]
+    if state.get("vocab_size"):
+        return int(state["vocab_size"]), "state.json (the run's vocabulary)"
+    m = state["config"]["model"]  # checkpoints written before the vocabulary was recorded
     found = []
     if m.get("vocab_size"):
         found.append((int(m["vocab_size"]), "model.vocab_size"))
-    tdir = state.get("tokenizer_dir")
-    if tdir and (Path(tdir) / "manifest.json").is_file():
+    tdir = checkpoint.tokenizer_dir(tag_dir, state)
+    if tdir:
         try:
             found.append((int(json.loads((Path(tdir) / "manifest.json").read_text())["vocab_size"]),
                           f"{tdir}/manifest.json"))
         except (OSError, ValueError, KeyError):
             pass
-    elif not state["config"]["data"].get("synthetic"):
-        from pretrain.run_data import data_vocab_size
-
-        try:
-            v = data_vocab_size(state["config"]["data"].get("paths") or [])
-        except UserError:
-            v = None
-        if v:
-            found.append((int(v), "the data manifests"))
     if not found:
         return None, ""
     return max(found)
 
 
-def _tokenizer_files(state: dict, out: Path, seq_len: int, log) -> tuple[int | None, int | None, str | None]:
-    """Copy the run's tokenizer when it is a Hugging Face one; returns (bos_id, eos_id, what)."""
-    tdir = state.get("tokenizer_dir")
-    if not tdir:
-        log("note: this run has no recorded tokenizer (synthetic data): no tokenizer files written")
-        return None, None, None
-    from pretrain.data.tokenizer import tokenizer_from_manifest
+def run_tokenizer(state: dict, tag_dir: Path, allow_none: bool):
+    """The run's tokenizer when it can be exported (a Hugging Face one); None with --no-tokenizer.
+    UserError otherwise: a model without its tokenizer cannot encode text."""
+    tdir = checkpoint.tokenizer_dir(tag_dir, state)
+    why = "this run has no recorded tokenizer (synthetic data?)"
+    tok = None
+    if tdir:
+        from pretrain.data.tokenizer import tokenizer_from_manifest
 
-    try:
         tok = tokenizer_from_manifest(tdir)
-    except UserError as e:
-        log(f"warning: the run's tokenizer is not readable here ({e}); no tokenizer files written")
-        return None, None, None
-    if tok.kind != "hf":
-        log(f"note: the run's tokenizer is {tok.kind!r}, not a Hugging Face one: no tokenizer files written "
-            "(bos/eos ids are in generation_config.json)")
-        return tok.bos_id, tok.eos_id, None
+        if tok.kind != "hf":
+            why = f"the run's tokenizer is {tok.kind!r}, which has no transformers tokenizer files"
+    if tok is not None and tok.kind == "hf":
+        return tok
+    if not allow_none:
+        raise UserError(f"{tag_dir}: {why}; pass --no-tokenizer to export the weights alone")
+    return tok
+
+
+def _tokenizer_files(tok, out: Path, seq_len: int, log) -> tuple[int | None, int | None, str | None]:
+    """Copy the run's tokenizer when it is a Hugging Face one; returns (bos_id, eos_id, what)."""
+    if tok is None or tok.kind != "hf":
+        log("note: --no-tokenizer: no tokenizer files written" + ("" if tok is None else
+            " (bos/eos ids are in generation_config.json)"))
+        return (None, None, None) if tok is None else (tok.bos_id, tok.eos_id, None)
     shutil.copyfile(tok.file, out / "tokenizer.json")
     write_tokenizer_config(out, tok, seq_len)
     return tok.bos_id, tok.eos_id, tok.spec
@@ -179,7 +181,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 # ----------------------------------------------------------------------------- export
 def export_hf(run: str, out: str, step: int | None = None, dtype: str = "float32", max_shard_size="5GB",
-              vocab_size: int | None = None, overwrite: bool = False, log=print) -> Path:
+              vocab_size: int | None = None, overwrite: bool = False, log=print, no_tokenizer: bool = False) -> Path:
     """Write the transformers directory `out` from a run / checkpoint / import-hf init dir."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
@@ -194,6 +196,9 @@ def export_hf(run: str, out: str, step: int | None = None, dtype: str = "float32
         from pretrain.interop.init_weights import read_init
 
         meta, sd = read_init(init_dir)
+        if not meta.get("tokenizer_files") and not no_tokenizer:
+            raise UserError(f"{init_dir}: the imported model had no tokenizer files; pass --no-tokenizer to export "
+                            "the weights alone")
         m, vocab, vocab_from = meta["model"], int(meta["vocab_rows"]), "the imported model"
         state, tag_dir, step_no = None, init_dir, 0
     else:
@@ -201,7 +206,8 @@ def export_hf(run: str, out: str, step: int | None = None, dtype: str = "float32
         state = checkpoint.read_state(tag_dir)
         m = state["config"]["model"]
         names.architecture(m)  # refuse early, before reading any weights
-        vocab, vocab_from = data_vocab(state)
+        tok = run_tokenizer(state, tag_dir, no_tokenizer)
+        vocab, vocab_from = data_vocab(state, tag_dir)
         sd = load_model_weights(tag_dir)
         step_no = state.get("step")
     arch = names.architecture(m)
@@ -220,7 +226,7 @@ def export_hf(run: str, out: str, step: int | None = None, dtype: str = "float32
     out_dir = Path(out)
     _prepare_out(out_dir, overwrite)
     if state is not None:
-        bos, eos, tok_spec = _tokenizer_files(state, out_dir, m["seq_len"], log)
+        bos, eos, tok_spec = _tokenizer_files(tok, out_dir, m["seq_len"], log)
     else:
         bos, eos, tok_spec = meta.get("bos_token_id"), meta.get("eos_token_id"), None
         for f in meta.get("tokenizer_files", []):

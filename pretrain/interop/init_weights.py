@@ -107,8 +107,6 @@ def init_source(path, cfg, layout, log=print):
     model section against init.json first (UserError naming each mismatching field)."""
     from dataclasses import asdict
 
-    from pretrain.parallel import spec
-
     meta, sd = read_init(path)
     bad = mismatches(asdict(cfg.model), meta["model"])
     if bad:
@@ -118,22 +116,30 @@ def init_source(path, cfg, layout, log=print):
     if int(meta["vocab_rows"]) > padded:
         raise UserError(f"checkpoint.init_from={path}: the imported model has {meta['vocab_rows']} vocabulary "
                         f"rows, this run's embedding only {padded}; set model.vocab_size: {meta['vocab_rows']}")
-
-    def source(name: str, shape: tuple) -> torch.Tensor:
-        if name not in sd:
-            raise UserError(f"checkpoint.init_from={path}: the init weights lack {name}")
-        t = sd[name]
-        if spec.rule_of(name).vocab:
-            t = names.pad_rows(t, padded)
-        elif name == "embed.wpe.weight" and t.shape[0] > shape[0]:
-            t = t[:shape[0]]  # fewer learned positions than the imported model has (model.seq_len)
-        if tuple(t.shape) != tuple(shape):
-            raise UserError(f"init weights: {name} has shape {tuple(t.shape)}, the model expects {tuple(shape)}")
-        return t.float()
-
     pad = padded - int(meta["vocab_rows"])
     log(f"initialised from {init_dir_of(path)} ({meta.get('architecture')}, {meta.get('source')})"
         + (f"; {pad} padding rows of the embedding are zero" if pad else ""))
+    return weights_source(sd, padded, f"checkpoint.init_from={path}")
+
+
+def weights_source(sd: dict, padded: int, where: str):
+    """A full plain-GPT state dict as a model-building source: a function (plain name, full
+    shape) -> tensor for `parallel.build.build_model`. Vocabulary rows are cut to, or zero-padded
+    to, the run's padded vocabulary; learned positions cut to model.seq_len."""
+    from pretrain.parallel import spec
+
+    def source(name: str, shape: tuple) -> torch.Tensor:
+        if name not in sd:
+            raise UserError(f"{where}: the init weights lack {name}")
+        t = sd[name]
+        if spec.rule_of(name).vocab:
+            t = names.pad_rows(t[:padded], padded)
+        elif name == "embed.wpe.weight" and t.shape[0] > shape[0]:
+            t = t[:shape[0]]  # fewer learned positions than the source model has (model.seq_len)
+        if tuple(t.shape) != tuple(shape):
+            raise UserError(f"{where}: {name} has shape {tuple(t.shape)}, the model expects {tuple(shape)}")
+        return t.float()
+
     return source
 
 

@@ -56,11 +56,17 @@ def pick(path: str, step: int | None) -> tuple[Path, list[Path], str | None]:
     return tags[-1], tags, latest
 
 
-def _data_summary(state: dict) -> dict:
-    tdir = state.get("tokenizer_dir")
+def _data_summary(state: dict, tag_dir: Path) -> dict:
+    problem = None
+    try:
+        tdir = checkpoint.tokenizer_dir(tag_dir, state)  # the checkpoint's own copy (older ones: the data's)
+    except UserError as e:
+        tdir, problem = None, str(e)
     out = {"fingerprint": state.get("data_fingerprint"), "tokenizer_dir": tdir,
            "paths": state.get("config", {}).get("data", {}).get("paths"),
            "synthetic": state.get("config", {}).get("data", {}).get("synthetic")}
+    if problem:
+        out["manifest"] = problem
     if tdir:
         f = Path(tdir) / "manifest.json"
         try:
@@ -111,7 +117,7 @@ def inspect(path: str, step: int | None = None, verify: bool = True) -> dict:
                        "consumed_tokens": state.get("consumed_tokens"), "skipped_steps": state.get("skipped_steps"),
                        "layout": state.get("layout"), "model_shape": state.get("model_shape"),
                        "versions": state.get("versions"), "config": state.get("config"),
-                       "data": _data_summary(state)})
+                       "data": _data_summary(state, tag_dir)})
         try:
             from pretrain.interop.names import ARCHITECTURES, architecture
 

@@ -1,0 +1,346 @@
+"""Writing a checkpoint: snapshot on the training thread, write + hash + commit in the background.
+
+`CheckpointWriter.save` is collective (every rank calls it at the same step):
+
+1. It waits for the previous save of this rank (and learns whether any rank's failed).
+2. DeepSpeed's `save_checkpoint` runs with a recording checkpoint engine: every
+   `checkpoint_engine.save(state_dict, path)` call keeps a CPU copy of the state dict
+   instead of writing it. This is all the training thread waits for (the copy off the
+   device; on CPU a memory copy).
+3. A background thread of each rank writes its own files (DeepSpeed's, `rng_<rank>.json`,
+   and on rank 0 `state.json` and the tokenizer copy), hashing each file's bytes as they
+   are written, and publishes `{name: size, sha256}` in `.digests_<rank>.json`. Like DeepSpeed's
+   own save, the data files are not fsynced (that would double the save time on a slow disk);
+   the digests, the manifest and `latest` are (temp file + fsync + rename), and resume checks
+   every file's size against the manifest.
+4. Rank 0's thread waits for every rank's digests, adds the few files DeepSpeed wrote by
+   itself (its recovery scripts), writes `manifest.json` (the commit), moves `latest`, prunes.
+
+With `checkpoint.async_save: false` the training thread waits for step 4 inside `save`.
+The next save, a stop and the exit wait for the previous commit (`wait`). A failed write
+(disk full, read-only or permission) is reported by every rank at the next `wait` as one
+line naming the file and the last committed step; the partial step directory is removed.
+Nothing counts as committed before `manifest.json` exists, so a process killed at any moment
+leaves the previous committed checkpoint as the one to resume.
+
+Fault points for the crash tests (PRETRAIN_FAULTS, see pretrain/faults.py), kill@STEP:RANK style:
+save_point0 (training thread, after the snapshot), save_point1 (after the first file),
+save_point2 (in the middle of the first file), save_point3 (all own files written, digests not),
+save_point4 (after the digests), kill_in_save (rank 0: digests gathered, before the manifest),
+save_point6 (rank 0: manifest written, `latest` not), save_point7 (rank 0: before pruning).
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+
+from pretrain import checkpoint, faults
+from pretrain.errors import UserError
+
+IO_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+             errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
+
+
+def io_error_line(e: OSError, path, ckpt_dir: Path) -> str | None:
+    """The one-line message for a known I/O error while writing `path`; None for other errors."""
+    what = IO_ERRORS.get(getattr(e, "errno", None))
+    if what is None:
+        return None
+    return f"{what} writing {path}; {last_committed(ckpt_dir)}"
+
+
+def last_committed(ckpt_dir: Path) -> str:
+    try:
+        tag = (ckpt_dir / "latest").read_text().strip()
+    except OSError:
+        tag = ""
+    m = checkpoint.TAG_RE.match(tag)
+    if m and (ckpt_dir / tag / checkpoint.MANIFEST).is_file():
+        return f"the last committed checkpoint is step {int(m.group(1))} ({ckpt_dir / tag})"
+    return f"no checkpoint has been committed in {ckpt_dir}"
+
+
+# ----------------------------------------------------------------------------- snapshot
+class Staging:
+    """CPU buffers for the snapshot. With `keep` (async saves) the buffers of one save are reused by
+    the next (same tensors in the same order): copying into memory already faulted in is several
+    times faster than allocating it afresh; the price is one resident copy of the saved state."""
+
+    def __init__(self, keep: bool):
+        self.keep, self.old, self.new, self.reuse = keep, [], [], iter(())
+
+    def begin(self) -> None:
+        self.reuse, self.new = iter(self.old if self.keep else ()), []
+
+    def end(self) -> None:
+        self.old = self.new if self.keep else []
+        self.new, self.reuse = [], iter(())
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        buf = next(self.reuse, None)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            self.reuse = iter(())  # out of step: fresh buffers from here on
+            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+        buf.copy_(t.detach(), non_blocking=t.is_cuda)
+        self.new.append(buf)
+        return buf
+
+
+def snapshot(obj, staging: Staging):
+    """A copy of `obj` whose tensors live on the CPU and share nothing with the live training state."""
+    if isinstance(obj, torch.Tensor):
+        return staging.copy(obj)
+    if isinstance(obj, dict):
+        items = [(k, snapshot(v, staging)) for k, v in obj.items()]
+        try:
+            return type(obj)(items)
+        except TypeError:
+            return dict(items)
+    if isinstance(obj, list):
+        return [snapshot(v, staging) for v in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(snapshot(v, staging) for v in obj)
+    return obj  # numbers, strings, config objects: not changed by training
+
+
+class _Recorder(CheckpointEngine):
+    """A DeepSpeed checkpoint engine that keeps snapshots of what it is asked to save."""
+
+    def __init__(self, staging: Staging):
+        super().__init__()
+        self.name, self.staging = "pretrain-recorder", staging
+        self.files: list[tuple[str, object]] = []
+
+    def create(self, info):
+        pass
+
+    def save(self, state_dict, path: str):
+        self.files.append((path, snapshot(state_dict, self.staging)))
+
+    def load(self, path: str, map_location=None):
+        return torch.load(path, map_location=map_location, weights_only=False)
+
+    def commit(self, info):
+        return True
+
+    def preserves_storage_sharing(self):
+        return False  # DeepSpeed need not clone for torch.save: the snapshot already is a copy
+
+
+class _HashingFile(io.RawIOBase):
+    """A write-only file that hashes the bytes on their way to disk."""
+
+    def __init__(self, f, on_write=None):
+        self.f, self.sha, self.size, self.on_write = f, hashlib.sha256(), 0, on_write
+        self.error: OSError | None = None  # torch.save reports a failed write as its own RuntimeError
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        self.sha.update(b)
+        try:
+            self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+        self.size += len(b)
+        if self.on_write:
+            self.on_write()
+        return len(b)
+
+
+# ----------------------------------------------------------------------------- writer
+class CheckpointWriter:
+    def __init__(self, ckpt_dir: Path, keep_last: int, async_save: bool, timeout_s: float,
+                 tokenizer_dir: Path | None = None, resumed_step: int | None = None):
+        self.ckpt_dir, self.keep_last, self.async_save = Path(ckpt_dir), keep_last, async_save
+        self.timeout_s, self.tokenizer_dir = timeout_s, tokenizer_dir
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self._thread: threading.Thread | None = None
+        self._error: str | None = None
+        self._tag_dir: Path | None = None
+        self._kept = resumed_step  # a committed step that is not rewritten (resumed from it, or saved already)
+        self._staging = Staging(keep=async_save)
+
+    # ------------------------------------------------------------------ training thread
+    def save(self, engine, step: int, state: dict) -> Path:
+        """Snapshot and start writing the checkpoint of `step` (collective). Returns its directory."""
+        self.wait()
+        tag_dir = self.ckpt_dir / checkpoint.tag_for(step)
+        problem, already = None, False
+        if self.rank == 0:
+            try:
+                self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+                already = step == self._kept and checkpoint.verify(tag_dir, "sizes") is None
+                latest = self.ckpt_dir / "latest"
+                if already and (not latest.is_file() or latest.read_text().strip() != tag_dir.name):
+                    checkpoint.write_atomic(latest, tag_dir.name + "\n")  # killed between manifest and latest
+                if tag_dir.exists() and not already:
+                    shutil.rmtree(tag_dir)  # a partial save of this step from a killed run
+                tag_dir.mkdir(exist_ok=True)
+            except OSError as e:
+                problem = io_error_line(e, getattr(e, "filename", None) or tag_dir, self.ckpt_dir)
+                if problem is None:
+                    raise
+        problem, already = checkpoint.broadcast_from_rank0((problem, already))
+        if problem:
+            raise UserError(problem)
+        if already:  # e.g. the final save right after a periodic one
+            return tag_dir
+        recorder, own = _Recorder(self._staging), engine.checkpoint_engine
+        scripts: list[str] = []
+        engine.checkpoint_engine = recorder
+        engine._copy_recovery_script = scripts.append  # copied (and hashed) by the writer thread instead
+        self._staging.begin()
+        try:
+            engine.save_checkpoint(str(self.ckpt_dir), tag=tag_dir.name, save_latest=False)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # the copies off the device are complete
+        finally:
+            self._staging.end()
+            engine.checkpoint_engine = own
+            del engine._copy_recovery_script
+        files = [(Path(p), sd) for p, sd in recorder.files]
+        recorder.files.clear()  # the writer thread alone holds the snapshots (and frees each once written)
+        small = {f"rng_{self.rank:05d}.json": json.dumps(checkpoint.rng_state())}
+        if self.rank == 0:
+            small[checkpoint.STATE] = json.dumps(state, indent=1, sort_keys=True)
+        faults.kill_if("save_point0", step, self.rank)
+        self._tag_dir, self._error, self._kept = tag_dir, None, step
+        self._thread = threading.Thread(target=self._write, args=(tag_dir, step, files, small, bool(scripts)),
+                                        name=f"checkpoint-{step}", daemon=True)
+        self._thread.start()
+        if not self.async_save:
+            self.wait()
+        return tag_dir
+
+    def wait(self) -> None:
+        """Wait for this rank's pending save (collective when one was pending); UserError if any rank's failed."""
+        if self._thread is None:
+            return
+        self._thread.join()
+        self._thread = None
+        errors = [None] * self.world
+        dist.all_gather_object(errors, self._error)
+        bad = next((e for e in errors if e), None)
+        if bad:
+            if self.rank == 0 and self._tag_dir is not None and not (self._tag_dir / checkpoint.MANIFEST).exists():
+                shutil.rmtree(self._tag_dir, ignore_errors=True)  # never committed: free the space
+            raise UserError(bad)
+
+    # ------------------------------------------------------------------ background thread
+    def _write(self, tag_dir: Path, step: int, files, small: dict, scripts: bool) -> None:
+        current = tag_dir
+        try:
+            digests, first = {}, True
+            while files:
+                path, sd = files.pop(0)  # each snapshot is dropped as soon as it is on disk
+                current = path
+                digests[str(path.relative_to(tag_dir))] = self._write_pt(path, sd, step, first=first)
+                del sd
+                if first:
+                    faults.kill_if("save_point1", step, self.rank)
+                first = False
+            for name, text in small.items():
+                current = tag_dir / name
+                digests[name] = _write_bytes(current, text.encode())
+            if self.rank == 0:
+                digests.update(self._rank0_extras(tag_dir, scripts))
+            faults.kill_if("save_point3", step, self.rank)
+            current = tag_dir / f".digests_{self.rank:05d}.json"
+            checkpoint.write_atomic(current, json.dumps({"files": digests}))
+            faults.kill_if("save_point4", step, self.rank)
+            if self.rank == 0:
+                current = tag_dir / checkpoint.MANIFEST
+                self._commit(tag_dir, step)
+        except OSError as e:
+            self._fail(tag_dir, io_error_line(e, getattr(e, "filename", None) or current, self.ckpt_dir)
+                       or f"writing {current} failed: {e}")
+        except UserError as e:
+            self._fail(tag_dir, str(e))
+        except BaseException as e:  # noqa: BLE001 - reported on the training thread
+            self._fail(tag_dir, f"checkpoint save of step {step} failed: {type(e).__name__}: {e}")
+
+    def _fail(self, tag_dir: Path, message: str) -> None:
+        self._error = message
+        try:  # tell rank 0's commit not to wait for this rank
+            checkpoint.write_atomic(tag_dir / f".digests_{self.rank:05d}.json", json.dumps({"error": message}))
+        except OSError:
+            pass
+
+    def _write_pt(self, path: Path, sd, step: int, first: bool) -> dict:
+        calls = [0]
+
+        def mid_file():
+            calls[0] += 1
+            if first and calls[0] == 2:
+                faults.kill_if("save_point2", step, self.rank)
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            w = _HashingFile(f, mid_file)
+            try:
+                torch.save(sd, w)
+            except RuntimeError:
+                if w.error is not None:
+                    raise w.error from None
+                raise
+            f.flush()
+        return {"size": w.size, "sha256": w.sha.hexdigest()}
+
+    def _rank0_extras(self, tag_dir: Path, scripts: bool) -> dict:
+        """The run's tokenizer copy and DeepSpeed's recovery scripts, with their digests."""
+        out = {}
+        if self.tokenizer_dir is not None and self.tokenizer_dir.is_dir():
+            for f in sorted(self.tokenizer_dir.iterdir()):
+                if f.is_file() and not f.name.startswith("."):
+                    out[f"tokenizer/{f.name}"] = _write_bytes(tag_dir / "tokenizer" / f.name, f.read_bytes())
+        if scripts:
+            import deepspeed
+
+            utils = Path(deepspeed.__file__).parent / "utils"
+            for name in ("zero_to_fp32.py", "zero_to_torch.py"):
+                if (utils / name).is_file():
+                    out[name] = _write_bytes(tag_dir / name, (utils / name).read_bytes())
+        return out
+
+    def _commit(self, tag_dir: Path, step: int) -> None:
+        files, deadline = {}, time.monotonic() + self.timeout_s
+        for r in range(self.world):
+            f = tag_dir / f".digests_{r:05d}.json"
+            while not f.is_file():
+                if time.monotonic() > deadline:
+                    raise UserError(f"checkpoint of step {step}: rank {r} did not finish writing its files within "
+                                    f"{self.timeout_s:.0f} s (parallel.timeout_minutes); {last_committed(self.ckpt_dir)}")
+                time.sleep(0.02)
+            got = json.loads(f.read_text())
+            if got.get("error"):
+                raise UserError(got["error"])
+            files.update(got["files"])
+        faults.kill_if("kill_in_save", step, 0)
+        manifest = {"format": 2, "step": step, "files": dict(sorted(files.items()))}
+        checkpoint.write_atomic(tag_dir / checkpoint.MANIFEST, json.dumps(manifest, indent=1))
+        faults.kill_if("save_point6", step, 0)
+        checkpoint.write_atomic(self.ckpt_dir / "latest", tag_dir.name + "\n")
+        faults.kill_if("save_point7", step, 0)
+        for r in range(self.world):
+            (tag_dir / f".digests_{r:05d}.json").unlink(missing_ok=True)
+        checkpoint.prune(self.ckpt_dir, self.keep_last)
+
+
+def _write_bytes(path: Path, data: bytes) -> dict:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}

@@ -1,0 +1,131 @@
+"""Checkpoint faults get one line: disk full / read-only during a save (on a small tmpfs), no silent
+restart from step 0, resume messages that name the changed key or source, a precision change."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from pretrain import checkpoint
+from train_util import TINY, check, losses, run_train
+
+FAST = ["logging.tensorboard=false"]
+
+
+def _run(out, overrides=()):
+    """The trainer with stderr kept apart: (returncode, stdout, stderr)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PRETRAIN_FAULTS", None)
+    p = subprocess.run([sys.executable, "-m", "pretrain.train", *TINY, *FAST, f"train.out_dir={out}", *overrides],
+                       env=env, capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+def _one_error_line(rc, stdout, stderr) -> str:
+    assert rc == 2, (rc, stdout[-2000:], stderr[-2000:])
+    assert "Traceback" not in stdout + stderr, stderr[-3000:]
+    lines = [x for x in stderr.splitlines() if x.strip()]
+    errors = [x for x in lines if x.startswith("error:")]
+    assert len(errors) == 1, stderr[-3000:]
+    return errors[0]
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A small tmpfs (root, as in CI); unmounted afterwards."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+
+    def mount(size: str):
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=True)
+        return mnt
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.fail("the disk-full tests mount a tmpfs: run them as root (as CI does)")
+    yield mount
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory):
+    """A run committed at step 3 (copied by each test that changes something)."""
+    out = tmp_path_factory.mktemp("three")
+    check(run_train(out, ["train.max_steps=3", "checkpoint.interval=0", *FAST]))
+    return out
+
+
+def _copy(run, dst):
+    shutil.copytree(run, dst)
+    return dst
+
+
+def test_disk_full_during_save_names_the_file_and_last_commit(tmpfs, tmp_path):
+    ckpts = tmpfs("3m")  # one checkpoint of the tiny model (~2.1 MB) fits, a second does not
+    rc, out, err = _run(tmp_path / "run", [f"checkpoint.dir={ckpts}", "checkpoint.interval=3", "checkpoint.keep_last=3"])
+    line = _one_error_line(rc, out, err)
+    assert line.startswith("error: disk full writing ") and str(ckpts / "step_00000006") in line
+    assert line.endswith(f"the last committed checkpoint is step 3 ({ckpts / 'step_00000003'})")
+    assert (ckpts / "latest").read_text().strip() == "step_00000003"
+    assert checkpoint.verify(ckpts / "step_00000003") is None  # nothing good lost
+    assert not (ckpts / "step_00000006").exists()  # the partial save is gone, never committed
+
+
+def test_read_only_checkpoint_dir_during_save(tmpfs, tmp_path):
+    ckpts = tmpfs("64m")
+    run = tmp_path / "run"
+    check(run_train(run, ["train.max_steps=3", "checkpoint.interval=0", f"checkpoint.dir={ckpts}", *FAST]))
+    subprocess.run(["mount", "-o", "remount,ro", str(ckpts)], check=True)
+    rc, out, err = _run(run, [f"checkpoint.dir={ckpts}"])
+    line = _one_error_line(rc, out, err)
+    assert line.startswith("error: read-only file system writing ") and "step 3" in line
+    assert "resumed from" in out and checkpoint.verify(ckpts / "step_00000003") is None
+
+
+def test_no_silent_restart_when_no_checkpoint_verifies(three_steps, tmp_path):
+    run = _copy(three_steps, tmp_path / "run")
+    shard = next((run / "checkpoints" / "step_00000003").glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:-10])  # truncated: the sizes check sees it
+    line = _one_error_line(*_run(run))
+    assert "no checkpoint verifies" in line and "step_00000003" in line and "checkpoint.resume=none" in line
+    assert not (run / "checkpoints" / "step_00000006").exists()  # refused before training anything
+    rc, out, err = _run(run, ["checkpoint.resume=none"])  # the explicit start-over
+    assert rc == 0, err[-2000:]
+    assert checkpoint.verify(run / "checkpoints" / "step_00000003") is None  # rewritten by the new run
+
+
+def test_changed_model_key_is_named(three_steps, tmp_path):
+    run = _copy(three_steps, tmp_path / "run")
+    line = _one_error_line(*_run(run, ["model.n_layer=3"]))
+    assert "model.n_layer is 2 in the checkpoint, 3 in the config" in line and "{" not in line
+
+
+def test_precision_change_is_one_line(three_steps, tmp_path):
+    run = _copy(three_steps, tmp_path / "run")
+    line = _one_error_line(*_run(run, ["train.precision=bf16"]))
+    assert "train.precision=fp32" in line and "bf16" in line
+
+
+def test_changed_data_or_lr_needs_the_override(three_steps, tmp_path):
+    run = _copy(three_steps, tmp_path / "run")
+    line = _one_error_line(*_run(run, ["data.seed=99"]))
+    assert "data.seed 1234 -> 99" in line and "checkpoint.allow_changes=[data]" in line
+    line = _one_error_line(*_run(run, ["optim.lr=0.001", "schedule.kind=linear"]))
+    assert "optim.lr 0.0006 -> 0.001" in line and "schedule.kind 'cosine' -> 'linear'" in line
+    assert "checkpoint.allow_changes=[optim,schedule]" in line
+    rc, out, err = _run(run, ["data.seed=99", "checkpoint.allow_changes=[data]"])
+    assert rc == 0, err[-2000:]
+    assert "resuming with a change: data.seed 1234 -> 99" in out and "resumed from" in out
+    assert sorted(losses(run)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_changed_data_source_is_named(bpe_data, tmp_path):
+    data = shutil.copytree(bpe_data, tmp_path / "data")
+    run = tmp_path / "run"
+    common = ["data.synthetic=false", "model.vocab_size=null", f"data.paths=[{data}]", *FAST]
+    check(run_train(run, [*common, "train.max_steps=2", "checkpoint.interval=0"]))
+    other = shutil.copytree(bpe_data, tmp_path / "other")
+    line = _one_error_line(*_run(run, [*common[:2], f"data.paths=[{data},{other}]"]))
+    assert f"data.paths: {other.resolve()} added" in line and "checkpoint.allow_changes=[data]" in line
