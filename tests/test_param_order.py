@@ -46,6 +46,7 @@ def _train(out: Path, overrides, nproc: int, reorder: bool = False):
     return subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=400)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero, nproc", [(0, 1), (1, 2), (3, 2)])
 def test_reordered_model_resumes_exactly(tmp_path, zero, nproc):
     layout = [f"parallel.zero_stage={zero}"]
