@@ -57,6 +57,7 @@ class GuardedAdamW(torch.optim.AdamW):
         # Which parameters this rank counts in the norm, by position: DeepSpeed's unfused
         # bf16/fp16 wrapper later swaps in fp32 copies (same order) that lack the attributes.
         self._count_mask = [[self._counts(p) for p in g["params"]] for g in self.param_groups]
+        self._keep_cache: dict = {}
         self.begin_step()
 
     def begin_step(self, bad_loss: torch.Tensor | None = None) -> None:
@@ -121,7 +122,7 @@ class GuardedAdamW(torch.optim.AdamW):
                 norms = torch.stack(torch._foreach_norm(grads, 2.0)).to(device=dev, dtype=torch.float64).pow(2)
                 sq = sq_counted = norms.sum()
                 if not self.partitioned and not all(keep):
-                    sq_counted = (norms * torch.tensor(keep, dtype=torch.float64, device=dev)).sum()
+                    sq_counted = (norms * self._keep_tensor(keep, dev)).sum()
             # [non-finite flag, sum of counted squares]: SUM over the world is right for both
             # (replicated ZeRO-0 gradients: divided by the data-parallel size below).
             stats = torch.stack([flag.to(device=dev, dtype=torch.float64).reshape(()), sq_counted])
@@ -135,6 +136,14 @@ class GuardedAdamW(torch.optim.AdamW):
             bad = (stats[0] > 0) | ~torch.isfinite(norm)
         self.verdict = bad.float()
         self.norm = torch.where(bad, torch.full_like(norm, float("nan")), norm)
+
+    def _keep_tensor(self, keep: list[bool], dev: torch.device) -> torch.Tensor:
+        """The counting mask as a device tensor, made once (a host-to-device copy each step would
+        wait for the device)."""
+        key = (tuple(keep), dev)
+        if key not in self._keep_cache:
+            self._keep_cache[key] = torch.tensor(keep, dtype=torch.float64, device=dev)
+        return self._keep_cache[key]
 
     def _counts(self, p) -> bool:
         """Whether this rank counts p's gradient in the global norm (replicated gradients)."""
