@@ -42,7 +42,7 @@ def shape_changes(saved: dict, want: dict) -> list[str]:
             if saved.get(k) != want.get(k)]
 
 
-def _shape_message(where: str, shape: dict, want: dict, tp: int) -> str:
+def shape_message(where: str, shape: dict, want: dict, tp: int) -> str:
     rows, new_rows = shape.get("padded_vocab_size"), want["padded_vocab_size"]
     if {**shape, "padded_vocab_size": new_rows} != want or not rows:
         return (f"{where} holds a model of shape other than the config's: {'; '.join(shape_changes(shape, want))}; restore the "
@@ -81,7 +81,7 @@ def data_changes(saved: dict, data) -> list[str]:
 def check_resume(saved: dict, cfg: Config, shape: dict, tp: int, data, where: str) -> list[str]:
     """UserError when the run may not resume from `saved`; else the lines to print about allowed changes."""
     if saved.get("model_shape") != shape:
-        raise UserError(_shape_message(where, saved.get("model_shape") or {}, shape, tp))
+        raise UserError(shape_message(where, saved.get("model_shape") or {}, shape, tp))
     old_cfg = saved.get("config") or {}
     old_prec = (old_cfg.get("train") or {}).get("precision")
     if old_prec and old_prec != cfg.train.precision:

@@ -254,6 +254,11 @@ class Trainer:
         self.skipped_total, self.resumed_step = state.get("skipped_steps", 0), self.step
         self.monitor.print(f"resumed from {tag_dir} at step {self.step}")
 
+    def _shape_mismatch(self, where: str, shape: dict) -> str:
+        from pretrain.resume_check import shape_message
+
+        return shape_message(where, shape, self._model_shape(), self.layout.tp)
+
     def _init_source(self):
         """checkpoint.init_from: (a model-building source of the weights, our checkpoint's directory
         or None for an import-hf directory). With checkpoint.init_optimizer the source is None: the
