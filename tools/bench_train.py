@@ -70,9 +70,9 @@ sys.argv = [target] + sys.argv[4:]
 if kind == "module":
     import pretrain.monitor as M
     _log = M.Monitor.log
-    def log(self, step, scalars):
+    def log(self, step, scalars, **kw):
         stamps.append(time.process_time())
-        return _log(self, step, scalars)
+        return _log(self, step, scalars, **kw)
     M.Monitor.log = log
     runpy.run_module(target, run_name="__main__", alter_sys=True)
 else:
