@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pretrain import checkpoint
+from pretrain.interop.ds_reader import load_model_weights
 from train_util import check, losses, run_train
 
 # checkpoints at steps 2 and 4 (the last): every kill lands in the save of step 4 or in the step after
@@ -33,7 +34,7 @@ def straight(tmp_path_factory):
 
 
 def _weights(run):
-    return checkpoint.load_model_weights(checkpoint.resolve_tag_dir(str(run)))
+    return load_model_weights(checkpoint.resolve_tag_dir(str(run)))
 
 
 @pytest.mark.slow
