@@ -56,9 +56,10 @@ with tensor parallelism t, s*b*h/t*(34 + 5*a*s/h) with sequence parallelism, and
 fp32 doubles them (measured: 68 bytes per s*b*h per layer, fp32, no dropout). The 5*a*s/h
 term is the stored attention matrix: the model's SDPA (flash / memory-efficient on GPU,
 the flash kernel on CPU) does not store it, so `total` leaves it out and
-`total_stored_attention` is the upper bound for a math-attention fallback. The loss peaks
-at 12 bytes per logit (/t): fp32 log-probabilities saved for the backward, their gradient
-and the logits' gradient. Under pipeline parallelism (1F1B) stage i keeps up to
+`total_stored_attention` is the upper bound for a math-attention fallback. The loss is fused
+with the output projection and computed in chunks (`_loss_bytes`); only a pipeline's last
+stage holds all logits (12 bytes per logit /t: fp32 log-probabilities, their gradient and
+the logits' gradient). Under pipeline parallelism (1F1B) stage i keeps up to
 min(pp - i, grad_accum) micro-batches in flight. Not included: CUDA context and kernels'
 workspaces (~1-3 GiB), allocator fragmentation.
 """
@@ -68,7 +69,7 @@ import math
 from typing import Any
 
 from pretrain.config.deepspeed import deepspeed_config
-from pretrain.config.schema import Config, ModelConfig
+from pretrain.config.schema import LOSS_CHUNK_ELEMENTS, Config, ModelConfig
 
 __all__ = [
     "ffn_dim", "head_dim", "kv_heads", "count_params", "matmul_params", "flops_per_token", "pipeline_layer_params",
@@ -255,6 +256,21 @@ def _activation_bytes_per_layer(cfg: Config, micro: int, tp: int, fused: bool = 
     return full, 0.0
 
 
+def _loss_bytes(cfg: Config, layout: Any) -> float:
+    """Activation bytes of the loss on the stage holding the output head. Without a pipeline the
+    loss is fused with the head's projection (`pretrain.model.loss`): it keeps the fp32 gradient
+    of the head weight (V x d / t) and of its input (s x b x d) for the backward, plus up to three
+    transient fp32 chunks of logits (the chunk, its softmax, its gradient). A pipeline's last stage
+    gets the full logits from DeepSpeed: 12 bytes per logit (fp32 log-probabilities, their
+    gradient and the logits' gradient)."""
+    m, tp = cfg.model, layout.tp
+    n_logits = m.seq_len * layout.micro_batch_size * layout.padded_vocab_size / tp
+    if layout.pp > 1:
+        return 12 * n_logits
+    return (4 * layout.padded_vocab_size * m.d_model / tp + 4 * m.seq_len * layout.micro_batch_size * m.d_model
+            + 3 * 4 * min(LOSS_CHUNK_ELEMENTS, n_logits))
+
+
 def memory_estimate(cfg: Config, layout: Any) -> dict[str, Any]:
     """Estimated bytes per rank on the busiest pipeline stage (see the module docstring).
 
@@ -288,7 +304,7 @@ def memory_estimate(cfg: Config, layout: Any) -> dict[str, Any]:
 
     stored, recompute = _activation_bytes_per_layer(cfg, layout.micro_batch_size, tp, fused=True)
     stored_a, recompute_a = _activation_bytes_per_layer(cfg, layout.micro_batch_size, tp)
-    logit_bytes = 12 * m.seq_len * layout.micro_batch_size * layout.padded_vocab_size / tp
+    logit_bytes = _loss_bytes(cfg, layout)
 
     stages = []
     for i, (start, stop) in enumerate(bounds):

@@ -197,6 +197,12 @@ class Trainer:
             self.monitor.rewind(self.step)  # drop what the stopped run logged after this checkpoint
         elif init_tag is not None and cfg.checkpoint.init_optimizer:
             self._init_optimizer(init_tag)
+        if tag_dir is not None and self.step >= cfg.train.max_steps:
+            # A finished run started again (e.g. the quickstart re-run): its last checkpoint is
+            # already committed, so nothing is trained, validated or saved over it.
+            self.monitor.print(f"nothing to train: {tag_dir} is at step {self.step}, train.max_steps is "
+                               f"{cfg.train.max_steps}; raise train.max_steps to train further")
+            return 0
         n_params = count_params(cfg.model, lay.padded_vocab_size)["total"]
         self.monitor.print(f"training {n_params:,} parameters on {lay.world_size} {self.device.type} process(es) "
                            f"(data {lay.dp} x tensor {lay.tp} x pipeline {lay.pp}) "

@@ -152,7 +152,8 @@ def test_activation_formula():
     full recompute keeps 2*s*b*h per layer."""
     s, b, h, a, L, V = 1024, 4, 768, 12, 12, 50304
     base = ["model.seq_len=1024", "train.micro_batch_size=4", "parallel.zero_stage=0"]
-    logits = 12 * s * b * V  # fp32 log-probabilities, their gradient, the logits' gradient
+    # the fused, chunked loss: fp32 gradients of the head weight and its input, 3 chunks of 2**25 logits
+    logits = 4 * V * h + 4 * s * b * h + 12 * 2**25
     cfg, lay = _layout(base, 1)
     mem = memory_estimate(cfg, lay)
     assert mem["activations_stored_attention"] == pytest.approx(L * s * b * h * (34 + 5 * a * s / h) + logits,
@@ -162,10 +163,11 @@ def test_activation_formula():
     mem = memory_estimate(cfg, lay)
     Vp = lay.padded_vocab_size
     assert mem["activations_stored_attention"] == pytest.approx(
-        L * s * b * h / 4 * (34 + 5 * a * s / h) + 12 * s * b * Vp / 4, rel=1e-9)
+        L * s * b * h / 4 * (34 + 5 * a * s / h) + 4 * Vp * h / 4 + 4 * s * b * h + 12 * 2**25, rel=1e-9)
     cfg, lay = _layout(base + ["parallel.tensor=4"], 4)
     assert memory_estimate(cfg, lay)["activations_stored_attention"] == pytest.approx(
-        L * s * b * h * (10 + 24 / 4 + 5 * a * s / (h * 4)) + 12 * s * b * Vp / 4, rel=1e-9)
+        L * s * b * h * (10 + 24 / 4 + 5 * a * s / (h * 4)) + 4 * Vp * h / 4 + 4 * s * b * h + 12 * 2**25,
+        rel=1e-9)
     cfg, lay = _layout(base + ["model.activation_checkpointing=true"], 1)
     one_layer = s * b * h * 34
     assert memory_estimate(cfg, lay)["activations"] == pytest.approx(L * 2 * s * b * h + one_layer + logits,

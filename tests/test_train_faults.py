@@ -99,6 +99,12 @@ def test_consecutive_nonfinite_steps_stop_with_a_checkpoint(tmp_path):
 def test_resume_with_another_model_shape_is_refused(straight, tmp_path):
     out = tmp_path / "run"
     check(run_train(out, ["train.max_steps=3"]))
+    # Started again as it was, a finished run trains nothing and leaves its checkpoint as it is.
+    manifest = out / "checkpoints" / "step_00000003" / "manifest.json"
+    before = (manifest.read_bytes(), manifest.stat().st_mtime_ns, len(metrics(out)))
+    log = check(run_train(out, ["train.max_steps=3"]))
+    assert "nothing to train" in log and "validation at" not in log
+    assert (manifest.read_bytes(), manifest.stat().st_mtime_ns, len(metrics(out))) == before
     proc = run_train(out, ["model.n_layer=3"])
     log = check(proc, rc=2)
     assert "error:" in log and "model of shape" in log and "Traceback" not in log

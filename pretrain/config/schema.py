@@ -10,6 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+# Logits per chunk of the fused output-projection + cross-entropy loss (pretrain.model.loss;
+# 128 MiB in fp32). A fixed size, not a config field: here so that the torch-free --plan
+# (pretrain.plan) and the loss read the same number.
+LOSS_CHUNK_ELEMENTS = 2**25
+
 
 @dataclass
 class ModelConfig:

@@ -19,7 +19,9 @@ from typing import Callable, Optional
 
 import torch
 
-CHUNK_ELEMENTS = 2**25  # logits per chunk (128 MiB in fp32)
+from pretrain.config.schema import LOSS_CHUNK_ELEMENTS
+
+CHUNK_ELEMENTS = LOSS_CHUNK_ELEMENTS  # logits per chunk (128 MiB in fp32)
 
 
 def _same(t: torch.Tensor) -> torch.Tensor:
