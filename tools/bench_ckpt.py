@@ -78,7 +78,7 @@ def main() -> int:
     from pretrain.config.load import load_config
     from pretrain.config.validate import resolve
     from pretrain.engine import build_engine, init_distributed
-    from pretrain.parallel.apply import build_model
+    from pretrain.parallel.build import build_model
     from pretrain.parallel.topology import Topology
     from pretrain.plan import count_params
 
