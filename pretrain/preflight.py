@@ -6,6 +6,7 @@ checkpoint directory has room for a checkpoint (a warning), and the DeepSpeed co
 from __future__ import annotations
 
 import os
+import sys
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -82,7 +83,7 @@ def check_deepspeed(cfg: Config, layout: Layout) -> None:
 
     from pretrain.config.deepspeed import deepspeed_config
 
-    ds = deepspeed_config(cfg, layout)
+    ds = _ReadKeys(deepspeed_config(cfg, layout))
     # Without a process group DeepSpeed assumes one data-parallel rank; the batch triple was
     # checked by `validate.resolve` for the real one, so give DeepSpeed its per-rank share.
     ds["train_batch_size"] = layout.micro_batch_size * layout.grad_accum
@@ -95,3 +96,38 @@ def check_deepspeed(cfg: Config, layout: Layout) -> None:
                         "(see DeepSpeed's config-json docs for the key and its type)") from None
     finally:
         ds_logger.setLevel(level)
+    _check_top_level(cfg.deepspeed or {}, ds.read)
+
+
+class _ReadKeys(dict):
+    """The DeepSpeed config, noting which top-level keys DeepSpeed's config model reads: DeepSpeed
+    ignores a top-level key it does not know, so a misspelt section would otherwise pass silently."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.read = set()
+
+    def get(self, key, *default):
+        self.read.add(key)
+        return super().get(key, *default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
+
+
+def _check_top_level(passthrough: dict, read: set) -> None:
+    """A pass-through key DeepSpeed never read: an error when it is close to one it reads (a typo,
+    e.g. zero_optimisation), else a warning (a key some other DeepSpeed component may read)."""
+    import difflib
+
+    for key in sorted(set(passthrough) - read):
+        near = difflib.get_close_matches(key, sorted(k for k in read if isinstance(k, str)), n=1, cutoff=0.8)
+        if near:
+            raise UserError(f"deepspeed.{key}: DeepSpeed reads no such key; did you mean deepspeed.{near[0]}?")
+        print(f"warning: deepspeed.{key}: DeepSpeed's config model does not read this key; it is passed on "
+              "as it is", file=sys.stderr, flush=True)
