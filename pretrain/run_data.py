@@ -214,29 +214,31 @@ class RunData:
         from pretrain.data.loader import micro_batches
 
         lay = self.layout
-        it = self._in_vocab(micro_batches(ds, lay.micro_batch_size, self.dp_rank, lay.dp, 0), 0,
-                            "validation" if ds is self.valid else "test")
+        it = micro_batches(ds, lay.micro_batch_size, self.dp_rank, lay.dp, 0, self._in_vocab(
+            0, "validation" if ds is self.valid else "test"))
         return (next(it) for _ in range(self.cfg.train.eval_steps))
 
     def train_batches(self, consumed_samples: int) -> Iterator[torch.Tensor]:
         from pretrain.data.loader import micro_batches
 
         lay = self.layout
-        return self._in_vocab(micro_batches(self.train, lay.micro_batch_size, self.dp_rank, lay.dp, consumed_samples),
-                              consumed_samples, "train")
+        return micro_batches(self.train, lay.micro_batch_size, self.dp_rank, lay.dp, consumed_samples,
+                             self._in_vocab(consumed_samples, "train"))
 
-    def _in_vocab(self, batches: Iterator[torch.Tensor], consumed: int, split: str) -> Iterator[torch.Tensor]:
-        """Batches whose token ids are all below the vocabulary; UserError at the first that is not.
+    def _in_vocab(self, consumed: int, split: str):
+        """A micro_batches check: UserError at the first batch holding an id outside the vocabulary.
         Structure-only verification (big data, bare prefixes) reads no token ids: an id beyond the
         vocabulary is caught here, before it reaches the embedding (an IndexError, or a device
-        assert on GPU). A max over one micro-batch: microseconds."""
-        vocab, mb = self.layout.vocab_size, self.layout.micro_batch_size
-        for k, b in enumerate(batches):
-            hi, lo = int(b.max()), int(b.min())
+        assert on GPU). A max over one micro-batch of host memory: microseconds."""
+        vocab = self.layout.vocab_size
+
+        def check(batch: np.ndarray, k: int) -> None:
+            hi, lo = int(batch.max()), int(batch.min())
             if hi >= vocab or lo < 0:
                 bad = hi if hi >= vocab else lo
                 raise UserError(f"data.paths: {split} micro-batch {k} of this rank (samples after {consumed}) holds "
                                 f"token id {bad}, outside the vocabulary 0..{vocab - 1}; the shards do not fit "
                                 "the tokenizer: run `pretrain-shards verify` on them (it checks every id), "
                                 "re-run pretrain-prep, or set model.vocab_size for bare Megatron prefixes")
-            yield b
+
+        return check

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
@@ -221,11 +221,13 @@ def open_dataset(paths: list[str], weights: Optional[list[float]], split: str, s
 
 
 def micro_batches(ds: BlendedDataset, micro_batch_size: int, dp_rank: int, dp_size: int,
-                  consumed_samples: int) -> Iterator:
+                  consumed_samples: int, check: Optional[Callable[[np.ndarray, int], None]] = None) -> Iterator:
     """Endless micro-batches for one rank: LongTensor (micro_batch_size, seq_len + 1).
 
     Step t (from 0) covers global samples c + t*G .. c + (t+1)*G - 1 with G = micro_batch_size * dp_size
     and c = consumed_samples; this rank gets [c + t*G + r*mb, c + t*G + (r+1)*mb).
+    `check(batch, k)` sees the k-th batch as a numpy array before it becomes a tensor (so a
+    check of its ids reads no tensor: no device sync, nothing for the sync probe to count).
     """
     import torch
 
@@ -238,12 +240,16 @@ def micro_batches(ds: BlendedDataset, micro_batch_size: int, dp_rank: int, dp_si
     mb, g = int(micro_batch_size), int(micro_batch_size) * int(dp_size)
 
     def gen(c: int):
+        k = 0
         while True:
             first = c + int(dp_rank) * mb
             batch = np.empty((mb, ds.seq_len + 1), dtype=np.int64)
             for row, i in enumerate(range(first, first + mb)):
                 ds.get(i, batch[row])
+            if check is not None:
+                check(batch, k)
             yield torch.from_numpy(batch)
             c += g
+            k += 1
 
     return gen(int(consumed_samples))
