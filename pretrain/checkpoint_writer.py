@@ -108,6 +108,8 @@ def snapshot(obj, staging: Staging):
             return dict(items)
     if isinstance(obj, list):
         return [snapshot(v, staging) for v in obj]
+    if isinstance(obj, torch.Size):
+        return obj  # immutable; zero_to_fp32 calls .numel() on ZeRO-3's param_shapes
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
         return tuple(snapshot(v, staging) for v in obj)
     return obj  # numbers, strings, config objects: not changed by training

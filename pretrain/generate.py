@@ -117,6 +117,8 @@ def check_args(a) -> None:
 
     if a.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {a.max_new_tokens}: must be at least 1")
+    if a.num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1, got {a.num_samples}")
     if not (math.isfinite(a.temperature) and a.temperature >= 0):
         raise UserError(f"--temperature {a.temperature}: must be a finite number >= 0 (0 = greedy)")
     if a.top_k < 0:
