@@ -94,7 +94,7 @@ def main(argv=None) -> int:
 
         print(json.dumps(engine_ds_config(cfg, layout), indent=2))
     if args.plan:
-        from pretrain.plan import format_plan
+        from pretrain.plan_report import format_plan
 
         print(format_plan(cfg, layout))
     if offline:

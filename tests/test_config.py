@@ -12,7 +12,7 @@ import pytest
 from pretrain.config import (Config, config_to_yaml, deepspeed_config, load_config, resolve)
 from pretrain.config.load import config_from_dict
 from pretrain.errors import UserError
-from pretrain.plan import format_plan
+from pretrain.plan_report import format_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(glob.glob(str(ROOT / "configs" / "*.yaml")))
@@ -326,7 +326,7 @@ def test_validation_needs_no_process_group_nor_torch():
         "import sys\n"
         "from pretrain.config import load_config, resolve, deepspeed_config\n"
         "from pretrain.errors import UserError\n"
-        "from pretrain.plan import format_plan\n"
+        "from pretrain.plan_report import format_plan\n"
         f"cfg = load_config(None, {BASE!r} + ['parallel.pipeline=2', 'parallel.zero_stage=2'])\n"
         "try:\n"
         "    resolve(cfg, 2, None, cuda_available=False)\n"

@@ -14,7 +14,8 @@ import torch
 
 from pretrain.config import load_config, resolve
 from pretrain.config.schema import Config, ModelConfig
-from pretrain.plan import (count_params, ffn_dim, flops_per_token, format_plan, matmul_params,
+from pretrain.plan_report import format_plan
+from pretrain.plan import (count_params, ffn_dim, flops_per_token, matmul_params,
                            memory_estimate, partition_balanced, partition_uniform, stage_blocks)
 
 GiB = 2**30
@@ -236,7 +237,7 @@ def test_plan_needs_no_model_or_torch():
     import subprocess
     import sys
 
-    code = ("import sys\nfrom pretrain.config import load_config, resolve\nfrom pretrain.plan import format_plan\n"
+    code = ("import sys\nfrom pretrain.config import load_config, resolve\nfrom pretrain.plan_report import format_plan\n"
             "cfg = load_config('configs/llama-7b.yaml', [])\n"
             "print(format_plan(cfg, resolve(cfg, 16, 32000, cuda_available=True)))\n"
             "assert 'torch' not in sys.modules\n")
