@@ -219,6 +219,8 @@ def choose_resume(resume: str, ckpt_dir: Path, log, mode: str = "sizes") -> Path
     for tag_dir in tags:
         reason = _verify_everywhere(tag_dir, mode)
         if reason is None:
+            if dist.get_rank() == 0:
+                _repair_latest(ckpt_dir, tag_dir)
             return tag_dir
         skipped.append(f"{tag_dir.name}: {reason}")
         log(f"warning: skipping checkpoint {tag_dir}: {reason}")
@@ -228,6 +230,16 @@ def choose_resume(resume: str, ckpt_dir: Path, log, mode: str = "sizes") -> Path
                         "checkpoint.resume at a good step_* directory, or set checkpoint.resume=none to start "
                         "over from step 0 (the bad checkpoints are then overwritten)")
     return None
+
+
+def _repair_latest(ckpt_dir: Path, tag_dir: Path) -> None:
+    """A save killed between its manifest (the commit) and moving `latest` left `latest` one
+    checkpoint behind: point it at the newer committed checkpoint the run resumes from, so that
+    tools reading `latest` (export, generate) see it even if nothing more is saved."""
+    latest = ckpt_dir / "latest"
+    named = latest.read_text().strip() if latest.is_file() else ""
+    if named != tag_dir.name and (not named or named < tag_dir.name):
+        write_atomic(latest, tag_dir.name + "\n")
 
 
 def resolve_tag_dir(path: str, mode: str = "full") -> Path:

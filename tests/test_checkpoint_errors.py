@@ -2,51 +2,36 @@
 restart from step 0, resume messages that name the changed key or source, a precision change."""
 from __future__ import annotations
 
-import os
+import contextlib
 import shutil
 import subprocess
-import sys
 
 import pytest
 
+from fault_util import one_error_line, run_split, small_fs, train_cmd
 from pretrain import checkpoint
-from train_util import TINY, check, losses, run_train
+from train_util import check, losses, run_train
 
 FAST = ["logging.tensorboard=false"]
 
 
 def _run(out, overrides=()):
     """The trainer with stderr kept apart: (returncode, stdout, stderr)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("PRETRAIN_FAULTS", None)
-    p = subprocess.run([sys.executable, "-m", "pretrain.train", *TINY, *FAST, f"train.out_dir={out}", *overrides],
-                       env=env, capture_output=True, text=True, timeout=300)
+    p = run_split(train_cmd(out, [*FAST, *overrides]))
     return p.returncode, p.stdout, p.stderr
 
 
 def _one_error_line(rc, stdout, stderr) -> str:
     assert rc == 2, (rc, stdout[-2000:], stderr[-2000:])
-    assert "Traceback" not in stdout + stderr, stderr[-3000:]
-    lines = [x for x in stderr.splitlines() if x.strip()]
-    errors = [x for x in lines if x.startswith("error:")]
-    assert len(errors) == 1, stderr[-3000:]
-    return errors[0]
+    assert "Traceback" not in stdout, stdout[-3000:]
+    return one_error_line(stderr)
 
 
 @pytest.fixture
 def tmpfs(tmp_path):
-    """A small tmpfs (root, as in CI); unmounted afterwards."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-
-    def mount(size: str):
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=True)
-        return mnt
-
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.fail("the disk-full tests mount a tmpfs: run them as root (as CI does)")
-    yield mount
-    subprocess.run(["umount", str(mnt)], check=False)
+    """mount(size): a small tmpfs (root, as in CI), unmounted afterwards."""
+    with contextlib.ExitStack() as stack:
+        yield lambda size: stack.enter_context(small_fs(tmp_path / "tmpfs", size))
 
 
 @pytest.fixture(scope="module")
