@@ -38,6 +38,7 @@ import json
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -74,10 +75,13 @@ def last_committed(ckpt_dir: Path) -> str:
 class Staging:
     """CPU buffers for the snapshot. With `keep` (async saves) the buffers of one save are reused by
     the next (same tensors in the same order): copying into memory already faulted in is several
-    times faster than allocating it afresh; the price is one resident copy of the saved state."""
+    times faster than allocating it afresh; the price is one resident copy of the saved state.
+    With `live` (synchronous saves: training waits until the files are written) a CPU tensor that
+    owns its whole storage is written from the live state, with no copy; a view of a larger
+    buffer (ZeRO's flat groups) is still copied, or torch.save would write the whole buffer."""
 
-    def __init__(self, keep: bool):
-        self.keep, self.old, self.new, self.reuse = keep, [], [], iter(())
+    def __init__(self, keep: bool, live: bool = False):
+        self.keep, self.live, self.old, self.new, self.reuse = keep, live, [], [], iter(())
 
     def begin(self) -> None:
         self.reuse, self.new = iter(self.old if self.keep else ()), []
@@ -87,6 +91,8 @@ class Staging:
         self.new, self.reuse = [], iter(())
 
     def copy(self, t: torch.Tensor) -> torch.Tensor:
+        if self.live and _owns_storage(t):
+            return t.detach()
         buf = next(self.reuse, None)
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
             self.reuse = iter(())  # out of step: fresh buffers from here on
@@ -94,6 +100,11 @@ class Staging:
         buf.copy_(t.detach(), non_blocking=t.is_cuda)
         self.new.append(buf)
         return buf
+
+
+def _owns_storage(t: torch.Tensor) -> bool:
+    return (t.device.type == "cpu" and t.storage_offset() == 0 and t.is_contiguous()
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size())
 
 
 def snapshot(obj, staging: Staging):
@@ -140,26 +151,41 @@ class _Recorder(CheckpointEngine):
 
 
 class _HashingFile(io.RawIOBase):
-    """A write-only file that hashes the bytes on their way to disk."""
+    """A write-only file that hashes the bytes on their way to disk. A large block is hashed on a
+    helper thread while this thread writes it (both release the GIL), so the hash costs little
+    more than the write; `write` returns only when both are done, as torch.save may reuse its buffer."""
+
+    PARALLEL_BYTES = 1 << 20
 
     def __init__(self, f, on_write=None):
         self.f, self.sha, self.size, self.on_write = f, hashlib.sha256(), 0, on_write
         self.error: OSError | None = None  # torch.save reports a failed write as its own RuntimeError
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-hash")
 
     def writable(self):
         return True
 
     def write(self, b):
-        self.sha.update(b)
+        mv = memoryview(b).cast("B")
+        hashed = self._pool.submit(self.sha.update, mv) if len(mv) >= self.PARALLEL_BYTES else None
+        if hashed is None:
+            self.sha.update(mv)
         try:
-            self.f.write(b)
+            self.f.write(mv)
         except OSError as e:
             self.error = e
             raise
-        self.size += len(b)
+        finally:
+            if hashed is not None:
+                hashed.result()
+        self.size += len(mv)
         if self.on_write:
             self.on_write()
-        return len(b)
+        return len(mv)
+
+    def close(self):
+        self._pool.shutdown()
+        super().close()
 
 
 # ----------------------------------------------------------------------------- writer
@@ -173,7 +199,7 @@ class CheckpointWriter:
         self._error: str | None = None
         self._tag_dir: Path | None = None
         self._kept = resumed_step  # a committed step that is not rewritten (resumed from it, or saved already)
-        self._staging = Staging(keep=async_save)
+        self._staging = Staging(keep=async_save, live=not async_save)
 
     # ------------------------------------------------------------------ training thread
     def save(self, engine, step: int, state: dict) -> Path:
@@ -290,8 +316,7 @@ class CheckpointWriter:
                 faults.kill_if("save_point2", step, self.rank)
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:
-            w = _HashingFile(f, mid_file)
+        with open(path, "wb") as f, _HashingFile(f, mid_file) as w:
             try:
                 torch.save(sd, w)
             except RuntimeError:

@@ -7,6 +7,8 @@ reports its peak RSS (Linux VmHWM, from process start) at the end of `build_mode
 the end of `build_engine`, and the seconds from the launch of the ranks to each point. The
 first training step itself is not run: the Adam state of a 1-1.5B model does not fit this
 benchmark's 2-rank CPU box; "engine ready" is the moment the first step would start.
+`--first-step` times the real trainer from launch to its step-1 log line instead (with
+enough memory, or swap, for the Adam state).
 
 Target (issue 11): peak RSS at the end of model construction <= 0.6 x the full fp32 model
 + 1 GiB per rank. The `--plan` estimate (`pretrain.plan.host_memory`, build) is printed
@@ -14,6 +16,7 @@ beside each measurement.
 
     python tools/bench_build.py --smoke                       # seconds: a tiny model
     python tools/bench_build.py --presets llama-1b gpt2-1.5b  # the issue's runs (~10 GB, minutes)
+    python tools/bench_build.py --presets llama-1b --first-step  # launch -> step 1 of the real trainer
     PYTHONPATH=/path/to/other/checkout python tools/bench_build.py ...   # the same for other code
 
 The worker imports `build_model` from `pretrain.parallel.build`, or from
@@ -25,6 +28,8 @@ import argparse
 import json
 import os
 import platform
+import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -104,6 +109,29 @@ def _launch(config: str, overrides: list[str], engine: bool, world: int) -> list
         return json.loads(result.read_text())
 
 
+def _first_step(config: str, overrides: list[str], world: int) -> float:
+    """Seconds from launching the real trainer (torchrun, `world` ranks) to its step-1 log line;
+    the run is then stopped (its final save of a 1-1.5B model would take minutes)."""
+    with tempfile.TemporaryDirectory(prefix="bench_build_") as tmp:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+               "-m", "pretrain.train", "--config", config, *overrides, f"train.out_dir={tmp}/run"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        t0 = time.time()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        tail: list[str] = []
+        try:
+            for line in proc.stdout:
+                tail = (tail + [line])[-40:]
+                if re.search(r"\bstep 1/1\b", line):
+                    return time.time() - t0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        raise SystemExit(f"run failed before step 1 ({' '.join(overrides)}):\n{''.join(tail)}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", nargs="+", default=["llama-1b", "gpt2-1.5b"], help="configs/<name>.yaml")
@@ -111,6 +139,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=128, help="model.seq_len (short: the build does not depend on it "
                    "beyond learned positions)")
     p.add_argument("--no-engine", action="store_true", help="stop after build_model (skip deepspeed.initialize)")
+    p.add_argument("--first-step", action="store_true", help="instead: launch the real trainer and time launch -> "
+                   "step 1 logged (needs the Adam state in memory: ~16 bytes x parameters / ranks, or swap)")
     p.add_argument("--smoke", action="store_true", help="a tiny model (seconds)")
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--json", help="also write the results here")
@@ -132,16 +162,25 @@ def main(argv=None) -> int:
     presets = ["gpt2-124m"] if args.smoke else args.presets
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
           f"deepspeed {deepspeed.__version__}; code: {Path(pretrain.__file__).parent.parent}")
-    print("| preset | layout | full fp32 model | target / rank | rank | peak RSS at build | at engine ready "
-          "| --plan build | launch -> built | launch -> engine ready |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    if args.first_step:
+        print("| preset | layout | launch -> step 1 logged |\n|---|---|---|")
+    else:
+        print("| preset | layout | full fp32 model | target / rank | rank | peak RSS at build | at engine ready "
+              "| --plan build | launch -> built | launch -> engine ready |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for preset in presets:
         for key in args.layouts:
             name, layout = LAYOUTS[key]
             over = COMMON + layout + [f"model.seq_len={args.seq_len}"] + (SMOKE if args.smoke else [])
             if preset.startswith("gpt2") and key == "tp2" and not args.smoke:
-                print(f"| {preset} | {name} | - | - | - | n/a: 25 heads do not divide by tp 2 | | | | |")
+                print(f"| {preset} | {name} | n/a: 25 heads do not divide by tp 2 |" if args.first_step else
+                      f"| {preset} | {name} | - | - | - | n/a: 25 heads do not divide by tp 2 | | | | |")
+                continue
+            if args.first_step:
+                s = _first_step(str(ROOT / "configs" / f"{preset}.yaml"), over, args.world)
+                print(f"| {preset} | {name} | {s:.1f} s |", flush=True)
+                rows.append({"preset": preset, "layout": key, "first_step_s": s})
                 continue
             res = _launch(str(ROOT / "configs" / f"{preset}.yaml"), over, not args.no_engine, args.world)
             full = 4 * res[0]["params"]
