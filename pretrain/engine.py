@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -271,11 +272,40 @@ def build_engine(cfg: Config, layout: Layout, model: torch.nn.Module, topo=None)
             return torch.zeros((), dtype=torch.bool)
 
         optimizer.bad_loss_fn = last_stage_loss_bad
+    if layout.zero_stage > 0 and cfg.train.precision != "fp16":
+        _norm_check_on_device(engine.optimizer)
     if layout.zero_stage > 0 or (engine.optimizer is not optimizer and not own_clip):
         # DeepSpeed's wrapper (ZeRO 1-3, bf16/fp16) computes the global norm over every group
         # and rank before it calls step() (per group / sub-group under ZeRO 1-3): use it.
         optimizer.norm_source = lambda: getattr(engine.optimizer, "_global_grad_norm", None)
     return engine, optimizer
+
+
+def _norm_check_on_device(zero_optimizer) -> None:
+    """DeepSpeed's ZeRO step() reads its global gradient norm on the host to skip a non-finite
+    step (`is_invalid_grad_norm`: a device-to-host copy every step; always at ZeRO-3, at ZeRO-1/2
+    unless bf16). GuardedAdamW takes the same verdict from the same norm on the device, so while
+    this optimizer's step() runs, a tensor norm is reported valid to it: the step goes on and
+    the fused kernel leaves weights and moments as they were. Not with fp16, whose loss scaler
+    needs DeepSpeed's own verdict."""
+    module = sys.modules[type(zero_optimizer).__module__]  # zero/stage3.py or zero/stage_1_and_2.py
+    host_check = getattr(module, "is_invalid_grad_norm", None)
+    if host_check is None:  # another DeepSpeed: keep its check
+        return
+
+    def device_kept(norm) -> bool:
+        return False if torch.is_tensor(norm) else host_check(norm)
+
+    inner = zero_optimizer.step
+
+    def step(*args, **kwargs):
+        module.is_invalid_grad_norm = device_kept
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            module.is_invalid_grad_norm = host_check
+
+    zero_optimizer.step = step
 
 
 def compile_blocks(model: torch.nn.Module) -> int:
