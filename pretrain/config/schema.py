@@ -211,7 +211,9 @@ class CheckpointConfig:
     file it lists has its recorded size) or 'full' (also the sha256 of every file, split over the ranks)."""
     async_save: bool = True
     """Write, hash and commit checkpoints in the background: training waits only for the copy of the
-    state off the device. The next save, a stop and the exit wait for the previous commit."""
+    state off the device. The next save, a stop and the exit wait for the previous commit. false:
+    training waits for the whole save, and state already in host memory is written from where it
+    lives, with no snapshot copy."""
     allow_changes: list = field(default_factory=list)
     """Sections that may differ from the checkpoint being resumed: any of 'data', 'optim', 'schedule'.
     The trainer prints each change. Resuming with changed data keeps the sample position (the new
