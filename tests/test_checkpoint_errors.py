@@ -58,6 +58,20 @@ def test_disk_full_during_save_names_the_file_and_last_commit(tmpfs, tmp_path):
     assert not (ckpts / "step_00000006").exists()  # the partial save is gone, never committed
 
 
+def test_disk_full_on_two_ranks_stops_every_rank_with_the_same_line(tmpfs, tmp_path):
+    """ZeRO-1, DP=2: whichever rank's write fails first, every rank gets its one line at the next
+    wait (the verdict is gathered), exits 2 and leaves the last commit as it was."""
+    ckpts = tmpfs("3m")
+    proc = run_train(tmp_path / "run", [*FAST, f"checkpoint.dir={ckpts}", "checkpoint.interval=3",
+                                        "checkpoint.keep_last=3", "parallel.zero_stage=1"], nproc=2)
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    errors = [ln.split("error: ", 1)[1] for ln in proc.stdout.splitlines() if "error: " in ln]
+    assert len(errors) == 2 and errors[0] == errors[1], errors  # one line per rank, the same
+    assert errors[0].startswith("disk full writing ") and str(ckpts / "step_00000006") in errors[0]
+    assert errors[0].endswith(f"the last committed checkpoint is step 3 ({ckpts / 'step_00000003'})")
+    assert checkpoint.verify(ckpts / "step_00000003") is None and not (ckpts / "step_00000006").exists()
+
+
 def test_read_only_checkpoint_dir_is_refused_before_training(tmpfs, tmp_path):
     ckpts = tmpfs("64m")
     run = tmp_path / "run"

@@ -8,18 +8,13 @@ back into the single-process model's weights.
 
 Runs are shared by the tests below (each layout trains once, on first use): 2 cores spawn
 processes slowly, so there are as few runs as the checks allow, and multi-process runs are
-started directly (`launch`, the environment torchrun would set) rather than through
-torchrun, whose own interpreter costs seconds per run; tests/test_train_zero.py covers torchrun.
+started directly (`train_util.run_ranks`, the environment torchrun would set) rather than
+through torchrun, whose own interpreter costs seconds per run; tests/test_train_zero.py covers torchrun.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -27,48 +22,8 @@ import torch
 
 from pretrain import checkpoint
 from pretrain.interop.ds_reader import load_model_weights
-from dist_util import free_port
-from train_util import TINY, check, grad_norms, losses, metrics, run_train
+from train_util import check, grad_norms, losses, metrics, run_train
 
-
-def launch(out: Path, overrides=(), nproc: int = 1, faults: str = "", timeout: float = 300):
-    """Run the trainer on `nproc` local ranks; like torchrun, the first rank to fail takes the
-    others down (they would otherwise wait for it in a collective). Returns CompletedProcess."""
-    if nproc == 1:
-        return run_train(out, overrides, faults=faults, timeout=timeout)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
-    env.pop("PRETRAIN_FAULTS", None)
-    if faults:
-        env["PRETRAIN_FAULTS"] = faults
-    cmd = [sys.executable, "-m", "pretrain.train", *TINY, f"train.out_dir={out}", *overrides]
-    logs = [tempfile.TemporaryFile("w+") for _ in range(nproc)]
-    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=logs[r],
-                              stderr=subprocess.STDOUT, text=True) for r in range(nproc)]
-    deadline, rc = time.monotonic() + timeout, None
-    try:
-        while rc is None:
-            codes = [p.poll() for p in procs]
-            failed = [c for c in codes if c not in (None, 0)]
-            if failed:
-                rc = failed[0]
-            elif all(c == 0 for c in codes):
-                rc = 0
-            elif time.monotonic() > deadline:
-                rc = -9
-            else:
-                time.sleep(0.05)
-    finally:
-        for p in procs:  # only the processes started here
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-    text = []
-    for r, f in enumerate(logs):
-        f.seek(0)
-        text.append(f.read() if r == 0 else "".join(f"[rank {r}] {line}" for line in f))
-        f.close()
-    return subprocess.CompletedProcess(cmd, rc, stdout="".join(text))
 
 # Dropout 0 (exact comparisons); vocab 512 = a multiple of 128 x tp for tp 1, 2 and 4, so
 # every layout pads to the same embedding table and builds the same model.
@@ -98,7 +53,7 @@ class Runs:
         if name not in self.dirs:
             nproc, overrides = LAYOUTS[name]
             out = self.factory.mktemp(name)
-            self.logs[name] = check(launch(out, COMMON + overrides, nproc=nproc))
+            self.logs[name] = check(run_train(out, COMMON + overrides, nproc=nproc))
             self.dirs[name] = out
         return self.dirs[name]
 
@@ -155,10 +110,10 @@ def test_sigkill_then_auto_resume_is_bitwise_exact(runs, tmp_path, layout):
     nproc, overrides = LAYOUTS[layout]
     out = tmp_path / "run"
     # Rank 0 SIGKILLs itself after step 4 (the last commit was step 3); torchrun fails.
-    killed = launch(out, COMMON + overrides, nproc=nproc, faults="kill@4:0")
+    killed = run_train(out, COMMON + overrides, nproc=nproc, faults="kill@4:0")
     assert killed.returncode != 0
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000003"
-    resumed = check(launch(out, COMMON + overrides, nproc=nproc))
+    resumed = check(run_train(out, COMMON + overrides, nproc=nproc))
     assert "resumed from" in resumed and "step_00000003" in resumed
     straight = runs[layout]
     assert losses(out) == losses(straight)  # exact float equality, every step
@@ -184,7 +139,7 @@ def test_generate_from_a_tensor_and_pipeline_parallel_checkpoint(runs):
 
 def test_nan_on_the_last_pipeline_stage_skips_the_step(tmp_path):
     out = tmp_path / "run"
-    log = check(launch(out, COMMON + ["parallel.pipeline=2", "parallel.zero_stage=0", "train.max_steps=3"],
+    log = check(run_train(out, COMMON + ["parallel.pipeline=2", "parallel.zero_stage=0", "train.max_steps=3"],
                        nproc=2, faults="nan@1:1"))
     assert "step 2: non-finite" in log
     last = [m for m in metrics(out) if "train/skipped_steps" in m][-1]

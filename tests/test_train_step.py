@@ -85,10 +85,8 @@ def test_poisoned_gradient_skips_the_whole_step_once(tmp_path, zero, precision):
     optimizer once per group (ZeRO 1/2) or sub-group (ZeRO 3); no group may step. The checkpoint
     after the poisoned step 2 holds the same weights, fp32 masters and Adam moments as step 1's.
     (fp32 ZeRO-2 and ZeRO-3: DeepSpeed's own norm check is left to the guard, on the device.)"""
-    from test_parallel_train import launch
-
     out = tmp_path / "run"
-    log = check(launch(out, [f"train.precision={precision}", f"parallel.zero_stage={zero}", "model.dropout=0.0",
+    log = check(run_train(out, [f"train.precision={precision}", f"parallel.zero_stage={zero}", "model.dropout=0.0",
                              "train.max_steps=3", "checkpoint.interval=1", "checkpoint.keep_last=3"],
                        nproc=2, faults="grad_inf@1:1"))
     assert log.count("non-finite loss or gradient, step skipped") == 1 and "step 2: non-finite" in log

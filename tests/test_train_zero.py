@@ -42,9 +42,9 @@ def test_sigkill_then_auto_resume_is_bitwise_exact(straight, tmp_path, zero):
     # the straight runs save asynchronously, so equal losses also show the two saves agree.
     run = [f"parallel.zero_stage={zero}", *(["checkpoint.async_save=false"] if zero % 2 else [])]
     # Rank 0 SIGKILLs itself after step 4 (the last commit was step 3); torchrun fails.
-    killed = run_train(out, run, nproc=2, faults="kill@4:0")
+    killed = run_train(out, run, nproc=2, faults="kill@4:0", torchrun=True)
     assert killed.returncode != 0
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000003"
-    resumed = check(run_train(out, run, nproc=2))
+    resumed = check(run_train(out, run, nproc=2, torchrun=True))
     assert "resumed from" in resumed and "step_00000003" in resumed
     assert losses(out) == losses(straight[zero])  # exact float equality, every step

@@ -1,10 +1,12 @@
-"""Helpers for tests that run the trainer as real processes (python -m / torchrun)."""
+"""Helpers for tests that run the trainer as real processes (python -m, several ranks, torchrun)."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 # A tiny model on seeded random tokens: fast on 2 CPU cores, exercises dropout RNG too.
@@ -18,13 +20,20 @@ TINY = [
 
 
 def run_train(out_dir: Path, overrides=(), nproc: int = 1, faults: str = "", timeout: float = 300,
-              wait: bool = True):
-    """Run the trainer; returns CompletedProcess (or the Popen when wait=False)."""
+              wait: bool = True, torchrun: bool = False):
+    """Run the trainer; returns CompletedProcess (or the Popen when wait=False, one process).
+
+    Several ranks are started directly with the environment torchrun would set (`run_ranks`):
+    torchrun's own interpreter costs seconds per run on 2 cores. `torchrun=True` goes through
+    torchrun (tests/test_train_zero.py keeps that path covered)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("PRETRAIN_FAULTS", None)
     if faults:
         env["PRETRAIN_FAULTS"] = faults
     args = ["-m", "pretrain.train", *TINY, f"train.out_dir={out_dir}", *overrides]
+    if nproc > 1 and not torchrun:
+        assert wait, "run_ranks waits for its ranks"
+        return run_ranks([sys.executable, *args], env, nproc, timeout)
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", "--no-python", sys.executable, *args]
@@ -34,6 +43,43 @@ def run_train(out_dir: Path, overrides=(), nproc: int = 1, faults: str = "", tim
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=timeout)
+
+
+def run_ranks(cmd: list[str], env: dict, nproc: int, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`cmd` as `nproc` local ranks; like torchrun, the first rank to fail takes the others down
+    (they would otherwise wait for it in a collective). Rank 0's output, then the others' with a
+    `[rank N]` prefix."""
+    from dist_util import free_port
+
+    env = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc),
+           "LOCAL_WORLD_SIZE": str(nproc)}
+    logs = [tempfile.TemporaryFile("w+") for _ in range(nproc)]
+    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=logs[r],
+                              stderr=subprocess.STDOUT, text=True) for r in range(nproc)]
+    deadline, rc = time.monotonic() + timeout, None
+    try:
+        while rc is None:
+            codes = [p.poll() for p in procs]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed:
+                rc = failed[0]
+            elif all(c == 0 for c in codes):
+                rc = 0
+            elif time.monotonic() > deadline:
+                rc = -9
+            else:
+                time.sleep(0.05)
+    finally:
+        for p in procs:  # only the processes started here
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    text = []
+    for r, f in enumerate(logs):
+        f.seek(0)
+        text.append(f.read() if r == 0 else "".join(f"[rank {r}] {line}" for line in f))
+        f.close()
+    return subprocess.CompletedProcess(cmd, rc, stdout="".join(text))
 
 
 def metrics(out_dir: Path) -> list[dict]:
