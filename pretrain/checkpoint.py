@@ -42,14 +42,19 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so that a reader sees the old file or the whole new one."""
+def write_atomic(path: Path, text: str, durable: bool = True) -> None:
+    """Write `text` to `path` so that a reader sees the old file or the whole new one. `durable`:
+    also fsync the file and its directory, so the new file survives a power loss (on a disk that
+    just took gigabytes of checkpoint data, an fsync waits for the journal to write them out)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+    if not durable:
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -11,7 +11,7 @@
    and on rank 0 `state.json` and the tokenizer copy), hashing each file's bytes as they
    are written, and publishes `{name: size, sha256}` in `.digests_<rank>.json`. Like DeepSpeed's
    own save, the data files are not fsynced (that would double the save time on a slow disk);
-   the digests, the manifest and `latest` are (temp file + fsync + rename), and resume checks
+   the manifest and `latest` are (temp file + fsync + rename; the digests renamed, not fsynced), and resume checks
    every file's size against the manifest.
 4. Rank 0's thread waits for every rank's digests, adds the few files DeepSpeed wrote by
    itself (its recovery scripts), writes `manifest.json` (the commit), moves `latest`, prunes.
@@ -287,7 +287,9 @@ class CheckpointWriter:
                 digests.update(self._rank0_extras(tag_dir, scripts))
             faults.kill_if("save_point3", step, self.rank)
             current = tag_dir / f".digests_{self.rank:05d}.json"
-            checkpoint.write_atomic(current, json.dumps({"files": digests}))
+            # Read once by rank 0's commit and deleted: renamed into place (never seen half
+            # written) but not fsynced, which would wait for this rank's data to reach the disk.
+            checkpoint.write_atomic(current, json.dumps({"files": digests}), durable=False)
             faults.kill_if("save_point4", step, self.rank)
             if self.rank == 0:
                 current = tag_dir / checkpoint.MANIFEST
