@@ -47,7 +47,7 @@ def _train(out: Path, overrides, nproc: int, reorder: bool = False):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero, nproc", [(0, 1), (1, 2), (3, 2)])
+@pytest.mark.parametrize("zero, nproc", [(0, 1), (1, 2), (2, 2), (3, 2)])
 def test_reordered_model_resumes_exactly(tmp_path, zero, nproc):
     layout = [f"parallel.zero_stage={zero}"]
     check(_train(tmp_path / "ref", layout, nproc))  # 6 steps, checkpoints at 3 and 6
