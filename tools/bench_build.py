@@ -109,6 +109,27 @@ def _launch(config: str, overrides: list[str], engine: bool, world: int) -> list
         return json.loads(result.read_text())
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and every process below it (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, tree = [pid], []
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _first_step(config: str, overrides: list[str], world: int) -> float:
     """Seconds from launching the real trainer (torchrun, `world` ranks) to its step-1 log line;
     the run is then stopped (its final save of a 1-1.5B model would take minutes)."""
@@ -117,8 +138,7 @@ def _first_step(config: str, overrides: list[str], world: int) -> float:
                "-m", "pretrain.train", "--config", config, *overrides, f"train.out_dir={tmp}/run"]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         t0 = time.time()
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         tail: list[str] = []
         try:
             for line in proc.stdout:
@@ -127,7 +147,7 @@ def _first_step(config: str, overrides: list[str], world: int) -> float:
                     return time.time() - t0
         finally:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+                _kill_tree(proc.pid)  # torchrun puts its ranks in sessions of their own
             proc.wait()
         raise SystemExit(f"run failed before step 1 ({' '.join(overrides)}):\n{''.join(tail)}")
 
