@@ -4,11 +4,10 @@ For each preset and layout, `world` (2) worker processes (gloo, one thread each)
 the trainer runs up to its first step: config -> layout -> process group -> topology ->
 `torch.manual_seed` -> `build_model` -> `build_engine` (DeepSpeed's initialize). Each rank
 reports its peak RSS (Linux VmHWM, from process start) at the end of `build_model` and at
-the end of `build_engine`, and the seconds from the launch of the ranks to each point. The
-first training step itself is not run: the Adam state of a 1-1.5B model does not fit this
-benchmark's 2-rank CPU box; "engine ready" is the moment the first step would start.
-`--first-step` times the real trainer from launch to its step-1 log line instead (with
-enough memory, or swap, for the Adam state).
+the end of `build_engine`, and the seconds from the launch of the ranks to each point;
+"engine ready" is the moment the first step would start. `--first-step` instead times the
+real trainer from launch to its step-1 log line; that needs memory for the Adam state too
+(on a 2-core, 24 GiB box, 1-1.5B models at ZeRO-3 or PP=2 needed swap).
 
 Target (issue 11): peak RSS at the end of model construction <= 0.6 x the full fp32 model
 + 1 GiB per rank. The `--plan` estimate (`pretrain.plan.host_memory`, build) is printed
