@@ -210,10 +210,8 @@ class CheckpointWriter:
         if self.rank == 0:
             try:
                 self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+                # (`latest` left behind by a kill between manifest and latest is repaired at resume)
                 already = step == self._kept and checkpoint.verify(tag_dir, "sizes") is None
-                latest = self.ckpt_dir / "latest"
-                if already and (not latest.is_file() or latest.read_text().strip() != tag_dir.name):
-                    checkpoint.write_atomic(latest, tag_dir.name + "\n")  # killed between manifest and latest
                 if tag_dir.exists() and not already:
                     shutil.rmtree(tag_dir)  # a partial save of this step from a killed run
                 tag_dir.mkdir(exist_ok=True)
