@@ -90,5 +90,12 @@ def main(argv=None) -> int:
     return 0
 
 
+def program() -> None:
+    """The `pretrain-quickstart` script: main(), then leave as the trainer does (its process group)."""
+    from pretrain.train import leave
+
+    leave(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    program()

@@ -58,6 +58,28 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def program() -> None:
+    """The `pretrain-train` script and `python -m pretrain.train`: main(), then leave()."""
+    leave(main())
+
+
+def leave(rc: int) -> None:
+    """End the process with `rc`. One that joined a process group ends without interpreter
+    teardown: DeepSpeed keeps references to its process groups after destroy_process_group, so
+    their gloo threads outlive it, and freeing them while the interpreter finalizes can abort the
+    finished process (SIGABRT, "terminate called without an active exception"; seen in CI about
+    once in a few hundred runs). Everything is written, closed and destroyed by then; the atexit
+    handlers still run (logging's flush, a wrapper's report)."""
+    if not Trainer.joined:
+        sys.exit(rc)
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 @cli_entry
 def main(argv=None) -> int:
     stop.install()  # first: SIGTERM/SIGUSR1 from now on mean "checkpoint and exit 0"
@@ -118,6 +140,8 @@ def _vocab_placeholder(cfg: Config, data_vocab: int | None, args) -> Config:
 
 
 class Trainer:
+    joined = False  # this process joined a process group (see leave)
+
     def __init__(self, cfg: Config, layout: Layout):
         self.cfg, self.layout = cfg, layout
         self.out_dir = Path(cfg.train.out_dir)
@@ -129,6 +153,7 @@ class Trainer:
 
         self.stop = stop.install()
         self.device = pick_device(self.cfg)
+        Trainer.joined = True
         self.rank, _ = init_distributed(self.cfg, self.device)
         ok = False
         try:
@@ -498,4 +523,4 @@ class Trainer:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    program()

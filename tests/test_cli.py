@@ -55,3 +55,15 @@ def test_inspect_states_the_global_batch_of_a_default():
     assert "global batch 8 (= micro x data 2, train.global_batch_size null)" in _fmt(report)
     report["config"]["train"]["global_batch_size"] = 16
     assert "global batch 16," in _fmt(report)
+
+
+def test_a_trainer_process_leaves_with_its_code_after_the_atexit_handlers():
+    """After a process group, `pretrain.train.leave` skips interpreter teardown (where freeing
+    DeepSpeed's leftover gloo groups can abort) but keeps the exit code, the atexit handlers
+    (bench_train's report) and everything printed; without one it is a plain sys.exit."""
+    code = ("import atexit, sys; from pretrain import train; atexit.register(lambda: print('atexit ran'));"
+            "train.Trainer.joined = {joined}; sys.stdout.write('unflushed'); train.leave(3)")
+    for joined in (True, False):
+        p = subprocess.run([sys.executable, "-c", code.format(joined=joined)], capture_output=True, text=True,
+                           cwd=ROOT, timeout=120)
+        assert p.returncode == 3 and p.stdout == "unflushedatexit ran\n", (joined, p)

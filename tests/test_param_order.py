@@ -30,8 +30,8 @@ def _mlp_first(self, cfg):
     for key in ("ln_1", "attn"):  # registered after ln_2 and mlp: another parameter order
         self._modules[key] = self._modules.pop(key)
 layers.Block.__init__ = _mlp_first
-from pretrain.train import main
-raise SystemExit(main())
+from pretrain.train import program
+program()
 """
 
 
