@@ -5,21 +5,20 @@ Layout of `<checkpoint dir>`:
         state.json          ours: step, consumed samples, config, data fingerprint, layout
         rng_00000.json      ours, one per rank: python/numpy/torch RNG states
         tokenizer/          ours: the run's copy of the tokenizer files (digests in state.json)
-        manifest.json       the commit record: every file above with size and sha256
+        manifest.json       the commit record: every file above with size and checksum (pretrain.digest)
     latest                  the tag of the newest committed checkpoint
 
 A checkpoint counts only once its manifest exists. `pretrain.checkpoint_writer` writes
 it: every rank hashes the files it wrote while writing them, rank 0 gathers the digests,
 writes `manifest.json` (temp file + fsync + rename) and only then moves `latest`, in the
 background while training goes on. Resume picks the newest checkpoint whose manifest
-verifies (`checkpoint.verify`: sizes by default, or full sha256 split over the ranks);
+verifies (`checkpoint.verify`: sizes by default, or full checksums split over the ranks);
 anything partial or corrupt is skipped with a warning naming it, and when committed
 checkpoints exist but none verifies the run stops instead of starting over. Our files are
 JSON: no pickle of our own objects. (DeepSpeed's own shards are pickles: load only trusted runs.)
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pretrain import digest
 from pretrain.errors import UserError
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
@@ -60,14 +60,6 @@ def write_atomic(path: Path, text: str, durable: bool = True) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- RNG state
@@ -120,15 +112,15 @@ def check_sizes(tag_dir: Path, files: dict) -> str | None:
 
 def check_hashes(tag_dir: Path, names: list[str], files: dict) -> str | None:
     for name in names:
-        if sha256_file(tag_dir / name) != files[name]["sha256"]:
-            return f"{name} fails its sha256 check"
+        if problem := digest.mismatch(tag_dir / name, files[name]):
+            return f"{name} {problem}"
     return None
 
 
 def verify(tag_dir: Path, mode: str = "full") -> str | None:
     """None when `tag_dir` is a complete, intact checkpoint; else the reason it is not.
 
-    mode 'sizes': the manifest exists and every file it lists has its size; 'full': also sha256.
+    mode 'sizes': the manifest exists and every file it lists has its size; 'full': also its checksum.
     """
     manifest, reason = read_manifest(tag_dir)
     if reason:
@@ -143,7 +135,7 @@ def _tags(ckpt_dir: Path) -> list[Path]:
 
 
 def _verify_everywhere(tag_dir: Path | None, mode: str) -> str | None:
-    """verify() with the sha256 work split over the ranks (collective; rank 0's `tag_dir` counts)."""
+    """verify() with the checksum work split over the ranks (collective; rank 0's `tag_dir` counts)."""
     reason = None
     if dist.get_rank() == 0 and tag_dir is not None:
         reason = verify(tag_dir, "sizes")
@@ -269,8 +261,8 @@ def tokenizer_dir(tag_dir: Path, state: dict) -> str | None:
     own = Path(tag_dir) / "tokenizer"
     record = state.get("tokenizer") or {}
     if own.is_dir() and record.get("files"):
-        for name, digest in record["files"].items():
-            if not (own / name).is_file() or sha256_file(own / name) != digest:
+        for name, sha in record["files"].items():
+            if not (own / name).is_file() or digest.file_digest(own / name, "sha256") != sha:
                 raise UserError(f"{own / name}: missing or fails its sha256 check (state.json); the checkpoint's "
                                 "tokenizer copy is damaged: pass --tokenizer SPEC")
         return str(own)

@@ -9,7 +9,7 @@
    device; on CPU a memory copy).
 3. A background thread of each rank writes its own files (DeepSpeed's, `rng_<rank>.json`,
    and on rank 0 `state.json` and the tokenizer copy), hashing each file's bytes as they
-   are written, and publishes `{name: size, sha256}` in `.digests_<rank>.json`. Like DeepSpeed's
+   are written, and publishes `{name: {size, checksum}}` (pretrain.digest) in `.digests_<rank>.json`. Like DeepSpeed's
    own save, the data files are not fsynced (that would double the save time on a slow disk);
    the manifest and `latest` are (temp file + fsync + rename; the digests renamed, not fsynced), and resume checks
    every file's size against the manifest.
@@ -32,7 +32,6 @@ save_point6 (rank 0: manifest written, `latest` not), save_point7 (rank 0: befor
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import json
 import shutil
@@ -45,7 +44,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
-from pretrain import checkpoint, faults
+from pretrain import checkpoint, digest, faults
 from pretrain.errors import UserError
 
 IO_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
@@ -158,7 +157,7 @@ class _HashingFile(io.RawIOBase):
     PARALLEL_BYTES = 1 << 20
 
     def __init__(self, f, on_write=None):
-        self.f, self.sha, self.size, self.on_write = f, hashlib.sha256(), 0, on_write
+        self.f, self.hasher, self.size, self.on_write = f, digest.new(), 0, on_write
         self.error: OSError | None = None  # torch.save reports a failed write as its own RuntimeError
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-hash")
 
@@ -167,9 +166,9 @@ class _HashingFile(io.RawIOBase):
 
     def write(self, b):
         mv = memoryview(b).cast("B")
-        hashed = self._pool.submit(self.sha.update, mv) if len(mv) >= self.PARALLEL_BYTES else None
+        hashed = self._pool.submit(self.hasher.update, mv) if len(mv) >= self.PARALLEL_BYTES else None
         if hashed is None:
-            self.sha.update(mv)
+            self.hasher.update(mv)
         try:
             self.f.write(mv)
         except OSError as e:
@@ -324,7 +323,7 @@ class CheckpointWriter:
                     raise w.error from None
                 raise
             f.flush()
-        return {"size": w.size, "sha256": w.sha.hexdigest()}
+        return {"size": w.size, digest.CHECKPOINT: w.hasher.hexdigest()}
 
     def _rank0_extras(self, tag_dir: Path, scripts: bool) -> dict:
         """The run's tokenizer copy and DeepSpeed's recovery scripts, with their digests."""
@@ -370,4 +369,4 @@ def _write_bytes(path: Path, data: bytes) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         f.write(data)
-    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return digest.bytes_entry(data)

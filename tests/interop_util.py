@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain import checkpoint
+from pretrain import checkpoint, digest
 from pretrain.data.prep import main as prep_main
 from pretrain.interop.hf_import import import_hf
 from train_util import check, run_train
@@ -111,7 +111,7 @@ def rewrite_state(tag: Path, edit) -> None:
     text = edit(f.read_text())
     f.write_text(text)
     man = json.loads((tag / checkpoint.MANIFEST).read_text())
-    man["files"][checkpoint.STATE] = {"size": f.stat().st_size, "sha256": checkpoint.sha256_file(f)}
+    man["files"][checkpoint.STATE] = digest.file_entry(f)
     (tag / checkpoint.MANIFEST).write_text(json.dumps(man))
 
 

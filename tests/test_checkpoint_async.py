@@ -50,7 +50,7 @@ def test_kill9_during_async_save_resumes_exactly(straight, tmp_path, fault):
     committed_4 = fault.startswith(("save_point6", "save_point7"))
     if not fault.startswith("save_point4@4:1"):  # rank 1 died with its files complete: rank 0 may commit them
         assert (checkpoint.verify(ckpts / "step_00000004") is None) == committed_4
-    log = check(run_train(out, [*RUN, "checkpoint.verify=full"], nproc=2))  # the sha256 split over both ranks
+    log = check(run_train(out, [*RUN, "checkpoint.verify=full"], nproc=2))  # the checksums split over both ranks
     if latest or committed_4:
         assert "resumed from" in log
     assert losses(out) == losses(straight)

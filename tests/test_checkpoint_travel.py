@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pretrain import digest
 from pretrain.generate import main as generate_main
 from pretrain.interop.cli import main as convert_main
 from pretrain.interop.inspect import main as inspect_main
@@ -80,11 +81,11 @@ def test_damaged_tokenizer_copy_is_named(relative_run, tmp_path, capsys):
     (tag / "tokenizer" / "tokenizer.json").write_text("{}")
     manifest = json.loads((tag / "manifest.json").read_text())  # re-commit so only the digest in state.json differs
     manifest["files"]["tokenizer/tokenizer.json"]["size"] = 2
-    manifest["files"]["tokenizer/tokenizer.json"]["sha256"] = __import__("hashlib").sha256(b"{}").hexdigest()
+    manifest["files"]["tokenizer/tokenizer.json"] = digest.bytes_entry(b"{}")
     (tag / "manifest.json").write_text(json.dumps(manifest))
     assert generate_main(["--checkpoint", str(tag), "--prompt", "a"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "tokenizer.json" in err and "sha256" in err
+    assert err.count("\n") == 1 and "tokenizer.json" in err and "sha256" in err  # state.json's tokenizer digests
 
 
 def test_export_without_tokenizer_is_refused(tmp_path, capsys):

@@ -27,7 +27,7 @@ except ImportError:
     HAS_HF = False
 needs_hf = pytest.mark.skipif(not HAS_HF, reason="needs the transformers test extra")
 
-from pretrain import checkpoint  # noqa: E402
+from pretrain import checkpoint, digest  # noqa: E402
 from pretrain.config.load import load_config  # noqa: E402
 from pretrain.config.validate import resolve  # noqa: E402
 from pretrain.errors import UserError  # noqa: E402
@@ -344,7 +344,7 @@ def test_corrupt_and_foreign_directories_give_one_line_errors(trained, tmp_path,
     shard.write_bytes(bytes(data))
     for argv in (["export-hf", "--run", str(bad), "--out", str(tmp_path / "x")], ["reshard", "--run", str(bad)]):
         err = err_of(2, argv)
-        assert err.startswith("error: ") and "fails its sha256 check" in err and err.count("\n") == 1, err
+        assert err.startswith("error: ") and f"fails its {digest.CHECKPOINT} check" in err and err.count("\n") == 1, err
     assert inspect_main([str(bad)]) == 1
     assert "FAILED" in capsys.readouterr().out
 

@@ -208,7 +208,7 @@ class CheckpointConfig:
     count) instead of starting Adam fresh. Through `pretrain-convert reshard` when the layout differs."""
     verify: str = "sizes"
     """What resume checks before trusting a checkpoint: 'sizes' (the commit manifest exists and every
-    file it lists has its recorded size) or 'full' (also the sha256 of every file, split over the ranks)."""
+    file it lists has its recorded size) or 'full' (also the checksum of every file, split over the ranks)."""
     async_save: bool = True
     """Write, hash and commit checkpoints in the background: training waits only for the copy of the
     state off the device. The next save, a stop and the exit wait for the previous commit. false:

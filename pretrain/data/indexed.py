@@ -10,13 +10,13 @@ so `pretrain-shards verify` can report all of them and the loader can raise one 
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 from typing import Iterable, Optional
 
 import numpy as np
 
+from pretrain import digest
 from pretrain.errors import UserError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -73,15 +73,8 @@ def write_pair(prefix: str, docs: Iterable[np.ndarray], dtype: np.dtype) -> None
         f.write(encode_index(np.asarray(sizes, dtype=np.int64), dtype))
 
 
-def sha256_file(path: str, bufsize: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(bufsize)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
+def sha256_file(path: str) -> str:
+    return digest.file_digest(path, "sha256")  # shard manifests record sha256
 
 
 class IndexedReader:

@@ -4,7 +4,7 @@
     <step_dir>/consolidated/exp_avg.safetensors     Adam first moment } `pretrain.model.gpt.GPT`
     <step_dir>/consolidated/exp_avg_sq.safetensors  Adam second moment} (full tensors, fp32)
     <step_dir>/consolidated/manifest.json           Adam step count, source layout, padded
-                                                    vocabulary, sha256 of the files; written last
+                                                    vocabulary, checksums of the files; written last
 
 `consolidate(tag_dir)` reads DeepSpeed's files of any saved (data, tensor, pipeline, ZeRO
 stage) layout of an fp32 run through `pretrain.interop.ds_reader` (every parameter and its
@@ -19,7 +19,7 @@ import os
 import shutil
 from pathlib import Path
 
-from pretrain import checkpoint
+from pretrain import checkpoint, digest
 from pretrain.errors import UserError
 from pretrain.interop.ds_reader import STATES, read_full_state
 
@@ -69,7 +69,7 @@ def consolidate(tag_dir: Path, log=print) -> Path:
         save_file({k: v.contiguous() for k, v in full[kind].items()}, str(path), metadata={"format": "pt"})
         with open(path, "rb") as f:
             os.fsync(f.fileno())  # on disk before the manifest commits it
-        files[path.name] = {"size": path.stat().st_size, "sha256": checkpoint.sha256_file(path)}
+        files[path.name] = digest.file_entry(path)
     manifest = {"format": 1, "kind": KIND, "step": state["step"], "adam_step": step,
                 "source_layout": state["layout"], "padded_vocab_size": state["model_shape"]["padded_vocab_size"],
                 "params": {k: list(v.shape) for k, v in full["fp32"].items()}, "files": files}

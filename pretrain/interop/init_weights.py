@@ -3,7 +3,7 @@
     <run>/init/model.safetensors   our parameter names (plain GPT), fp32; embedding rows =
                                    the imported model's vocabulary (unpadded)
     <run>/init/init.json           what it is: architecture, model section, vocabulary rows,
-                                   bos/eos ids, the source and its config, sha256 of the weights
+                                   bos/eos ids, the source and its config, checksum of the weights
     <run>/init/tokenizer*.json     the imported model's tokenizer files, if it had any
 
 `checkpoint.init_from: <run>/init` makes the trainer build its model (plain, tensor-parallel,
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain import checkpoint
+from pretrain import checkpoint, digest
 from pretrain.errors import UserError
 from pretrain.interop import names
 
@@ -52,8 +52,8 @@ def read_init(path, verify: bool = True) -> tuple[dict, dict]:
         raise UserError(f"{d / META}: unreadable ({e})") from None
     if meta.get("format") != FORMAT:
         raise UserError(f"{d / META}: not a pretrain init record (format {meta.get('format')!r})")
-    if verify and meta.get("sha256") and checkpoint.sha256_file(d / WEIGHTS) != meta["sha256"]:
-        raise UserError(f"{d / WEIGHTS} fails its sha256 check (init.json); re-run pretrain-convert import-hf")
+    if verify and (problem := digest.mismatch(d / WEIGHTS, meta)):
+        raise UserError(f"{d / WEIGHTS} {problem} (init.json); re-run pretrain-convert import-hf")
     try:
         sd = load_file(str(d / WEIGHTS))
     except (SafetensorError, OSError, ValueError) as e:
@@ -69,7 +69,8 @@ def write_init(out: Path, sd: dict, meta: dict) -> Path:
     tmp = out / f".{WEIGHTS}.tmp"
     save_file({k: v.float().contiguous() for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
     tmp.replace(out / WEIGHTS)
-    meta = {**meta, "format": FORMAT, "sha256": checkpoint.sha256_file(out / WEIGHTS)}
+    meta = {k: v for k, v in meta.items() if k not in digest.ALGORITHMS}
+    meta = {**meta, "format": FORMAT, **digest.file_entry(out / WEIGHTS)}
     checkpoint.write_atomic(out / META, json.dumps(meta, indent=1, sort_keys=True) + "\n")
     return out
 

@@ -3,7 +3,7 @@
 Prints the step, layout, model, training config, data (fingerprint and the data manifest
 of the tokenizer directory), the committed checkpoints of the run, whether converted
 (reshardable: universal, consolidated) copies exist, and whether the export to
-transformers is possible -- and verifies the commit manifest (sizes and sha256 of every
+transformers is possible -- and verifies the commit manifest (sizes and checksums of every
 file). Nothing is unpickled: only `state.json`, `manifest.json`, `latest` and the data
 `manifest.json` are parsed; the DeepSpeed files are only hashed as bytes.
 
@@ -171,7 +171,7 @@ def _fmt(report: dict) -> str:
     copies = [f"{c} copy {report[c]}" for c in ("universal", "consolidated") if report.get(c)]
     lines.append("reshardable  " + (", ".join(copies) if copies else "no converted copy (pretrain-convert reshard)"))
     if "verified" in report:
-        lines.append("manifest     " + ("OK: every file's size and sha256 match" if report["verified"]
+        lines.append("manifest     " + ("OK: every file's size and checksum match" if report["verified"]
                                         else f"FAILED: {report.get('problem')}"))
     if report.get("problem") and report.get("verified") is not False:
         lines.append(f"problem      {report['problem']}")

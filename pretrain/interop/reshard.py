@@ -45,7 +45,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from pretrain import checkpoint
+from pretrain import checkpoint, digest
 from pretrain.errors import UserError
 
 UNIVERSAL = "universal"
@@ -104,8 +104,7 @@ def to_universal(tag_dir: Path, log=print, verbose: bool = False) -> Path:
     stray = tag_dir / "latest_universal"  # DeepSpeed's pointer to our temporary folder: not used
     if stray.is_file():
         stray.unlink()
-    files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": checkpoint.sha256_file(p)}
-             for p in sorted(tmp.rglob("*")) if p.is_file()}
+    files = {str(p.relative_to(tmp)): digest.file_entry(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     manifest = {"format": 1, "kind": "deepspeed-universal", "step": state["step"], "source_layout": lay,
                 "files": files}
     checkpoint.write_atomic(tmp / checkpoint.MANIFEST, json.dumps(manifest, indent=1))
