@@ -10,8 +10,8 @@ Layout of `<checkpoint dir>`:
 
 A checkpoint counts only once its manifest exists. `pretrain.checkpoint_writer` writes
 it: every rank hashes the files it wrote while writing them, rank 0 gathers the digests,
-writes `manifest.json` (temp file + fsync + rename) and only then moves `latest`, in the
-background while training goes on. Resume picks the newest checkpoint whose manifest
+writes `manifest.json` (temp file + rename) and only then moves `latest`, in the background
+while training goes on; older checkpoints are deleted only once a newer one is fsynced. Resume picks the newest checkpoint whose manifest
 verifies (`checkpoint.verify`: sizes by default, or full checksums split over the ranks);
 anything partial or corrupt is skipped with a warning naming it, and when committed
 checkpoints exist but none verifies the run stops instead of starting over. Our files are

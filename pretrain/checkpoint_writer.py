@@ -9,12 +9,15 @@
    device; on CPU a memory copy).
 3. A background thread of each rank writes its own files (DeepSpeed's, `rng_<rank>.json`,
    and on rank 0 `state.json` and the tokenizer copy), hashing each file's bytes as they
-   are written, and publishes `{name: {size, checksum}}` (pretrain.digest) in `.digests_<rank>.json`. Like DeepSpeed's
-   own save, the data files are not fsynced (that would double the save time on a slow disk);
-   the manifest and `latest` are (temp file + fsync + rename; the digests renamed, not fsynced), and resume checks
-   every file's size against the manifest.
+   are written, and publishes `{name: {size, checksum}}` (pretrain.digest) in `.digests_<rank>.json`.
+   Every file is written to a temporary name or a new step directory and renamed into place.
+   Durability comes one save late (`_write`): before publishing its digests, each rank fsyncs
+   its files of the previous save, by then written back by the kernel (fsyncing a save's own
+   gigabytes would make it wait for the disk). The run's last save, and every save with
+   `keep_last: 1`, is fsynced before it commits instead.
 4. Rank 0's thread waits for every rank's digests, adds the few files DeepSpeed wrote by
-   itself (its recovery scripts), writes `manifest.json` (the commit), moves `latest`, prunes.
+   itself (its recovery scripts), writes `manifest.json` (the commit), moves `latest`, and prunes
+   the checkpoints beyond `keep_last`: a newer kept one is on disk by then.
 
 With `checkpoint.async_save: false` the training thread waits for step 4 inside `save`.
 The next save, a stop and the exit wait for the previous commit (`wait`). A failed write
@@ -34,6 +37,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import os
 import shutil
 import threading
 import time
@@ -199,10 +203,17 @@ class CheckpointWriter:
         self._tag_dir: Path | None = None
         self._kept = resumed_step  # a committed step that is not rewritten (resumed from it, or saved already)
         self._staging = Staging(keep=async_save, live=not async_save)
+        # This rank's files of the last save, not yet fsynced (see _write). After a resume, rank 0
+        # covers the checkpoint it resumed from (on disk long ago, unless the restart was quick).
+        self._unsynced: list[Path] = []
+        if resumed_step is not None and self.rank == 0:
+            tag = self.ckpt_dir / checkpoint.tag_for(resumed_step)
+            self._unsynced = [*sorted(tag.rglob("*")), tag]
 
     # ------------------------------------------------------------------ training thread
-    def save(self, engine, step: int, state: dict) -> Path:
-        """Snapshot and start writing the checkpoint of `step` (collective). Returns its directory."""
+    def save(self, engine, step: int, state: dict, durable: bool = False) -> Path:
+        """Snapshot and start writing the checkpoint of `step` (collective). Returns its directory.
+        `durable`: fsync it in this save (the run's last save); else the next save does (_write)."""
         self.wait()
         tag_dir = self.ckpt_dir / checkpoint.tag_for(step)
         problem, already = None, False
@@ -221,7 +232,14 @@ class CheckpointWriter:
         problem, already = checkpoint.broadcast_from_rank0((problem, already))
         if problem:
             raise UserError(problem)
+        durable = durable or self.keep_last == 1  # no older checkpoint stays to fall back on
         if already:  # e.g. the final save right after a periodic one
+            if durable:
+                try:
+                    self._sync(self._unsynced)
+                except OSError as e:
+                    raise UserError(io_error_line(e, e.filename, self.ckpt_dir) or f"fsync of {e.filename} failed: {e}")
+                self._unsynced = []
             return tag_dir
         recorder, own = _Recorder(self._staging), engine.checkpoint_engine
         scripts: list[str] = []
@@ -243,7 +261,8 @@ class CheckpointWriter:
             small[checkpoint.STATE] = json.dumps(state, indent=1, sort_keys=True)
         faults.kill_if("save_point0", step, self.rank)
         self._tag_dir, self._error, self._kept = tag_dir, None, step
-        self._thread = threading.Thread(target=self._write, args=(tag_dir, step, files, small, bool(scripts)),
+        self._thread = threading.Thread(target=self._write,
+                                        args=(tag_dir, step, files, small, bool(scripts), durable),
                                         name=f"checkpoint-{step}", daemon=True)
         self._thread.start()
         if not self.async_save:
@@ -265,14 +284,24 @@ class CheckpointWriter:
             raise UserError(bad)
 
     # ------------------------------------------------------------------ background thread
-    def _write(self, tag_dir: Path, step: int, files, small: dict, scripts: bool) -> None:
+    def _write(self, tag_dir: Path, step: int, files, small: dict, scripts: bool, durable: bool) -> None:
+        """Durability is confirmed one save late, when it is nearly free: the manifest commits a
+        save whose data may still be in the page cache (like DeepSpeed's own save), and each rank
+        fsyncs its files of the previous save before publishing the digests of this one, so rank 0
+        prunes older checkpoints only once a newer kept one is on disk. A kill leaves the page
+        cache intact; after a power loss, a newest checkpoint whose data did not reach the disk
+        fails the size check at resume, and the previous one is used. `durable` (the last save,
+        or keep_last 1): this save is fsynced before its digests instead."""
         current = tag_dir
         try:
-            digests, first = {}, True
+            self._sync(self._unsynced)
+            self._unsynced = []
+            own, digests, first = [], {}, True
             while files:
                 path, sd = files.pop(0)  # each snapshot is dropped as soon as it is on disk
                 current = path
                 digests[str(path.relative_to(tag_dir))] = self._write_pt(path, sd, step, first=first)
+                own.append(path)
                 del sd
                 if first:
                     faults.kill_if("save_point1", step, self.rank)
@@ -280,8 +309,16 @@ class CheckpointWriter:
             for name, text in small.items():
                 current = tag_dir / name
                 digests[name] = _write_bytes(current, text.encode())
+                own.append(current)
             if self.rank == 0:
-                digests.update(self._rank0_extras(tag_dir, scripts))
+                extras = self._rank0_extras(tag_dir, scripts)
+                digests.update(extras)
+                own += [tag_dir / name for name in extras]
+            own += sorted({p.parent for p in own})  # their directory entries
+            if durable:
+                self._sync(own)
+            else:
+                self._unsynced = own
             faults.kill_if("save_point3", step, self.rank)
             current = tag_dir / f".digests_{self.rank:05d}.json"
             # Read once by rank 0's commit and deleted: renamed into place (never seen half
@@ -290,7 +327,7 @@ class CheckpointWriter:
             faults.kill_if("save_point4", step, self.rank)
             if self.rank == 0:
                 current = tag_dir / checkpoint.MANIFEST
-                self._commit(tag_dir, step)
+                self._commit(tag_dir, step, durable)
         except OSError as e:
             self._fail(tag_dir, io_error_line(e, getattr(e, "filename", None) or current, self.ckpt_dir)
                        or f"writing {current} failed: {e}")
@@ -298,6 +335,22 @@ class CheckpointWriter:
             self._fail(tag_dir, str(e))
         except BaseException as e:  # noqa: BLE001 - reported on the training thread
             self._fail(tag_dir, f"checkpoint save of step {step} failed: {type(e).__name__}: {e}")
+
+    @staticmethod
+    def _sync(paths: list[Path]) -> None:
+        """fsync files and directories; those gone since (pruned) are skipped. An OSError names its path."""
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                e.filename = e.filename or str(path)
+                raise
+            finally:
+                os.close(fd)
 
     def _fail(self, tag_dir: Path, message: str) -> None:
         self._error = message
@@ -341,7 +394,7 @@ class CheckpointWriter:
                     out[name] = _write_bytes(tag_dir / name, (utils / name).read_bytes())
         return out
 
-    def _commit(self, tag_dir: Path, step: int) -> None:
+    def _commit(self, tag_dir: Path, step: int, durable: bool) -> None:
         files, deadline = {}, time.monotonic() + self.timeout_s
         for r in range(self.world):
             f = tag_dir / f".digests_{r:05d}.json"
@@ -356,9 +409,11 @@ class CheckpointWriter:
             files.update(got["files"])
         faults.kill_if("kill_in_save", step, 0)
         manifest = {"format": 2, "step": step, "files": dict(sorted(files.items()))}
-        checkpoint.write_atomic(tag_dir / checkpoint.MANIFEST, json.dumps(manifest, indent=1))
+        checkpoint.write_atomic(tag_dir / checkpoint.MANIFEST, json.dumps(manifest, indent=1), durable=durable)
         faults.kill_if("save_point6", step, 0)
-        checkpoint.write_atomic(self.ckpt_dir / "latest", tag_dir.name + "\n")
+        checkpoint.write_atomic(self.ckpt_dir / "latest", tag_dir.name + "\n", durable=durable)
+        if not durable:
+            self._unsynced += [tag_dir / checkpoint.MANIFEST, self.ckpt_dir / "latest", self.ckpt_dir]
         faults.kill_if("save_point7", step, 0)
         for r in range(self.world):
             (tag_dir / f".digests_{r:05d}.json").unlink(missing_ok=True)

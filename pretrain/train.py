@@ -515,9 +515,10 @@ class Trainer:
             self.writer = CheckpointWriter(self.ckpt_dir, c.keep_last, c.async_save,
                                            60 * self.cfg.parallel.timeout_minutes, self.data.tokenizer_copy,
                                            resumed_step=self.resumed_step)
-        path = self.writer.save(self.engine, self.step, self._state())
         stop = getattr(getattr(self, "stop", None), "requested", False)
-        if stop or self.step >= self.cfg.train.max_steps or not c.interval or self.step % c.interval:
+        last = stop or self.step >= self.cfg.train.max_steps or not c.interval or self.step % c.interval
+        path = self.writer.save(self.engine, self.step, self._state(), durable=last)
+        if last:
             self.writer.wait()
         return path
 

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 
+import pytest
 import torch
 
 from pretrain import checkpoint, digest
 from pretrain.checkpoint_writer import Staging, _HashingFile
+from train_util import TINY, check
 
 
 def test_digest_hashed_beside_the_write_is_the_files_checksum(tmp_path):
@@ -59,3 +64,55 @@ def test_manifests_verify_by_the_algorithm_each_entry_names(tmp_path):
         assert checkpoint.verify(tag, "sizes") is None  # same size: only the checksum sees it
         assert checkpoint.verify(tag, "full") == f"{name} fails its {algo} check"
         (tag / name).write_bytes(good)
+
+
+RECORD = """
+import os, shutil
+events = open(os.environ["EVENTS"], "a", buffering=1)
+_fsync, _replace, _rmtree = os.fsync, os.replace, shutil.rmtree
+def fsync(fd):
+    events.write("fsync " + os.readlink(f"/proc/self/fd/{fd}") + "\\n")
+    _fsync(fd)
+def replace(src, dst, *a, **k):
+    _replace(src, dst, *a, **k)
+    events.write(f"commit {dst}\\n" if str(dst).endswith("manifest.json") else "")
+def rmtree(path, *a, **k):
+    events.write(f"delete {path}\\n")
+    _rmtree(path, *a, **k)
+os.fsync, os.replace, shutil.rmtree = fsync, replace, rmtree
+from pretrain.train import program
+program()
+"""
+
+
+@pytest.mark.parametrize("keep_last", [2, 1])
+def test_older_checkpoints_are_deleted_only_once_a_newer_one_is_on_disk(tmp_path, keep_last):
+    """Saves at steps 3, 6 and 9. A periodic save commits before its data is fsynced (that waits
+    for the disk) and is fsynced at the next save, before anything older is deleted; the last
+    save, and every save with keep_last 1, is fsynced before its commit."""
+    out, log = tmp_path / "run", tmp_path / "events"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EVENTS": str(log)}
+    env.pop("PRETRAIN_FAULTS", None)
+    proc = subprocess.run([sys.executable, "-c", RECORD, *TINY, f"train.out_dir={out}", "train.max_steps=9",
+                           "checkpoint.interval=3", f"checkpoint.keep_last={keep_last}"],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    check(proc)
+    events = log.read_text().splitlines()
+
+    def at(kind, step, name=""):
+        hits = [i for i, e in enumerate(events)
+                if e.startswith(kind) and f"step_{step:08d}" in e and e.endswith(name)]
+        assert hits, (kind, step, name, events)
+        return hits[0]
+
+    model = "mp_rank_00_model_states.pt"
+    for step in (3, 6):
+        if keep_last == 1:
+            assert at("fsync", step, model) < at("commit", step)
+        else:
+            assert at("commit", step) < at("fsync", step, model) < at("commit", step + 3)
+    assert at("fsync", 9, model) < at("commit", 9)  # the last save
+    for gone in ((3, 6) if keep_last == 1 else (3,)):
+        assert at("fsync", gone + 3, model) < at("delete", gone)  # the newer one is on disk first
+    kept = (9,) if keep_last == 1 else (6, 9)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == [f"step_{s:08d}" for s in kept]
