@@ -18,6 +18,8 @@ moments exist), then, `--repeat` times in rotating order, saves the same state f
            write/hash/commit time is measured up to the commit. One writer serves every repeat,
            as in training: the first save allocates the snapshot buffers, later ones reuse them
 
+Before each save every rank runs `sync` (untimed), so that no save pays for writing back the
+previous one's dirty pages (in training, minutes of steps separate two saves).
 Times are the slowest rank's (between barriers). Printed: the median of each, the stall of
 async as a fraction of sync, and the commit overhead (sync / bare - 1, before / bare - 1).
 Each save's directory is deleted before the next (a ~350M fp32 checkpoint with Adam is ~5.6 GB).
@@ -108,6 +110,7 @@ def main() -> int:
         if rank == 0:
             shutil.rmtree(d, ignore_errors=True)
             d.mkdir(parents=True)
+        os.sync()  # the previous save's writeback is not this one's cost
         dist.barrier()
         return d
 
