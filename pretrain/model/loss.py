@@ -42,22 +42,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if want_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want_grad else None
         rows = max(1, chunk // max(v_local, 1))
+        fp32 = h.dtype == torch.float32 and weight.dtype == torch.float32
         for s in range(0, n, rows):
             e = min(n, s + rows)
             hc, tc = h[s:e], local_t[s:e]
             logits = (hc @ weight.t()).float()  # (rows, V/tp), as F.linear(...).float()
-            gmax = reduce_max(logits.max(dim=-1).values)
+            gmax = reduce_max(logits.amax(dim=-1))
             logits -= gmax.unsqueeze(-1)
             target_logit = logits.gather(-1, tc.unsqueeze(-1)).squeeze(-1).masked_fill(~here[s:e], 0.0)
             probs = logits.exp_()
             both = reduce_sum(torch.stack([target_logit, probs.sum(dim=-1)]))
             loss += ((both[1].log() - both[0]) * scale[s:e]).sum()
             if want_grad:
-                probs /= both[1].unsqueeze(-1)  # softmax
-                probs.scatter_add_(-1, tc.unsqueeze(-1), -here[s:e].float().unsqueeze(-1))
-                g = (probs * scale[s:e].unsqueeze(-1)).to(h.dtype)
-                grad_h[s:e] = g @ weight
-                grad_w += (g.t() @ hc).float()
+                # g = (softmax - onehot) * scale, in place: one pass over the chunk's logits
+                probs *= (scale[s:e] / both[1]).unsqueeze(-1)
+                probs.scatter_add_(-1, tc.unsqueeze(-1), -(here[s:e].float() * scale[s:e]).unsqueeze(-1))
+                if fp32:  # straight into the outputs, no (rows, C) or (V, C) temporaries
+                    torch.mm(probs, weight, out=grad_h[s:e])
+                    grad_w.addmm_(probs.t(), hc)
+                else:
+                    g = probs.to(h.dtype)
+                    grad_h[s:e] = g @ weight
+                    grad_w += (g.t() @ hc).float()
         if want_grad:
             ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = weight.dtype
