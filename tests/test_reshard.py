@@ -120,7 +120,7 @@ def test_resume_in_another_tensor_or_pipeline_degree_gives_the_same_losses(train
 @pytest.mark.slow
 def test_reshard_refusals_name_the_fix(trained, tmp_path, capsys):
     from pretrain.interop.reshard import check_reshard
-    from pretrain.train import Trainer
+    from pretrain.trainer import Trainer
 
     run = trained("gpt2")
     saved = checkpoint.read_state(step_dir(run, 3))["layout"]

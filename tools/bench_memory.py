@@ -2,7 +2,7 @@
 
 For each run (default: ZeRO-0, 1, 2, 3 with data parallelism over 2 ranks, then tensor
 parallelism 2 with ZeRO-1) `world` worker processes (gloo, one thread each) train the same
-model for `--steps` steps through `pretrain.train.Trainer` (the real config -> layout ->
+model for `--steps` steps through `pretrain.trainer.Trainer` (the real config -> layout ->
 DeepSpeed engine -> training loop; only the final checkpoint and validation are skipped, so
 they do not add to the peak). Each rank measures:
 
@@ -166,7 +166,7 @@ def worker(spec_file: str) -> int:
     from pretrain.config.load import load_config
     from pretrain.config.validate import resolve
     from pretrain.plan import memory_estimate
-    from pretrain.train import Trainer
+    from pretrain.trainer import Trainer
 
     spec = json.loads(Path(spec_file).read_text())
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -1,0 +1,406 @@
+"""The training run behind `pretrain-train` (pretrain/train.py is its command line): process
+group -> data -> model -> DeepSpeed engine -> resume or init -> loop (log, validate,
+checkpoint) -> clean exit."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pretrain import checkpoint, faults, preflight, runlock, stop
+from pretrain.config.load import config_to_yaml
+from pretrain.config.schema import Config, to_dict
+from pretrain.config.validate import Layout
+from pretrain.errors import UserError
+from pretrain.resume_check import resolved_config
+from pretrain.run_data import RunData
+from pretrain.schedule import lr_at
+
+EXIT_NONFINITE = 3
+
+
+class Trainer:
+    joined = False  # this process joined a process group (see leave)
+
+    def __init__(self, cfg: Config, layout: Layout):
+        self.cfg, self.layout = cfg, layout
+        self.out_dir = Path(cfg.train.out_dir)
+        self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.out_dir / "checkpoints"
+
+    # ------------------------------------------------------------------ lifecycle
+    def run(self) -> int:
+        from pretrain.engine import init_distributed, pick_device
+
+        self.stop = stop.install()
+        self.device = pick_device(self.cfg)
+        Trainer.joined = True
+        self.rank, _ = init_distributed(self.cfg, self.device)
+        ok = False
+        try:
+            self._locks = self._claim_dirs()
+            rc = self._run()
+            ok = True
+            return rc
+        finally:
+            if getattr(self, "monitor", None):
+                self.monitor.close()
+            if ok:
+                dist.barrier()
+            dist.destroy_process_group()
+
+    def _claim_dirs(self) -> list:
+        """Rank 0, before anything is written: the directories are writable and this run's alone
+        (pretrain.runlock); every rank gets rank 0's verdict."""
+        verdict, locks = None, []
+        if self.rank == 0:
+            try:
+                preflight.check_dir(self.out_dir, "train.out_dir")
+                preflight.check_dir(self.ckpt_dir, "checkpoint.dir" if self.cfg.checkpoint.dir else "train.out_dir")
+                locks = runlock.lock_run(self.out_dir, self.ckpt_dir, print)
+                preflight.check_free_space(self.cfg, self.layout, self.ckpt_dir, print)
+            except UserError as e:
+                verdict = str(e)
+        verdict = checkpoint.broadcast_from_rank0(verdict)
+        if verdict:
+            raise UserError(verdict)
+        return locks
+
+    def _run(self) -> int:
+        from pretrain.engine import build_engine
+        from pretrain.monitor import Monitor
+        from pretrain.parallel.build import build_model, memory_line, optimizer_group_names
+        from pretrain.parallel.topology import Topology
+        from pretrain.plan import count_params, flops_per_token, layout_advice
+
+        cfg, lay = self.cfg, self.layout
+        self.topo = Topology(lay)  # every rank/group question goes here (DeepSpeed's grid)
+        self.dp_rank = self.topo.dp_rank  # tensor-parallel peers (and pipeline stages) read the same batches
+        self.pipe = lay.pp > 1
+        wandb = {"project": cfg.logging.wandb_project, "config": to_dict(cfg)} if cfg.logging.wandb else None
+        self.monitor = Monitor(self.out_dir, self.rank == 0, cfg.logging.tensorboard, cfg.train.max_steps, wandb)
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_atomic(self.out_dir / "config.yaml", config_to_yaml(cfg))
+        self.data = RunData(cfg, lay, self.rank, self.dp_rank, self.out_dir, self.monitor.print)
+
+        # checkpoint.init_from: imported weights (import-hf) or one of our checkpoints (continued
+        # pretraining); a resume overrides them.
+        source, init_tag = self._init_source() if cfg.checkpoint.init_from else (None, None)
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank, in every layout
+        model = build_model(cfg, lay, self.topo, self.device, source)  # only this rank's piece, on its device
+        print(memory_line(self.rank, self.device), flush=True)
+        self.optim_groups = optimizer_group_names(model, cfg, self.topo)  # recorded in every checkpoint
+        self.engine, self.opt = build_engine(cfg, lay, model, self.topo)
+        self.flops_per_token = flops_per_token(cfg.model, lay.padded_vocab_size)
+
+        self.step, self.consumed, self.skipped_total = 0, 0, 0
+        self.writer, self.resumed_step = None, None
+        tag_dir = checkpoint.choose_resume(cfg.checkpoint.resume, self.ckpt_dir, self.monitor.print,
+                                           cfg.checkpoint.verify)
+        if tag_dir is not None:
+            self._resume(tag_dir)
+            self.monitor.rewind(self.step)  # drop what the stopped run logged after this checkpoint
+        elif init_tag is not None and cfg.checkpoint.init_optimizer:
+            self._init_optimizer(init_tag)
+        if tag_dir is not None and self.step >= cfg.train.max_steps:
+            # A finished run started again (e.g. the quickstart re-run): its last checkpoint is
+            # already committed, so nothing is trained, validated or saved over it.
+            self.monitor.print(f"nothing to train: {tag_dir} is at step {self.step}, train.max_steps is "
+                               f"{cfg.train.max_steps}; raise train.max_steps to train further")
+            return 0
+        n_params = count_params(cfg.model, lay.padded_vocab_size)["total"]
+        self.monitor.print(f"training {n_params:,} parameters on {lay.world_size} {self.device.type} process(es) "
+                           f"(data {lay.dp} x tensor {lay.tp} x pipeline {lay.pp}) "
+                           f"from step {self.step} to {cfg.train.max_steps}")
+        for note in layout_advice(cfg, lay):
+            self.monitor.print(note)
+        rc = self._loop()
+        if self.writer is not None:
+            self.writer.wait()  # the last save is committed before the exit
+        return rc
+
+    # ------------------------------------------------------------------ resume
+    def _state(self) -> dict:
+        import deepspeed
+
+        return {"format": 2, "step": self.step, "consumed_samples": self.consumed,
+                "consumed_tokens": self.consumed * self.cfg.model.seq_len,
+                "skipped_steps": self.skipped_total, "config": resolved_config(self.cfg),
+                "model_shape": self._model_shape(), "data_fingerprint": self.data.fingerprint,
+                "data_sources": self.data.sources(), "vocab_size": self.data.vocab_size,
+                "tokenizer": self.data.tokenizer,
+                "layout": {"dp": self.layout.dp, "tp": self.layout.tp, "pp": self.layout.pp,
+                           "zero_stage": self.layout.zero_stage},
+                "optimizer_groups": self.optim_groups,
+                "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__}}
+
+    def _model_shape(self) -> dict:
+        m = to_dict(self.cfg.model)
+        keys = ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "position", "norm", "mlp",
+                "bias", "tie_embeddings")
+        shape = {k: m[k] for k in keys}
+        shape["padded_vocab_size"] = self.layout.padded_vocab_size
+        if m["position"] == "learned":
+            shape["seq_len"] = m["seq_len"]
+        return shape
+
+    def _resume(self, tag_dir: Path) -> None:
+        from pretrain.resume_check import check_resume
+
+        saved = checkpoint.read_state(tag_dir)
+        for line in check_resume(saved, self.cfg, self._model_shape(), self.layout.tp, self.data, f"checkpoint {tag_dir}"):
+            self.monitor.print(line)
+        now = self._state()["layout"]
+        # Same model-parallel grid, other parameter order: the optimizer state is matched by name.
+        same_grid = all((saved.get("layout") or {}).get(k, 1) == now[k] for k in ("tp", "pp"))
+        reordered = same_grid and saved.get("optimizer_groups", self.optim_groups) != self.optim_groups
+        if saved.get("layout") != now or reordered:
+            from pretrain.interop.reshard import load_resharded  # UserError naming the fix when it cannot
+
+            state = load_resharded(self.engine, tag_dir, saved.get("layout") or {}, now, self.monitor.print,
+                                   topo=self.topo, reordered=reordered)
+        else:
+            state = checkpoint.load(self.engine, tag_dir)
+        self.step, self.consumed = state["step"], state["consumed_samples"]
+        self.skipped_total, self.resumed_step = state.get("skipped_steps", 0), self.step
+        self.monitor.print(f"resumed from {tag_dir} at step {self.step}")
+
+    def _shape_mismatch(self, where: str, shape: dict) -> str:
+        from pretrain.resume_check import shape_message
+
+        return shape_message(where, shape, self._model_shape(), self.layout.tp)
+
+    def _init_source(self):
+        """checkpoint.init_from: (a model-building source of the weights, our checkpoint's directory
+        or None for an import-hf directory). With checkpoint.init_optimizer the source is None: the
+        optimizer load after the engine is built brings the weights too. Step, schedule and data
+        position stay at 0 (continued pretraining)."""
+        from pretrain.interop.init_weights import META, init_source, weights_source
+
+        src, lay = self.cfg.checkpoint.init_from, self.layout
+        if (Path(src) / META).is_file() or (Path(src) / "init" / META).is_file() or src.endswith(".safetensors"):
+            return init_source(src, self.cfg, lay, self.monitor.print), None
+        from pretrain.interop.ds_reader import load_model_weights
+        from pretrain.resume_check import check_init
+
+        tag_dir = checkpoint.resolve_tag_dir(src, self.cfg.checkpoint.verify)
+        saved = checkpoint.read_state(tag_dir)
+        check_init(saved, self.cfg, self._model_shape(), f"checkpoint.init_from={src}")
+        source = None
+        if not self.cfg.checkpoint.init_optimizer:
+            source = weights_source(load_model_weights(tag_dir), lay.padded_vocab_size, f"checkpoint.init_from={src}")
+        self.monitor.print(f"initialised from {tag_dir} (step {saved.get('step')}, "
+                           f"{'weights and optimizer state' if self.cfg.checkpoint.init_optimizer else 'weights only'}); "
+                           "this run starts at step 0 and sample 0 of its data")
+        return source, tag_dir
+
+    def _init_optimizer(self, tag_dir: Path) -> None:
+        """checkpoint.init_optimizer: weights and optimizer state of `tag_dir`, in any layout."""
+        saved, now = checkpoint.read_state(tag_dir), self._state()["layout"]
+        if saved.get("layout") != now:
+            from pretrain.interop.reshard import load_resharded
+
+            load_resharded(self.engine, tag_dir, saved.get("layout") or {}, now, self.monitor.print, topo=self.topo)
+        else:
+            load_path, _ = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                       load_optimizer_states=True, load_lr_scheduler_states=False)
+            checkpoint.finish_load(load_path, tag_dir, rng=False)
+
+    # ------------------------------------------------------------------ loop
+    def _loop(self) -> int:
+        """The steps. Between boundaries (logging, checkpoint, validation) a step copies nothing
+        from the device: losses and skip verdicts stay there (`pretrain.steplog`) and are read,
+        with the stop-request agreement, at the boundaries."""
+        from pretrain.steplog import StepLedger, SkipCount
+
+        cfg, lay, engine, opt = self.cfg, self.layout, self.engine, self.opt
+        batches = self.data.train_batches(self.consumed)
+        if self.pipe:  # DeepSpeed reads (inputs, labels) on the first and last stages only
+            pairs = ((b[:, :-1], b[:, 1:]) for b in batches)
+        self.ledger, self.skips = StepLedger(), SkipCount(self.skipped_total)
+        self.window_loss, self.window_good = 0.0, 0
+        self.window_start, self.excluded = self.step, 0.0  # first step and eval/checkpoint seconds of the window
+        self._first_step = self.step
+        t_window = time.perf_counter()
+        fp16 = cfg.train.precision == "fp16"
+        while self.step < cfg.train.max_steps:
+            lr = lr_at(self.step, cfg.optim, cfg.schedule, cfg.train.max_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            engine.train()
+            faults.poison_grad(engine.module, self.step, self.rank)
+            bad = torch.zeros((), dtype=torch.bool, device=self.device)
+            loss_sum = torch.zeros((), device=self.device)
+            if self.pipe:  # 1F1B over grad_accum micro-batches; the loss comes from the last stage
+                engine.module.loss_fn.poison = faults.active("nan", self.step, self.rank)
+                opt.begin_step()  # the loss flag is read at step time (GuardedAdamW.bad_loss_fn)
+                loss_sum += engine.train_batch(data_iter=pairs).detach().float() * lay.grad_accum
+            for micro in range(0 if self.pipe else lay.grad_accum):
+                batch = next(batches).to(self.device, non_blocking=True)
+                loss = engine(batch[:, :-1], batch[:, 1:])
+                if faults.active("nan", self.step, self.rank):
+                    loss = loss * float("nan")
+                bad |= ~torch.isfinite(loss.detach())
+                loss_sum += loss.detach().float()
+                engine.backward(loss)
+                if micro == lay.grad_accum - 1:  # the boundary: DeepSpeed calls opt.step() now
+                    opt.begin_step(bad)
+                engine.step()
+            self.step += 1
+            self.consumed += lay.global_batch_size
+            if cfg.train.compile and self.step == self._first_step + 1:
+                self._report_compile()
+            # opt.calls == 0: DeepSpeed skipped the step itself (fp16 loss scaler, or its norm check)
+            self.ledger.add(self.step, loss_sum / lay.grad_accum, opt.verdict if opt.calls else None, fp16)
+            log_now = self.step % cfg.logging.interval == 0 or self.step == cfg.train.max_steps
+            save_now = bool(cfg.checkpoint.interval) and self.step % cfg.checkpoint.interval == 0
+            eval_now = bool(cfg.train.eval_interval) and self.step % cfg.train.eval_interval == 0
+            stop = too_many = False
+            if log_now or save_now or eval_now:
+                too_many = self._settle()
+            if log_now or save_now:  # signals reach ranks at different times: agree at boundaries
+                stop = self._agree(self.stop.requested)
+            if log_now:
+                elapsed = time.perf_counter() - t_window - self.excluded
+                self._log(self.window_loss, self.window_good, self.step - self.window_start, elapsed, lr,
+                          opt.grad_norm)
+                self.window_loss, self.window_good, t_window = 0.0, 0, time.perf_counter()
+                self.window_start, self.excluded = self.step, 0.0
+            if too_many:
+                path = self._timed("checkpoint", self._save)
+                self.monitor.print(f"error: {self.skips.worst_run} consecutive non-finite steps; stopped. The last "
+                                   f"good weights are in {path}. Lower optim.lr, raise warmup, or check the data.")
+                return EXIT_NONFINITE
+            if eval_now:
+                self._timed("validation", self._validate)
+            if stop:
+                path = self._timed("checkpoint", self._save)
+                self.monitor.print(f"stop requested (SIGTERM/SIGUSR1): saved {path} at step {self.step}; exiting")
+                return 0
+            if save_now:
+                self._timed("checkpoint", self._save)
+            faults.kill_if("kill", self.step, self.rank)
+            faults.after_step()
+        if not cfg.train.eval_interval or self.step % cfg.train.eval_interval:
+            self._timed("validation", self._validate)
+        self._timed("validation", lambda: self._validate("test"))  # once, at the end (data.test_paths, or a test split)
+        path = self._timed("checkpoint", self._save)
+        self.monitor.print(f"done: step {self.step}, checkpoint {path}")
+        return 0
+
+    def _report_compile(self) -> None:
+        from torch._dynamo.utils import counters
+
+        self.monitor.print(f"train.compile: {counters['stats']['unique_graphs']} graph(s) compiled by "
+                           f"torch.compile in the first step ({counters['stats']['calls_captured']} calls captured)")
+
+    def _settle(self) -> bool:
+        """Read the steps since the last boundary (one device-to-host copy): count skips, warn, add
+        the stepped losses to the window. True when `train.max_consecutive_skips` was reached."""
+        from pretrain.steplog import OK, SKIP
+
+        for step, loss, outcome in self.ledger.settle():
+            self.skips.record(outcome)
+            if outcome == SKIP:
+                self.monitor.print(f"warning: step {step}: non-finite loss or gradient, step skipped "
+                                   f"({self.skips.in_a_row} in a row)")
+            elif outcome == OK:
+                self.window_loss += loss
+                self.window_good += 1
+        self.skipped_total = self.skips.total
+        too_many = self.skips.worst_run >= self.cfg.train.max_consecutive_skips
+        self.skips.reset_worst()
+        return too_many
+
+    def _timed(self, what: str, fn):
+        """Run a validation or a save outside the throughput window; its seconds get their own scalar."""
+        t0 = time.perf_counter()
+        faults.pause(what)
+        out = fn()
+        seconds = time.perf_counter() - t0
+        self.excluded += seconds
+        self.monitor.log(self.step, {f"perf/{what}_seconds": seconds})
+        return out
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank when any rank has `flag` (signals reach ranks at different times)."""
+        t = torch.tensor([float(flag)], device=self._comm_device())
+        dist.all_reduce(t)
+        return bool(t.item() > 0)
+
+    def _comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def _mean_over_dp(self, value: float) -> float:
+        """Mean over the data-parallel replicas. Tensor-parallel peers hold the same loss, and a
+        pipeline's `train_batch`/`eval_batch` give every stage the last stage's DP-mean loss."""
+        t = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t, group=self.topo.dp_group)
+        return float(t.item()) / self.layout.dp
+
+    def _log(self, loss_total: float, n: int, steps: int, elapsed: float, lr: float, gnorm: float) -> None:
+        """Log the window of `steps` steps that took `elapsed` training seconds (validation and
+        checkpoint time excluded): `n` of them stepped, their losses summing to `loss_total`."""
+        from pretrain.monitor import memory_gib, peak_flops
+
+        lay = self.layout
+        loss = self._mean_over_dp(loss_total / n if n else float("nan"))
+        elapsed = max(elapsed, 1e-9)
+        tokens_per_sec = steps * lay.global_batch_size * self.cfg.model.seq_len / elapsed
+        flops_dev = tokens_per_sec * self.flops_per_token / lay.world_size
+        peak = peak_flops(self.device, self.cfg.train.precision, self.cfg.logging.peak_flops)
+        scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": gnorm,
+                   "perf/tokens_per_sec": tokens_per_sec, "perf/tflops_per_device": flops_dev / 1e12,
+                   "perf/mfu": flops_dev / peak if peak else None,
+                   "perf/step_time_ms": 1e3 * elapsed / steps, "perf/window_steps": steps,
+                   "train/skipped_steps": self.skipped_total,
+                   "train/consumed_tokens": self.consumed * self.cfg.model.seq_len,
+                   **memory_gib(self.device)}
+        if self.cfg.train.precision == "fp16":  # DeepSpeed's overflow skips: loss-scale events, not our skips
+            scalars["train/loss_scale"] = float(self.engine.optimizer.cur_scale)
+            scalars["train/loss_scale_events"] = self.skips.loss_scale_events
+        self.monitor.log(self.step, scalars)
+        self.monitor.train_line(self.step, scalars)
+
+    def _validate(self, which: str = "val") -> None:
+        batches = self.data.valid_batches() if which == "val" else self.data.test_batches()
+        if batches is None:
+            return
+        self.engine.eval()
+        total, n = 0.0, 0
+        if self.pipe:  # mean over the micro-batches and data-parallel replicas, on every stage
+            steps = self.cfg.train.eval_steps
+            total = float(self.engine.eval_batch(((b[:, :-1], b[:, 1:]) for b in batches), num_micro_batches=steps))
+            n = 1
+        with torch.no_grad():
+            for batch in ([] if self.pipe else batches):
+                batch = batch.to(self.device)
+                total += float(self.engine(batch[:, :-1], batch[:, 1:]))
+                n += 1
+        self.engine.train()
+        loss = self._mean_over_dp(total / max(n, 1))
+        ppl = math.exp(loss) if loss < 50 else float("inf")
+        self.monitor.log(self.step, {f"{which}/loss": loss, f"{which}/perplexity": ppl},
+                         tokens=self.consumed * self.cfg.model.seq_len)
+        self.monitor.print(f"{'validation' if which == 'val' else which} at step {self.step}: loss {loss:.4f} | "
+                           f"perplexity {ppl:.2f}")
+
+    def _save(self) -> Path:
+        """Start the checkpoint of this step (committed in the background with checkpoint.async_save);
+        a save that is not a periodic one (the last, a stop, a non-finite stop) is committed on return."""
+        from pretrain.checkpoint_writer import CheckpointWriter
+
+        c = self.cfg.checkpoint
+        if self.writer is None:
+            self.writer = CheckpointWriter(self.ckpt_dir, c.keep_last, c.async_save,
+                                           60 * self.cfg.parallel.timeout_minutes, self.data.tokenizer_copy,
+                                           resumed_step=self.resumed_step)
+        stop = getattr(getattr(self, "stop", None), "requested", False)
+        last = stop or self.step >= self.cfg.train.max_steps or not c.interval or self.step % c.interval
+        path = self.writer.save(self.engine, self.step, self._state(), durable=last)
+        if last:
+            self.writer.wait()
+        return path
