@@ -192,7 +192,8 @@ class CheckpointConfig:
     interval: int = 0
     """Save every this many steps (0 = only at the end and on SIGTERM/SIGUSR1)."""
     keep_last: int = 3
-    """Committed checkpoints to keep; older ones are deleted after a new one commits."""
+    """Committed checkpoints to keep; older ones are deleted after a new one commits, once a newer kept
+    one is fsynced (the previous save at each periodic save; with 1, the new one before its commit)."""
     resume: str = "auto"
     """'auto' (newest checkpoint whose manifest verifies, else start fresh), 'none', or a checkpoint directory."""
     dir: Optional[str] = None
