@@ -7,6 +7,7 @@ from the device to the host on a GPU) and counts completed steps through `faults
 Writes OUT_PREFIX.rank{R}.json: [[steps completed before the read, method, caller file:line, first caller outside torch
 and outside the caller's file], ...].
 """
+import atexit
 import json
 import os
 import runpy
@@ -46,11 +47,13 @@ def main():
     for name in READS:
         _patch(name)
     faults.after_step = _after_step
-    try:
-        runpy.run_module("pretrain.train", run_name="__main__", alter_sys=True)
-    finally:
+
+    def write():
         with open(f"{prefix}.rank{os.environ.get('RANK', '0')}.json", "w") as f:
             json.dump(events, f)
+
+    atexit.register(write)  # the trainer ends with os._exit after its atexit handlers (pretrain.train.leave)
+    runpy.run_module("pretrain.train", run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":
