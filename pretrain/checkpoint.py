@@ -53,13 +53,20 @@ def write_atomic(path: Path, text: str, durable: bool = True) -> None:
         if durable:
             os.fsync(f.fileno())
     os.replace(tmp, path)
-    if not durable:
-        return
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    if durable:
+        fsync_path(path.parent)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (its entries); an OSError names the path."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
+    except OSError as e:
+        e.filename = e.filename or str(path)
+        raise
     finally:
-        os.close(dir_fd)
+        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- RNG state

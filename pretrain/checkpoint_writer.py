@@ -37,7 +37,6 @@ from __future__ import annotations
 import errno
 import io
 import json
-import os
 import shutil
 import threading
 import time
@@ -341,16 +340,9 @@ class CheckpointWriter:
         """fsync files and directories; those gone since (pruned) are skipped. An OSError names its path."""
         for path in paths:
             try:
-                fd = os.open(path, os.O_RDONLY)
+                checkpoint.fsync_path(path)
             except FileNotFoundError:
                 continue
-            try:
-                os.fsync(fd)
-            except OSError as e:
-                e.filename = e.filename or str(path)
-                raise
-            finally:
-                os.close(fd)
 
     def _fail(self, tag_dir: Path, message: str) -> None:
         self._error = message
