@@ -3,13 +3,13 @@
 `CheckpointWriter.save` is collective (every rank calls it at the same step):
 
 1. It waits for the previous save of this rank (and learns whether any rank's failed).
-2. DeepSpeed's `save_checkpoint` runs with a recording checkpoint engine: every
-   `checkpoint_engine.save(state_dict, path)` call keeps a CPU copy of the state dict
-   instead of writing it. This is all the training thread waits for (the copy off the
+2. DeepSpeed's `save_checkpoint` runs with a recording checkpoint engine
+   (pretrain.checkpoint_snapshot): every `checkpoint_engine.save(state_dict, path)` call keeps
+   a CPU copy of the state dict instead of writing it (a synchronous save: the live tensors). This is all the training thread waits for (the copy off the
    device; on CPU a memory copy).
-3. A background thread of each rank writes its own files (DeepSpeed's, `rng_<rank>.json`,
-   and on rank 0 `state.json` and the tokenizer copy), hashing each file's bytes as they
-   are written, and publishes `{name: {size, checksum}}` (pretrain.digest) in `.digests_<rank>.json`.
+3. A background thread of each rank writes its own files (DeepSpeed's, two at a time, then
+   `rng_<rank>.json`, and on rank 0 `state.json` and the tokenizer copy), hashing each file's
+   bytes as they are written, and publishes `{name: {size, checksum}}` (pretrain.digest) in `.digests_<rank>.json`.
    Every file is written to a temporary name or a new step directory and renamed into place.
    Durability comes one save late (`_write`): before publishing its digests, each rank fsyncs
    its files of the previous save, by then written back by the kernel (fsyncing a save's own
@@ -34,6 +34,7 @@ save_point6 (rank 0: manifest written, `latest` not), save_point7 (rank 0: befor
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -45,9 +46,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
 from pretrain import checkpoint, digest, faults
+from pretrain.checkpoint_snapshot import Recorder, Staging
 from pretrain.errors import UserError
 
 IO_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
@@ -71,85 +72,6 @@ def last_committed(ckpt_dir: Path) -> str:
     if m and (ckpt_dir / tag / checkpoint.MANIFEST).is_file():
         return f"the last committed checkpoint is step {int(m.group(1))} ({ckpt_dir / tag})"
     return f"no checkpoint has been committed in {ckpt_dir}"
-
-
-# ----------------------------------------------------------------------------- snapshot
-class Staging:
-    """CPU buffers for the snapshot. With `keep` (async saves) the buffers of one save are reused by
-    the next (same tensors in the same order): copying into memory already faulted in is several
-    times faster than allocating it afresh; the price is one resident copy of the saved state.
-    With `live` (synchronous saves: training waits until the files are written) a CPU tensor that
-    owns its whole storage is written from the live state, with no copy; a view of a larger
-    buffer (ZeRO's flat groups) is still copied, or torch.save would write the whole buffer."""
-
-    def __init__(self, keep: bool, live: bool = False):
-        self.keep, self.live, self.old, self.new, self.reuse = keep, live, [], [], iter(())
-
-    def begin(self) -> None:
-        self.reuse, self.new = iter(self.old if self.keep else ()), []
-
-    def end(self) -> None:
-        self.old = self.new if self.keep else []
-        self.new, self.reuse = [], iter(())
-
-    def copy(self, t: torch.Tensor) -> torch.Tensor:
-        if self.live and _owns_storage(t):
-            return t.detach()
-        buf = next(self.reuse, None)
-        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            self.reuse = iter(())  # out of step: fresh buffers from here on
-            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
-        buf.copy_(t.detach(), non_blocking=t.is_cuda)
-        self.new.append(buf)
-        return buf
-
-
-def _owns_storage(t: torch.Tensor) -> bool:
-    return (t.device.type == "cpu" and t.storage_offset() == 0 and t.is_contiguous()
-            and t.untyped_storage().nbytes() == t.numel() * t.element_size())
-
-
-def snapshot(obj, staging: Staging):
-    """A copy of `obj` whose tensors live on the CPU and share nothing with the live training state."""
-    if isinstance(obj, torch.Tensor):
-        return staging.copy(obj)
-    if isinstance(obj, dict):
-        items = [(k, snapshot(v, staging)) for k, v in obj.items()]
-        try:
-            return type(obj)(items)
-        except TypeError:
-            return dict(items)
-    if isinstance(obj, list):
-        return [snapshot(v, staging) for v in obj]
-    if isinstance(obj, torch.Size):
-        return obj  # immutable; zero_to_fp32 calls .numel() on ZeRO-3's param_shapes
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(snapshot(v, staging) for v in obj)
-    return obj  # numbers, strings, config objects: not changed by training
-
-
-class _Recorder(CheckpointEngine):
-    """A DeepSpeed checkpoint engine that keeps snapshots of what it is asked to save."""
-
-    def __init__(self, staging: Staging):
-        super().__init__()
-        self.name, self.staging = "pretrain-recorder", staging
-        self.files: list[tuple[str, object]] = []
-
-    def create(self, info):
-        pass
-
-    def save(self, state_dict, path: str):
-        self.files.append((path, snapshot(state_dict, self.staging)))
-
-    def load(self, path: str, map_location=None):
-        return torch.load(path, map_location=map_location, weights_only=False)
-
-    def commit(self, info):
-        return True
-
-    def preserves_storage_sharing(self):
-        return False  # DeepSpeed need not clone for torch.save: the snapshot already is a copy
 
 
 class _HashingFile(io.RawIOBase):
@@ -192,6 +114,12 @@ class _HashingFile(io.RawIOBase):
 
 # ----------------------------------------------------------------------------- writer
 class CheckpointWriter:
+    WRITE_THREADS = 2  # files of one rank written at once (see _write_pts)
+    # torch.save's zip CRC32 of every record: a second, slower checksum of the bytes the digest
+    # covers, checked by unzip but not by torch.load. Off on the writer's threads (tools/bench_ckpt.py
+    # --zip-crc turns it on to measure the digest's cost alone).
+    ZIP_CRC32 = False
+
     def __init__(self, ckpt_dir: Path, keep_last: int, async_save: bool, timeout_s: float,
                  tokenizer_dir: Path | None = None, resumed_step: int | None = None):
         self.ckpt_dir, self.keep_last, self.async_save = Path(ckpt_dir), keep_last, async_save
@@ -240,7 +168,7 @@ class CheckpointWriter:
                     raise UserError(io_error_line(e, e.filename, self.ckpt_dir) or f"fsync of {e.filename} failed: {e}")
                 self._unsynced = []
             return tag_dir
-        recorder, own = _Recorder(self._staging), engine.checkpoint_engine
+        recorder, own = Recorder(self._staging), engine.checkpoint_engine
         scripts: list[str] = []
         engine.checkpoint_engine = recorder
         engine._copy_recovery_script = scripts.append  # copied (and hashed) by the writer thread instead
@@ -295,16 +223,9 @@ class CheckpointWriter:
         try:
             self._sync(self._unsynced)
             self._unsynced = []
-            own, digests, first = [], {}, True
-            while files:
-                path, sd = files.pop(0)  # each snapshot is dropped as soon as it is on disk
-                current = path
-                digests[str(path.relative_to(tag_dir))] = self._write_pt(path, sd, step, first=first)
-                own.append(path)
-                del sd
-                if first:
-                    faults.kill_if("save_point1", step, self.rank)
-                first = False
+            own, digests = [path for path, _ in files], {}
+            for path, entry in self._write_pts(files, step):
+                digests[str(path.relative_to(tag_dir))] = entry
             for name, text in small.items():
                 current = tag_dir / name
                 digests[name] = _write_bytes(current, text.encode())
@@ -328,8 +249,8 @@ class CheckpointWriter:
                 current = tag_dir / checkpoint.MANIFEST
                 self._commit(tag_dir, step, durable)
         except OSError as e:
-            self._fail(tag_dir, io_error_line(e, getattr(e, "filename", None) or current, self.ckpt_dir)
-                       or f"writing {current} failed: {e}")
+            current = getattr(e, "filename", None) or current
+            self._fail(tag_dir, io_error_line(e, current, self.ckpt_dir) or f"writing {current} failed: {e.strerror or e}")
         except UserError as e:
             self._fail(tag_dir, str(e))
         except BaseException as e:  # noqa: BLE001 - reported on the training thread
@@ -351,6 +272,27 @@ class CheckpointWriter:
         except OSError:
             pass
 
+    def _write_pts(self, files: list, step: int) -> list:
+        """Write DeepSpeed's files of this rank, WRITE_THREADS at a time: rank 0 (a data-parallel
+        rank 0 in general) writes the model states beside its optimizer partition, the others one
+        partition, so writing its files one after another would make every save wait for rank 0.
+        Each snapshot is dropped as soon as it is on disk. Returns [(path, digest entry)]."""
+
+        def one(i: int, path: Path, sd) -> dict:
+            try:
+                entry = self._write_pt(path, sd, step, first=i == 0)
+            except OSError as e:
+                e.filename = e.filename or str(path)  # name the file whichever thread failed
+                raise
+            if i == 0:
+                faults.kill_if("save_point1", step, self.rank)
+            return entry
+
+        with ThreadPoolExecutor(min(self.WRITE_THREADS, max(len(files), 1)), "checkpoint-write") as pool:
+            jobs = [(path, pool.submit(one, i, path, sd)) for i, (path, sd) in enumerate(files)]
+            files.clear()  # the pool's work items alone hold the snapshots now
+            return [(path, job.result()) for path, job in jobs]
+
     def _write_pt(self, path: Path, sd, step: int, first: bool) -> dict:
         calls = [0]
 
@@ -360,7 +302,7 @@ class CheckpointWriter:
                 faults.kill_if("save_point2", step, self.rank)
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f, _HashingFile(f, mid_file) as w:
+        with open(path, "wb") as f, _HashingFile(f, mid_file) as w, _zip_crc32(self.ZIP_CRC32):
             try:
                 torch.save(sd, w)
             except RuntimeError:
@@ -410,6 +352,18 @@ class CheckpointWriter:
         for r in range(self.world):
             (tag_dir / f".digests_{r:05d}.json").unlink(missing_ok=True)
         checkpoint.prune(self.ckpt_dir, self.keep_last)
+
+
+def _zip_crc32(on: bool):
+    """torch.save computes zip CRC32s (`on`) or not, on this thread only (torch's config is per
+    thread); torch before 2.6 always computes them."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:
+        return contextlib.nullcontext()
+    if not hasattr(getattr(config, "save", None), "compute_crc32"):
+        return contextlib.nullcontext()
+    return config.patch({"save.compute_crc32": on})
 
 
 def _write_bytes(path: Path, data: bytes) -> dict:

@@ -1,5 +1,5 @@
 """The checkpoint writer's pieces, in one process: the digest of a file hashed while it is written,
-which tensors a synchronous save writes from the live state and which it must copy, and the
+which tensors a save writes from the live state and which it copies, and the
 checksums a manifest may record."""
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from pretrain import checkpoint, digest
-from pretrain.checkpoint_writer import Staging, _HashingFile
+from pretrain.checkpoint_snapshot import Recorder, Staging
+from pretrain.checkpoint_writer import _HashingFile
 from train_util import TINY, check
 
 
@@ -29,21 +30,45 @@ def test_digest_hashed_beside_the_write_is_the_files_checksum(tmp_path):
     assert torch.equal(torch.load(path)["big"], big)
 
 
-def test_sync_staging_writes_owned_tensors_live_and_copies_views():
+def test_sync_staging_writes_the_live_state_and_async_staging_copies_it():
     flat = torch.arange(10.0)
     owner, view = torch.ones(4), flat[2:6]  # a view of a larger buffer (as in ZeRO's flat groups)
     live = Staging(keep=False, live=True)
     live.begin()
     a, b = live.copy(owner), live.copy(view)
     live.end()
-    assert a.data_ptr() == owner.data_ptr()  # no copy
-    assert b.data_ptr() != view.data_ptr() and torch.equal(b, view)
-    assert b.untyped_storage().nbytes() == 4 * 4  # torch.save writes 4 floats, not the whole buffer
+    assert a.data_ptr() == owner.data_ptr() and b.data_ptr() == view.data_ptr()  # no copy
+    # ... so DeepSpeed clones what it clones for its own torch.save (else the whole flat buffer is written)
+    assert Recorder(live).preserves_storage_sharing() is True
     snap = Staging(keep=True)  # async saves copy everything: training goes on meanwhile
     snap.begin()
-    c = snap.copy(owner)
+    c, d = snap.copy(owner), snap.copy(view)
     snap.end()
-    assert c.data_ptr() != owner.data_ptr() and torch.equal(c, owner)
+    assert c.data_ptr() != owner.data_ptr() and torch.equal(c, owner) and torch.equal(d, view)
+    assert d.untyped_storage().nbytes() == 4 * 4  # the view's 4 floats, not the whole buffer
+    assert Recorder(snap).preserves_storage_sharing() is False  # DeepSpeed need not clone: we copy
+
+
+def test_the_writer_turns_off_zip_crc32_on_its_own_thread_only(tmp_path):
+    """The digest replaces torch.save's zip CRC32s in the writer's files; the user's own torch.save
+    calls, on other threads, keep them (torch's serialization config is per thread)."""
+    import threading
+    import zipfile
+
+    from pretrain.checkpoint_writer import _zip_crc32
+
+    seen = {}
+    with _zip_crc32(False):
+        torch.save({"x": torch.arange(1000.0)}, tmp_path / "writer.pt")
+        other = threading.Thread(target=lambda: torch.save({"x": torch.arange(1000.0)}, tmp_path / "user.pt"))
+        other.start()
+        other.join()
+    torch.save({"x": torch.arange(1000.0)}, tmp_path / "after.pt")
+    for name in ("writer", "user", "after"):
+        with zipfile.ZipFile(tmp_path / f"{name}.pt") as z:
+            seen[name] = {i.CRC for i in z.infolist() if i.filename.endswith("/data/0")}
+    assert seen["writer"] == {0} and 0 not in seen["user"] | seen["after"]
+    assert torch.equal(torch.load(tmp_path / "writer.pt")["x"], torch.arange(1000.0))  # torch.load does not check it
 
 
 def test_manifests_verify_by_the_algorithm_each_entry_names(tmp_path):

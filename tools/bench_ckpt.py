@@ -55,6 +55,9 @@ def _parse():
     p.add_argument("--dir", default=None, help="where to save (default: a temporary directory)")
     p.add_argument("--smoke", action="store_true", help="a tiny model, one repeat")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--zip-crc", action="store_true",
+                   help="let torch.save compute its zip CRC32s in our writer too (as in the bare save): "
+                        "the digest's cost alone")
     p.add_argument("--kinds", nargs="+", default=["bare", "before", "sync", "async"],
                    choices=["bare", "before", "sync", "async"], help="which saves to time (default: all four)")
     a = p.parse_args()
@@ -94,6 +97,7 @@ def main() -> int:
                  f"model.vocab_size={a.vocab}", "model.seq_len=32", "model.dropout=0", "data.synthetic=true",
                  "train.precision=fp32", "train.device=cpu", "train.micro_batch_size=1", "parallel.zero_stage=1",
                  "train.max_steps=1"]
+    CheckpointWriter.ZIP_CRC32 = a.zip_crc
     cfg = load_config(None, overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     lay = resolve(cfg, world, None)
@@ -147,6 +151,7 @@ def main() -> int:
         return stall, total
 
     times = {k: [] for k in ("bare", "before", "sync", "async_stall", "async_total")}
+    pt_bytes = {}  # kind: bytes of DeepSpeed's .pt files in its last save
     rotating = [k for k in a.kinds if k != "async"]
     rounds = [rotating[i % len(rotating):] + rotating[:i % len(rotating)] for i in range(a.repeat)] if rotating else []
     rounds += [["async"]] * a.repeat if "async" in a.kinds else []
@@ -164,6 +169,7 @@ def main() -> int:
                 times["async_stall"].append(stall)
                 times["async_total"].append(total)
             if rank == 0:
+                pt_bytes[kind] = sum(f.stat().st_size for f in d.rglob("*.pt"))
                 shutil.rmtree(d, ignore_errors=True)
             dist.barrier()
     med = {k: statistics.median(v) if v else float("nan") for k, v in times.items()}
@@ -182,9 +188,11 @@ def main() -> int:
         print(f"commit overhead vs bare save_checkpoint: ours (sync) {med['sync'] / med['bare'] - 1:+.1%} "
               f"(median of per-round ratios {paired_med:+.1%}: {', '.join(f'{r:+.0%}' for r in paired)}), "
               f"before {med['before'] / med['bare'] - 1:+.1%}")
+        print("bytes of .pt files per save: " + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in pt_bytes.items()))
         result = {"params": n, "world": world, "times": times, "median": med,
                   "stall_fraction": med["async_stall"] / med["sync"], "overhead": med["sync"] / med["bare"] - 1,
-                  "overhead_before": med["before"] / med["bare"] - 1, "overhead_paired": paired_med}
+                  "overhead_before": med["before"] / med["bare"] - 1, "overhead_paired": paired_med,
+                  "pt_bytes": pt_bytes}
         print("RESULT " + json.dumps(result))
         if a.json:
             Path(a.json).write_text(json.dumps(result, indent=1))
