@@ -5,11 +5,13 @@
 1. It waits for the previous save of this rank (and learns whether any rank's failed).
 2. DeepSpeed's `save_checkpoint` runs with a recording checkpoint engine
    (pretrain.checkpoint_snapshot): every `checkpoint_engine.save(state_dict, path)` call keeps
-   a CPU copy of the state dict instead of writing it (a synchronous save: the live tensors). This is all the training thread waits for (the copy off the
-   device; on CPU a memory copy).
+   a CPU copy of the state dict instead of writing it (a synchronous save keeps the live
+   tensors). This is all the training thread waits for (the copy off the device; on CPU a
+   memory copy).
 3. A background thread of each rank writes its own files (DeepSpeed's, two at a time, then
    `rng_<rank>.json`, and on rank 0 `state.json` and the tokenizer copy), hashing each file's
-   bytes as they are written, and publishes `{name: {size, checksum}}` (pretrain.digest) in `.digests_<rank>.json`.
+   bytes as they are written, and publishes `{name: {size, checksum}}` (pretrain.digest) in
+   `.digests_<rank>.json`.
    Every file is written to a temporary name or a new step directory and renamed into place.
    Durability comes one save late (`_write`): before publishing its digests, each rank fsyncs
    its files of the previous save, by then written back by the kernel (fsyncing a save's own
