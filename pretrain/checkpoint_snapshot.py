@@ -39,7 +39,8 @@ class Staging:
 
 
 def snapshot(obj, staging: Staging):
-    """A copy of `obj` whose tensors live on the CPU and share nothing with the live training state."""
+    """`obj` with each tensor passed through `staging.copy`: a CPU copy that shares nothing with
+    the live training state, or, in a live (synchronous) save, the CPU tensor itself."""
     if isinstance(obj, torch.Tensor):
         return staging.copy(obj)
     if isinstance(obj, dict):

@@ -111,5 +111,5 @@ def test_bench_ckpt_smoke():
     assert set(res["median"]) == {"bare", "before", "sync", "async_stall", "async_total"}
     assert all(v > 0 for v in res["median"].values()) and res["world"] == 1
     bare = res["pt_bytes"]["bare"]  # the writer saves what DeepSpeed's own save writes (pickles differ slightly)
-    assert set(res["pt_bytes"]) == set(res["median"]) - {"async_stall", "async_total"} | {"async"}
+    assert set(res["pt_bytes"]) == {"bare", "before", "sync", "async"}
     assert bare > 0 and all(abs(n / bare - 1) < 0.01 for n in res["pt_bytes"].values()), res["pt_bytes"]

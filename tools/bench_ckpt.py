@@ -14,8 +14,9 @@ training, and that memory would otherwise be taken from the page cache the other
   bare     DeepSpeed's own `save_checkpoint` (torch.save per file), nothing else
   before   the previous commit: bare, then rank 0 sha256-hashes every file serially between two
            barriers and writes the manifest (what `checkpoint.save` did before the writer)
-  sync     `CheckpointWriter(async_save=False)`: every rank writes its own files, hashing them
-           as they are written, rank 0 commits from the gathered digests; the trainer waits for all
+  sync     `CheckpointWriter(async_save=False)`: every rank writes its own files (two at a time,
+           without torch.save's zip CRC32s unless --zip-crc), hashing them as they are written,
+           rank 0 commits from the gathered digests; the trainer waits for all
   async    `CheckpointWriter(async_save=True)`: the trainer waits only for the snapshot; the
            write/hash/commit time is measured up to the commit. One writer serves every repeat,
            as in training: the first save allocates the snapshot buffers, later ones reuse them
@@ -25,7 +26,8 @@ previous one's dirty pages (in training, minutes of steps separate two saves).
 Times are the slowest rank's (between barriers). Printed: the median of each, the stall of
 async as a fraction of sync, and the commit overhead (sync / bare - 1, before / bare - 1), both
 from the medians and as the median of the per-round ratios (each round saves bare and sync back
-to back, so a round's ratio sees the same state of the machine).
+to back, so a round's ratio sees the same state of the machine), and the bytes of the .pt files
+each kind wrote (the writer writes the storages DeepSpeed's own save writes).
 Each save's directory is deleted before the next (a ~350M fp32 checkpoint with Adam is ~5.6 GB).
 """
 from __future__ import annotations
