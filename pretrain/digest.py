@@ -12,6 +12,8 @@ written with an older default still verify.
 from __future__ import annotations
 
 import hashlib
+import mmap
+import os
 from pathlib import Path
 
 import xxhash
@@ -28,10 +30,21 @@ def new(algo: str = CHECKPOINT):
 
 
 def file_digest(path: str | Path, algo: str = CHECKPOINT) -> str:
+    """The digest of a file's bytes, read through a read-only mapping: the hasher reads the page
+    cache itself, with no copy into a buffer first (docs/PERFORMANCE.md, Checkpoint loads)."""
     h = new(algo)
     with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return h.hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            m.madvise(mmap.MADV_SEQUENTIAL)
+            view = memoryview(m)
+            try:
+                for i in range(0, size, CHUNK):
+                    h.update(view[i:i + CHUNK])
+            finally:
+                view.release()
     return h.hexdigest()
 
 
