@@ -11,11 +11,15 @@ Layout of `<checkpoint dir>`:
 A checkpoint counts only once its manifest exists. `pretrain.checkpoint_writer` writes
 it: every rank hashes the files it wrote while writing them, rank 0 gathers the digests,
 writes `manifest.json` (temp file + rename) and only then moves `latest`, in the background
-while training goes on; older checkpoints are deleted only once a newer one is fsynced. Resume picks the newest checkpoint whose manifest
-verifies (`checkpoint.verify`: sizes by default, or full checksums split over the ranks);
-anything partial or corrupt is skipped with a warning naming it, and when committed
-checkpoints exist but none verifies the run stops instead of starting over. Our files are
-JSON: no pickle of our own objects. (DeepSpeed's own shards are pickles: load only trusted runs.)
+while training goes on; older checkpoints are deleted only once a newer one is fsynced.
+
+Resume takes the newest checkpoint that verifies and loads (`choose_resume`): every file the
+manifest lists is checked (`pretrain.checkpoint_read`: its digest with `checkpoint.verify: full`,
+the default, and its structure), the files split over the ranks, and then loaded; a checkpoint
+that is partial, fails a check on any rank, or fails to load is skipped with a warning naming
+the file, and when committed checkpoints exist but none verifies the run stops instead of
+starting over. Our files are JSON: no pickle of our own objects. (DeepSpeed's own shards are
+pickles: load only trusted runs.)
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain import digest
+from pretrain.checkpoint_read import Unreadable, engine_load, file_problem, hashing_reads  # noqa: F401 (engine_load: re-exported)
 from pretrain.errors import UserError
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
@@ -94,7 +99,7 @@ def set_rng_state(state: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- verify / find
-VERIFY_MODES = ("sizes", "full")
+VERIFY_MODES = ("full", "sizes")
 
 
 def read_manifest(tag_dir: Path) -> tuple[dict | None, str | None]:
@@ -117,23 +122,31 @@ def check_sizes(tag_dir: Path, files: dict) -> str | None:
     return None
 
 
-def check_hashes(tag_dir: Path, names: list[str], files: dict) -> str | None:
+def check_files(tag_dir: Path, names: list[str], files: dict, mode: str, later: bool = False) -> str | None:
+    """The first problem of files `names` (digest with mode 'full', structure always), or None.
+    `later`: the digests of `.pt` files are left to the load that follows (HashingReads)."""
     for name in names:
-        if problem := digest.mismatch(tag_dir / name, files[name]):
-            return f"{name} {problem}"
+        if problem := file_problem(tag_dir, name, files[name], "structure" if later and _loaded(name) else mode):
+            return problem
     return None
+
+
+def _loaded(name: str) -> bool:
+    """The files DeepSpeed's load reads (the rest are ours: JSON, the tokenizer copy, scripts)."""
+    return name.endswith(".pt")
 
 
 def verify(tag_dir: Path, mode: str = "full") -> str | None:
     """None when `tag_dir` is a complete, intact checkpoint; else the reason it is not.
 
-    mode 'sizes': the manifest exists and every file it lists has its size; 'full': also its checksum.
+    mode 'sizes': the manifest exists and every file it lists has its size and structure
+    (pretrain.checkpoint_read); 'full': also its checksum.
     """
     manifest, reason = read_manifest(tag_dir)
     if reason:
         return reason
     files = manifest["files"]
-    return check_sizes(tag_dir, files) or (check_hashes(tag_dir, sorted(files), files) if mode == "full" else None)
+    return check_sizes(tag_dir, files) or check_files(tag_dir, sorted(files), files, mode)
 
 
 def _tags(ckpt_dir: Path) -> list[Path]:
@@ -141,20 +154,37 @@ def _tags(ckpt_dir: Path) -> list[Path]:
         if ckpt_dir.is_dir() else []
 
 
-def _verify_everywhere(tag_dir: Path | None, mode: str) -> str | None:
-    """verify() with the checksum work split over the ranks (collective; rank 0's `tag_dir` counts)."""
+def share(files: dict, world: int) -> list[list[str]]:
+    """The files split over `world` ranks for checking, largest first to the least loaded rank,
+    so the largest share (the time every rank waits for) is as small as this greedy rule makes it."""
+    shares, load = [[] for _ in range(world)], [0] * world
+    for name in sorted(files, key=lambda n: (-files[n]["size"], n)):
+        r = load.index(min(load))
+        shares[r].append(name)
+        load[r] += files[name]["size"]
+    return shares
+
+
+def agree(reason: str | None) -> str | None:
+    """The first rank's problem, on every rank (collective): one rank's verdict counts for all."""
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, reason)
+    return next((r for r in everyone if r), None)
+
+
+def verify_everywhere(tag_dir: Path | None, mode: str, later: bool = False) -> str | None:
+    """verify() with the file checks split over the ranks (collective; rank 0's `tag_dir` counts);
+    `later`: see check_files."""
     reason = None
     if dist.get_rank() == 0 and tag_dir is not None:
-        reason = verify(tag_dir, "sizes")
+        manifest, reason = read_manifest(tag_dir)
+        reason = reason or check_sizes(tag_dir, manifest["files"])
     tag_dir, reason = broadcast_from_rank0((tag_dir, reason))
-    if reason or mode != "full" or tag_dir is None:
+    if reason or tag_dir is None:
         return reason
     files = read_manifest(tag_dir)[0]["files"]
-    names = sorted(files, key=lambda n: -files[n]["size"])[dist.get_rank()::dist.get_world_size()]
-    mine = [check_hashes(tag_dir, names, files)]
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine[0])
-    return next((r for r in everyone if r), None)
+    mine = share(files, dist.get_world_size())[dist.get_rank()]
+    return agree(check_files(tag_dir, mine, files, mode, later))
 
 
 def read_state(tag_dir: Path) -> dict:
@@ -173,9 +203,9 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
 
 # ----------------------------------------------------------------------------- load
 def load(engine, tag_dir: Path) -> dict:
-    """Load weights and optimizer state of `tag_dir` into `engine`; returns our state."""
-    load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
-                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+    """Load weights and optimizer state of `tag_dir` into `engine`; returns our state. A file that
+    fails to load raises Unreadable naming it."""
+    load_path, _ = engine_load(engine, tag_dir, load_optimizer_states=True, load_lr_scheduler_states=False)
     return finish_load(load_path, tag_dir)
 
 
@@ -185,11 +215,13 @@ def finish_load(load_path, tag_dir: Path, rng: bool = True) -> dict:
     Ranks beyond the saved world (a resharded resume) keep their seeded RNG.
     """
     if load_path is None:
-        raise UserError(f"{tag_dir}: DeepSpeed could not load this checkpoint; "
-                        "set checkpoint.resume=none to start fresh")
+        raise Unreadable(tag_dir, "DeepSpeed found no checkpoint files to load here")
     rng_file = tag_dir / f"rng_{dist.get_rank():05d}.json"
     if rng and rng_file.exists():
-        set_rng_state(json.loads(rng_file.read_text()))
+        try:
+            set_rng_state(json.loads(rng_file.read_text()))
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise Unreadable(rng_file, f"is not an RNG state ({type(e).__name__}: {e})") from None
     return read_state(tag_dir)
 
 
@@ -200,20 +232,48 @@ def broadcast_from_rank0(value):
     return obj[0]
 
 
-def choose_resume(resume: str, ckpt_dir: Path, log, mode: str = "sizes") -> Path | None:
-    """The checkpoint to resume from, the same on every rank (collective).
+def _problem(tag_dir: Path, mode: str, load) -> str | None:
+    """Why `tag_dir` cannot be resumed from, agreed by every rank (collective): a failed check on
+    any rank, or a file that fails to load (`load(tag_dir)` raising Unreadable) on any rank.
 
-    'auto': the newest that verifies (`mode`: sizes or full, the hashing split over the ranks).
-    When committed checkpoints exist but none verifies, stop with an error rather than
-    start again from step 0; only uncommitted saves (killed before their first commit) are
-    left for a fresh start.
+    With mode 'full' the `.pt` files are hashed as the load reads them (HashingReads); those no
+    rank read (another layout's files) are hashed after it, split over the ranks. Nothing is
+    trained before every digest has been compared."""
+    hashing = mode == "full" and load is not None
+    reason = verify_everywhere(tag_dir, mode, later=hashing)
+    if reason or load is None:
+        return reason
+    files = read_manifest(tag_dir)[0]["files"]
+    with hashing_reads(tag_dir, files, hashing) as reads:
+        try:
+            load(tag_dir)
+            mine = reads.problem()
+        except Unreadable as e:
+            mine = str(e)
+    reason = agree(mine)
+    if reason or not hashing:
+        return reason
+    read = [None] * dist.get_world_size()
+    dist.all_gather_object(read, sorted(reads.checked))
+    unread = {n: e for n, e in files.items() if _loaded(n) and not any(n in r for r in read)}
+    return agree(check_files(tag_dir, share(unread, dist.get_world_size())[dist.get_rank()], files, "full"))
+
+
+def choose_resume(resume: str, ckpt_dir: Path, log, mode: str = "full", load=None) -> Path | None:
+    """The checkpoint resumed from, the same on every rank (collective); `load(tag_dir)` loads it.
+
+    'auto': the newest that verifies (`mode`: full or sizes, the checks split over the ranks) and
+    loads; a checkpoint that does not is skipped with a warning, and the next older one is tried
+    (its load replaces everything a failed load left behind). When committed checkpoints exist
+    but none is usable, stop with an error rather than start again from step 0; only uncommitted
+    saves (killed before their first commit) are left for a fresh start.
     """
     if resume == "none":
         return None
     if resume != "auto":
         tag_dir = Path(resume)
         exists = broadcast_from_rank0(tag_dir.is_dir() if dist.get_rank() == 0 else None)
-        reason = _verify_everywhere(tag_dir, mode) if exists else "no such directory"
+        reason = _problem(tag_dir, mode, load) if exists else "no such directory"
         if reason:
             raise UserError(f"checkpoint.resume={resume}: {reason}; use checkpoint.resume=auto or a committed "
                             "step_* directory")
@@ -221,7 +281,7 @@ def choose_resume(resume: str, ckpt_dir: Path, log, mode: str = "sizes") -> Path
     tags = broadcast_from_rank0(_tags(ckpt_dir) if dist.get_rank() == 0 else None)
     skipped = []
     for tag_dir in tags:
-        reason = _verify_everywhere(tag_dir, mode)
+        reason = _problem(tag_dir, mode, load)
         if reason is None:
             if dist.get_rank() == 0:
                 _repair_latest(ckpt_dir, tag_dir)
@@ -246,8 +306,9 @@ def _repair_latest(ckpt_dir: Path, tag_dir: Path) -> None:
         write_atomic(latest, tag_dir.name + "\n")
 
 
-def resolve_tag_dir(path: str, mode: str = "full") -> Path:
-    """A committed checkpoint from a run directory, a checkpoint directory, or a step_* directory."""
+def resolve_tag_dir(path: str, mode: str = "full", split: bool = False) -> Path:
+    """A committed checkpoint from a run directory, a checkpoint directory, or a step_* directory,
+    verified (`mode`); `split`: the checks split over the ranks (collective)."""
     p = Path(path)
     for latest in (p / "checkpoints" / "latest", p / "latest"):
         if latest.is_file():
@@ -256,9 +317,10 @@ def resolve_tag_dir(path: str, mode: str = "full") -> Path:
     if not (p / STATE).is_file():
         raise UserError(f"{path}: no checkpoint here (expected a run directory, its checkpoints/ "
                         "directory, or a step_* directory with state.json)")
-    reason = verify(p, mode)
+    reason = verify_everywhere(p, mode) if split else verify(p, mode)
     if reason is not None:
-        raise UserError(f"{p}: {reason}; pick another step_* directory")
+        raise UserError(f"{p}: {reason}; pick another step_* directory, or restore the file "
+                        f"from a copy")
     return p
 
 

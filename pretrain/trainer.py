@@ -98,10 +98,10 @@ class Trainer:
 
         self.step, self.consumed, self.skipped_total = 0, 0, 0
         self.writer, self.resumed_step = None, None
+        # The newest checkpoint that verifies and loads (self._resume), the same on every rank.
         tag_dir = checkpoint.choose_resume(cfg.checkpoint.resume, self.ckpt_dir, self.monitor.print,
-                                           cfg.checkpoint.verify)
+                                           cfg.checkpoint.verify, load=self._resume)
         if tag_dir is not None:
-            self._resume(tag_dir)
             self.monitor.rewind(self.step)  # drop what the stopped run logged after this checkpoint
         elif init_tag is not None and cfg.checkpoint.init_optimizer:
             self._init_optimizer(init_tag)
@@ -186,7 +186,7 @@ class Trainer:
         from pretrain.interop.ds_reader import load_model_weights
         from pretrain.resume_check import check_init
 
-        tag_dir = checkpoint.resolve_tag_dir(src, self.cfg.checkpoint.verify)
+        tag_dir = checkpoint.resolve_tag_dir(src, self.cfg.checkpoint.verify, split=True)
         saved = checkpoint.read_state(tag_dir)
         check_init(saved, self.cfg, self._model_shape(), f"checkpoint.init_from={src}")
         source = None
@@ -205,8 +205,8 @@ class Trainer:
 
             load_resharded(self.engine, tag_dir, saved.get("layout") or {}, now, self.monitor.print, topo=self.topo)
         else:
-            load_path, _ = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
-                                                       load_optimizer_states=True, load_lr_scheduler_states=False)
+            load_path, _ = checkpoint.engine_load(self.engine, tag_dir, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
             checkpoint.finish_load(load_path, tag_dir, rng=False)
 
     # ------------------------------------------------------------------ loop

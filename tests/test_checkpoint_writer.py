@@ -73,17 +73,18 @@ def test_the_writer_turns_off_zip_crc32_on_its_own_thread_only(tmp_path):
 
 def test_manifests_verify_by_the_algorithm_each_entry_names(tmp_path):
     """Checkpoints written before xxh3_128 record sha256: they still verify, and a flipped byte
-    fails under either algorithm, named in the reason."""
+    fails under either algorithm, named in the reason. (Files of no known structure: only the
+    size and the checksum are checked, see test_checkpoint_integrity.py for .pt and .json files.)"""
     tag = tmp_path / "step_00000001"
     tag.mkdir()
-    (tag / "new.pt").write_bytes(b"a" * 5000)
-    (tag / "old.pt").write_bytes(b"b" * 5000)
-    files = {"new.pt": digest.file_entry(tag / "new.pt"),
-             "old.pt": {"size": 5000, "sha256": hashlib.sha256(b"b" * 5000).hexdigest()}}
-    assert list(files["new.pt"]) == ["size", digest.CHECKPOINT] and digest.CHECKPOINT != "sha256"
+    (tag / "new.bin").write_bytes(b"a" * 5000)
+    (tag / "old.bin").write_bytes(b"b" * 5000)
+    files = {"new.bin": digest.file_entry(tag / "new.bin"),
+             "old.bin": {"size": 5000, "sha256": hashlib.sha256(b"b" * 5000).hexdigest()}}
+    assert list(files["new.bin"]) == ["size", digest.CHECKPOINT] and digest.CHECKPOINT != "sha256"
     (tag / checkpoint.MANIFEST).write_text(json.dumps({"files": files}))
     assert checkpoint.verify(tag, "full") is None
-    for name, algo in (("new.pt", digest.CHECKPOINT), ("old.pt", "sha256")):
+    for name, algo in (("new.bin", digest.CHECKPOINT), ("old.bin", "sha256")):
         good = (tag / name).read_bytes()
         (tag / name).write_bytes(b"x" + good[1:])
         assert checkpoint.verify(tag, "sizes") is None  # same size: only the checksum sees it

@@ -195,7 +195,8 @@ class CheckpointConfig:
     """Committed checkpoints to keep; older ones are deleted after a new one commits, once a newer kept
     one is fsynced (the previous save at each periodic save; with 1, the new one before its commit)."""
     resume: str = "auto"
-    """'auto' (newest checkpoint whose manifest verifies, else start fresh), 'none', or a checkpoint directory."""
+    """'auto' (the newest checkpoint that verifies and loads, see verify; none committed: start fresh),
+    'none', or a checkpoint directory."""
     dir: Optional[str] = None
     """Checkpoint directory. null = <train.out_dir>/checkpoints."""
     init_from: Optional[str] = None
@@ -207,9 +208,14 @@ class CheckpointConfig:
     init_optimizer: bool = False
     """With init_from = one of our checkpoints: also load its optimizer state (Adam moments and step
     count) instead of starting Adam fresh. Through `pretrain-convert reshard` when the layout differs."""
-    verify: str = "sizes"
-    """What resume checks before trusting a checkpoint: 'sizes' (the commit manifest exists and every
-    file it lists has its recorded size) or 'full' (also the checksum of every file, split over the ranks)."""
+    verify: str = "full"
+    """What is checked before a checkpoint is loaded (resume and init_from): 'full' checks every file
+    its manifest.json lists, model and optimizer shards, state.json, RNG states and tokenizer copy:
+    its size, its xxh3_128 checksum recorded at save (sha256 in older checkpoints) and its structure
+    (zip and pickle of a .pt, JSON); the files are split over the ranks, and a failure on any rank
+    makes resume skip the checkpoint for the previous one, with a warning naming the file.
+    'sizes' (an opt-out for huge checkpoints on slow storage) skips the checksums: a flipped byte
+    inside a tensor is then loaded and trained on without a word."""
     async_save: bool = True
     """Write, hash and commit checkpoints in the background: training waits only for the copy of the
     state off the device. The next save, a stop and the exit wait for the previous commit. false:

@@ -24,7 +24,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "schedule.kind": ("cosine", "linear", "constant", "wsd"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
-    "checkpoint.verify": ("sizes", "full"),
+    "checkpoint.verify": ("full", "sizes"),
 }
 RESUME_CHANGES = ("data", "optim", "schedule")
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from pretrain import checkpoint
+from pretrain.checkpoint_read import Unreadable, load_pt, reading
 from pretrain.errors import UserError
 from pretrain.parallel import spec
 
@@ -41,7 +42,11 @@ def _model_config(state: dict, tag_dir: Path):
 
 def load_model_weights(tag_dir: Path) -> dict:
     """The full plain-GPT state dict (fp32, CPU) of a committed checkpoint, from any layout."""
-    tag_dir = Path(tag_dir)
+    with reading(Path(tag_dir)):
+        return _model_weights(Path(tag_dir))
+
+
+def _model_weights(tag_dir: Path) -> dict:
     state = checkpoint.read_state(tag_dir)
     lay = state["layout"]
     tp, pp, zero = int(lay.get("tp", 1)), int(lay.get("pp", 1)), int(lay["zero_stage"])
@@ -70,20 +75,31 @@ def _zero_fp32_weights(tag_dir: Path, mp_rank: int, tp: int) -> dict:
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    if tp == 1:
-        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    # zero_to_fp32 reads every *_states.pt of a directory: show it one TP rank's files only.
-    with tempfile.TemporaryDirectory(prefix="pretrain_merge_") as tmp:
-        view = Path(tmp) / tag_dir.name
-        view.mkdir()
-        for f in tag_dir.glob(f"*mp_rank_{mp_rank:02d}_*states.pt"):
-            (view / f.name).symlink_to(f.resolve())
-        sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag_dir.name)
-        return {k: v.clone() for k, v in sd.items()}
+    try:
+        if tp == 1:
+            return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        # zero_to_fp32 reads every *_states.pt of a directory: show it one TP rank's files only.
+        with tempfile.TemporaryDirectory(prefix="pretrain_merge_") as tmp:
+            view = Path(tmp) / tag_dir.name
+            view.mkdir()
+            for f in tag_dir.glob(f"*mp_rank_{mp_rank:02d}_*states.pt"):
+                (view / f.name).symlink_to(f.resolve())
+            sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag_dir.name)
+            return {k: v.clone() for k, v in sd.items()}
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- zero_to_fp32 reads the files itself
+        raise Unreadable(tag_dir, f"DeepSpeed's zero_to_fp32 cannot read the ZeRO files of tensor rank {mp_rank} "
+                                  f"({type(e).__name__}: {e}); the files are damaged or not from pretrain-train") from None
 
 
 def read_full_state(tag_dir: Path, state: dict) -> tuple[dict, float]:
     """({'fp32'|'exp_avg'|'exp_avg_sq': {plain name: full fp32 tensor}}, Adam step) of a checkpoint."""
+    with reading(Path(tag_dir)):
+        return _full_state(Path(tag_dir), state)
+
+
+def _full_state(tag_dir: Path, state: dict) -> tuple[dict, float]:
     from pretrain.model.gpt import GPT
 
     lay = state["layout"]
@@ -123,9 +139,7 @@ def read_full_state(tag_dir: Path, state: dict) -> tuple[dict, float]:
 
 # ----------------------------------------------------------------------------- readers
 def _load(path: Path):
-    if not path.is_file():
-        raise UserError(f"{path.parent}: no {path.name}; the checkpoint is incomplete")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_pt(path)  # a missing, damaged or foreign file: one line naming it
 
 
 def _steps(st) -> set:

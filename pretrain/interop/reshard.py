@@ -97,7 +97,7 @@ def to_universal(tag_dir: Path, log=print, verbose: bool = False) -> Path:
         with contextlib.redirect_stdout(sys.stdout if verbose else sink), \
                 contextlib.redirect_stderr(sys.stderr if verbose else sink):  # its tqdm bars
             ds_to_universal(args)
-    except (AssertionError, ValueError, RuntimeError, KeyError, FileNotFoundError) as e:
+    except Exception as e:  # noqa: BLE001 -- the files verified, so this is a foreign or unsupported checkpoint
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"{tag_dir}: DeepSpeed could not convert this checkpoint to the universal format "
                         f"({type(e).__name__}: {e})") from None
@@ -194,7 +194,7 @@ def load_resharded(engine, tag_dir: Path, saved_layout: dict, now_layout: dict, 
         raise how
     load_path = str(tag_dir)
     if how == "direct":
-        load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
+        load_path, _ = checkpoint.engine_load(engine, tag_dir, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
     elif how == "consolidated":
         load_consolidated(engine, tag_dir, topo)
@@ -207,7 +207,7 @@ def load_resharded(engine, tag_dir: Path, saved_layout: dict, now_layout: dict, 
         groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
         cfg.load_universal_checkpoint = True  # DeepSpeed reads this flag only inside load_checkpoint
         try:
-            load_path, _ = engine.load_checkpoint(str(tag_dir), tag=UNIVERSAL, load_optimizer_states=True,
+            load_path, _ = checkpoint.engine_load(engine, universal_dir(tag_dir), load_optimizer_states=True,
                                                   load_lr_scheduler_states=False)
         finally:
             cfg.load_universal_checkpoint = before
