@@ -113,3 +113,11 @@ def test_bench_ckpt_smoke():
     bare = res["pt_bytes"]["bare"]  # the writer saves what DeepSpeed's own save writes (pickles differ slightly)
     assert set(res["pt_bytes"]) == {"bare", "before", "sync", "async"}
     assert bare > 0 and all(abs(n / bare - 1) < 0.01 for n in res["pt_bytes"].values()), res["pt_bytes"]
+
+
+def test_bench_ckpt_load_smoke():
+    out, res = _run("bench_ckpt.py", "--kinds", "load")
+    assert "verification cost (full / sizes - 1)" in out and "first step after it" in out
+    kinds = {f"{m}_{c}" for m in ("full", "sizes", "bare") for c in ("warm", "cold")}
+    assert set(res["median"]) == kinds == set(res["first_step"])
+    assert all(v > 0 for v in res["median"].values()) and res["checkpoint_gb"] > 0

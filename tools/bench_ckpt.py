@@ -29,6 +29,22 @@ from the medians and as the median of the per-round ratios (each round saves bar
 to back, so a round's ratio sees the same state of the machine), and the bytes of the .pt files
 each kind wrote (the writer writes the storages DeepSpeed's own save writes).
 Each save's directory is deleted before the next (a ~350M fp32 checkpoint with Adam is ~5.6 GB).
+
+`--kinds load` times resume instead: one checkpoint is written (the sync writer), then `--repeat`
+rounds of the trainer's resume path (`checkpoint.choose_resume` with `checkpoint.load`: the file
+checks split over the ranks, DeepSpeed's load_checkpoint, RNG and state), each round six ways:
+
+  full_warm / sizes_warm   checkpoint.verify full (digests + structure) / sizes (structure only),
+                           the files in the page cache (as right after a save, or a re-run)
+  bare_warm                DeepSpeed's own load_checkpoint with its own checkpoint engine (plain
+                           torch.load), nothing checked: the reference
+  full_cold / sizes_cold / the same after `sync` and posix_fadvise(DONTNEED) of every file of the
+  bare_cold                checkpoint: read from the disk (as after a reboot or on another host)
+
+Each resume is followed by one timed training step (a resume whose cost moved into the first step
+would show there). Printed: the median of each, and the cost of verification, full / sizes - 1 and full / bare - 1,
+warm and cold. (full maps each file and hashes the mapped pages, so DeepSpeed copies from the
+page cache with no intermediate copy; sizes and bare read with plain torch.load.)
 """
 from __future__ import annotations
 
@@ -61,7 +77,8 @@ def _parse():
                    help="let torch.save compute its zip CRC32s in our writer too (as in the bare save): "
                         "the digest's cost alone")
     p.add_argument("--kinds", nargs="+", default=["bare", "before", "sync", "async"],
-                   choices=["bare", "before", "sync", "async"], help="which saves to time (default: all four)")
+                   choices=["bare", "before", "sync", "async", "load"],
+                   help="which saves to time (default: all four); 'load': resume times instead (see above)")
     a = p.parse_args()
     if a.smoke:
         a.layers, a.d_model, a.heads, a.vocab, a.repeat = 2, 64, 2, 512, 1
@@ -108,8 +125,12 @@ def main() -> int:
     torch.manual_seed(0)
     engine, opt = build_engine(cfg, lay, build_model(cfg, lay, topo), topo)
     x = torch.randint(0, a.vocab, (1, 33))
-    engine.backward(engine(x[:, :-1], x[:, 1:]))
-    engine.step()
+
+    def train_step():
+        engine.backward(engine(x[:, :-1], x[:, 1:]))
+        engine.step()
+
+    train_step()
     state = {"step": 1, "note": "bench_ckpt"}
 
     base = Path(a.dir or tempfile.mkdtemp(prefix="bench_ckpt_")) if rank == 0 else None
@@ -152,6 +173,9 @@ def main() -> int:
         total = stall + _timed(w.wait)
         return stall, total
 
+    if "load" in a.kinds:
+        return _finish(a, rank, base, _bench_load(a, rank, engine, fresh("load"), state, cfg, lay, world,
+                                                     train_step))
     times = {k: [] for k in ("bare", "before", "sync", "async_stall", "async_total")}
     pt_bytes = {}  # kind: bytes of DeepSpeed's .pt files in its last save
     rotating = [k for k in a.kinds if k != "async"]
@@ -195,6 +219,15 @@ def main() -> int:
                   "stall_fraction": med["async_stall"] / med["sync"], "overhead": med["sync"] / med["bare"] - 1,
                   "overhead_before": med["before"] / med["bare"] - 1, "overhead_paired": paired_med,
                   "pt_bytes": pt_bytes}
+    else:
+        result = None
+    return _finish(a, rank, base, result)
+
+
+def _finish(a, rank: int, base: Path, result: dict | None) -> int:
+    import torch.distributed as dist
+
+    if rank == 0:
         print("RESULT " + json.dumps(result))
         if a.json:
             Path(a.json).write_text(json.dumps(result, indent=1))
@@ -203,6 +236,73 @@ def main() -> int:
     dist.barrier()
     dist.destroy_process_group()
     return 0
+
+
+def _evict(tag: Path) -> None:
+    """Write back, then drop every file of `tag` from the page cache (clean pages go at once)."""
+    os.sync()
+    for p in tag.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _bench_load(a, rank: int, engine, d: Path, state: dict, cfg, lay, world: int, train_step) -> dict | None:
+    """Resume times (see the module docstring), the slowest rank's; the figures, on rank 0."""
+    import torch
+    import torch.distributed as dist
+
+    from pretrain import checkpoint
+    from pretrain.checkpoint_writer import CheckpointWriter
+    from pretrain.plan import count_params
+
+    w = CheckpointWriter(d, 3, False, 600.0)
+    w.save(engine, 1, state)
+    w.wait()
+    tag = d / checkpoint.tag_for(1)
+    kinds = ("full_warm", "sizes_warm", "bare_warm", "full_cold", "sizes_cold", "bare_cold")
+
+    def resume(mode):
+        if mode == "bare":
+            engine.load_checkpoint(str(d), tag=tag.name, load_optimizer_states=True, load_lr_scheduler_states=False)
+        else:
+            checkpoint.choose_resume("auto", d, print, mode, load=lambda t: checkpoint.load(engine, t))
+
+    times = {k: [] for k in kinds}
+    steps = {k: [] for k in kinds}  # the first training step after the resume
+    for i in range(a.repeat):
+        for kind in kinds[i % 3:] + kinds[:i % 3]:  # each kind takes its turn going first
+            mode, cache = kind.split("_")
+            if cache == "cold" and rank == 0:
+                _evict(tag)
+            if cache == "warm" and rank == 0:  # read once: every file in the page cache
+                checkpoint.verify(tag, "full")
+            dist.barrier()
+            times[kind].append(_timed(lambda: resume(mode)))
+            steps[kind].append(_timed(train_step))
+    if rank != 0:
+        return None
+    import deepspeed
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    gb = sum(f.stat().st_size for f in tag.rglob("*") if f.is_file()) / 1e9
+    n = count_params(cfg.model, lay.padded_vocab_size)["total"]
+    print(f"model {n / 1e6:.0f}M parameters, fp32, ZeRO-1, {world} CPU rank(s), checkpoint {gb:.2f} GB; torch "
+          f"{torch.__version__}, deepspeed {deepspeed.__version__}; resume, median of {a.repeat}, slowest rank, s")
+    first = {k: statistics.median(v) for k, v in steps.items()}
+    for k in kinds:
+        print(f"  {k:12s} {med[k]:8.2f}   ({', '.join(f'{t:.2f}' for t in times[k])}); "
+              f"first step after it {first[k]:.2f}")
+    cost = {c: med[f"full_{c}"] / med[f"sizes_{c}"] - 1 for c in ("warm", "cold")}
+    vs_bare = {c: med[f"full_{c}"] / med[f"bare_{c}"] - 1 for c in ("warm", "cold")}
+    print(f"verification cost (full / sizes - 1): warm {cost['warm']:+.1%}, cold {cost['cold']:+.1%}; "
+          f"verified resume vs DeepSpeed's bare load (full / bare - 1): warm {vs_bare['warm']:+.1%}, "
+          f"cold {vs_bare['cold']:+.1%}")
+    return {"params": n, "world": world, "checkpoint_gb": gb, "times": times, "median": med, "cost": cost,
+            "vs_bare": vs_bare, "first_step": first}
 
 
 if __name__ == "__main__":
