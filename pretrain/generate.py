@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from pretrain import checkpoint
+from pretrain.checkpoint import store
 from pretrain.config.load import config_from_dict
 from pretrain.errors import HelpFormatter, UserError, cli_entry
 from pretrain.interop.ds_reader import load_model_weights
@@ -18,8 +18,8 @@ from pretrain.model.sampling import generate, sample_logits
 
 
 def load_model(tag_dir, device: torch.device) -> tuple[GPT, dict]:
-    state = checkpoint.read_state(tag_dir)
-    cfg = config_from_dict(state["config"], source=str(tag_dir / checkpoint.STATE))
+    state = store.read_state(tag_dir)
+    cfg = config_from_dict(state["config"], source=str(tag_dir / store.STATE))
     model = GPT(cfg.model, state["model_shape"]["padded_vocab_size"])
     weights = load_model_weights(tag_dir)
     missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -37,7 +37,7 @@ def load_tokenizer_for(state: dict, override: str | None, tag_dir):
 
     if override:
         return load_tokenizer(override)
-    tdir = checkpoint.tokenizer_dir(tag_dir, state)
+    tdir = store.tokenizer_dir(tag_dir, state)
     if not tdir:
         raise UserError(f"{tag_dir}: this run has no recorded tokenizer (synthetic data?); pass --tokenizer SPEC")
     return tokenizer_from_manifest(tdir)
@@ -68,7 +68,7 @@ def sample_texts(tag_dir, prompt: str, max_new_tokens: int = 100, temperature: f
                  tokenizer: str | None = None, device: str = "cpu", num_samples: int = 1) -> list[str]:
     """`num_samples` continuations of `prompt`, drawn as one batch (reproducible for a seed)."""
     dev = torch.device(device)
-    tok = load_tokenizer_for(checkpoint.read_state(tag_dir), tokenizer, tag_dir)  # before the weights: fail fast
+    tok = load_tokenizer_for(store.read_state(tag_dir), tokenizer, tag_dir)  # before the weights: fail fast
     model, state = load_model(tag_dir, dev)
     ids = tok.encode(prompt)
     if not ids:
@@ -144,7 +144,7 @@ def check_args(a) -> None:
 def main(argv=None) -> int:
     a = parse_args(sys.argv[1:] if argv is None else argv)
     check_args(a)
-    tag_dir = checkpoint.resolve_tag_dir(a.checkpoint)
+    tag_dir = store.resolve_tag_dir(a.checkpoint)
     texts = sample_texts(tag_dir, a.prompt, a.max_new_tokens, a.temperature, a.top_k or None, a.top_p,
                          a.seed, a.tokenizer, a.device, a.num_samples)
     for i, text in enumerate(texts):

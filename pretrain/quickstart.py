@@ -61,7 +61,8 @@ def parse_args(argv):
 
 @cli_entry
 def main(argv=None) -> int:
-    from pretrain import checkpoint, train
+    from pretrain import train
+    from pretrain.checkpoint import store
     from pretrain.data import prep
     from pretrain.generate import sample_text
 
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
     if rc:
         return rc
     print("[4/4] sample from the final checkpoint:", flush=True)
-    tag_dir = checkpoint.resolve_tag_dir(str(out))
+    tag_dir = store.resolve_tag_dir(str(out))
     print("-" * 60 + "\n" + sample_text(tag_dir, a.prompt, max_new_tokens=120) + "\n" + "-" * 60)
     print(f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
     print(f"More samples: pretrain-generate --checkpoint {out} --prompt 'import ' --num-samples 3")

@@ -4,7 +4,7 @@ Runs as one process, under `torchrun`, or under the `deepspeed` launcher. The fl
 config -> validated layout (before any process group) -> process group -> data ->
 model -> DeepSpeed engine -> resume -> loop (log, validate, checkpoint) -> clean exit.
 This module is the command line (and the offline --plan/--check/--print-* modes);
-`pretrain.trainer.Trainer` is the run.
+`pretrain.run.trainer.Trainer` is the run.
 """
 from __future__ import annotations
 
@@ -13,20 +13,21 @@ import sys
 # Run as the program (`python -m pretrain.train`, the `pretrain-train` script): catch a stop
 # signal already while the imports below load torch (seconds), not only from main() on.
 if __name__ == "__main__" or getattr(sys, "argv", [""])[0].endswith("pretrain-train"):
-    from pretrain import stop as _stop
+    from pretrain.run import stop as _stop
 
     _stop.install()
 
 import argparse
 import os
 
-from pretrain import preflight, stop
+from pretrain.plan import preflight
+from pretrain.run import stop
 from pretrain.config.load import config_to_yaml, load_config
 from pretrain.config.schema import Config
 from pretrain.config.validate import config_warnings, resolve
 from pretrain.errors import HelpFormatter, UserError, cli_entry
-from pretrain.run_data import data_vocab_size
-from pretrain.trainer import Trainer
+from pretrain.run.data import data_vocab_size
+from pretrain.run.trainer import Trainer
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="pretrain-train", description=__doc__.split("\n")[0],
@@ -104,11 +105,11 @@ def main(argv=None) -> int:
     if args.print_deepspeed_config:
         import json
 
-        from pretrain.engine import engine_ds_config
+        from pretrain.run.engine import engine_ds_config
 
         print(json.dumps(engine_ds_config(cfg, layout), indent=2))
     if args.plan:
-        from pretrain.plan_report import format_plan
+        from pretrain.plan.report import format_plan
 
         print(format_plan(cfg, layout))
     if offline:

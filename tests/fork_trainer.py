@@ -24,7 +24,7 @@ from pathlib import Path
 
 import deepspeed.runtime.engine  # noqa: F401  (imported once, before any fork)
 import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401  (DeepSpeed's ZeRO check imports it: seconds)
-import pretrain.engine  # noqa: F401
+import pretrain.run.engine  # noqa: F401
 import pretrain.train
 import torch.utils.tensorboard  # noqa: F401
 from pretrain import faults

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from pretrain import checkpoint, digest
+from pretrain import digest
+from pretrain.checkpoint import store
 from pretrain.data.prep import main as prep_main
 from pretrain.interop.hf_import import import_hf
 from train_util import check, run_train
@@ -102,22 +103,22 @@ def run_overrides(kind: str, out: Path) -> list[str]:
 
 
 def step_dir(run: Path, n: int) -> Path:
-    return run / "checkpoints" / checkpoint.tag_for(n)
+    return run / "checkpoints" / store.tag_for(n)
 
 
 def rewrite_state(tag: Path, edit) -> None:
     """Change state.json of a (copied) checkpoint and re-commit its manifest entry."""
-    f = tag / checkpoint.STATE
+    f = tag / store.STATE
     text = edit(f.read_text())
     f.write_text(text)
-    man = json.loads((tag / checkpoint.MANIFEST).read_text())
-    man["files"][checkpoint.STATE] = digest.file_entry(f)
-    (tag / checkpoint.MANIFEST).write_text(json.dumps(man))
+    man = json.loads((tag / store.MANIFEST).read_text())
+    man["files"][store.STATE] = digest.file_entry(f)
+    (tag / store.MANIFEST).write_text(json.dumps(man))
 
 
 def copy_checkpoint(run: Path, n: int, dst: Path) -> Path:
     import shutil
 
-    tag = dst / "checkpoints" / checkpoint.tag_for(n)
+    tag = dst / "checkpoints" / store.tag_for(n)
     shutil.copytree(step_dir(run, n), tag, ignore=shutil.ignore_patterns("universal", "consolidated"))
     return tag

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain import checkpoint
+from pretrain.checkpoint import store
 from pretrain.interop.ds_reader import load_model_weights
 from train_util import check, losses, run_train
 
@@ -34,7 +34,7 @@ def straight(tmp_path_factory):
 
 
 def _weights(run):
-    return load_model_weights(checkpoint.resolve_tag_dir(str(run)))
+    return load_model_weights(store.resolve_tag_dir(str(run)))
 
 
 @pytest.mark.slow
@@ -46,10 +46,10 @@ def test_kill9_during_async_save_resumes_exactly(straight, tmp_path, fault):
     ckpts = out / "checkpoints"
     latest = (ckpts / "latest").read_text().strip() if (ckpts / "latest").exists() else None
     if latest:  # whatever `latest` names is a complete, committed checkpoint
-        assert checkpoint.verify(ckpts / latest) is None
+        assert store.verify(ckpts / latest) is None
     committed_4 = fault.startswith(("save_point6", "save_point7"))
     if not fault.startswith("save_point4@4:1"):  # rank 1 died with its files complete: rank 0 may commit them
-        assert (checkpoint.verify(ckpts / "step_00000004") is None) == committed_4
+        assert (store.verify(ckpts / "step_00000004") is None) == committed_4
     log = check(run_train(out, [*RUN, "checkpoint.verify=full"], nproc=2))  # the checksums split over both ranks
     if latest or committed_4:
         assert "resumed from" in log

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from fault_util import one_error_line, run_split, small_fs, train_cmd
-from pretrain import checkpoint
+from pretrain.checkpoint import store
 from train_util import check, losses, run_train
 
 FAST = ["logging.tensorboard=false"]
@@ -54,7 +54,7 @@ def test_disk_full_during_save_names_the_file_and_last_commit(tmpfs, tmp_path):
     assert line.startswith("error: disk full writing ") and str(ckpts / "step_00000006") in line
     assert line.endswith(f"the last committed checkpoint is step 3 ({ckpts / 'step_00000003'})")
     assert (ckpts / "latest").read_text().strip() == "step_00000003"
-    assert checkpoint.verify(ckpts / "step_00000003") is None  # nothing good lost
+    assert store.verify(ckpts / "step_00000003") is None  # nothing good lost
     assert not (ckpts / "step_00000006").exists()  # the partial save is gone, never committed
 
 
@@ -69,7 +69,7 @@ def test_disk_full_on_two_ranks_stops_every_rank_with_the_same_line(tmpfs, tmp_p
     assert len(errors) == 2 and errors[0] == errors[1], errors  # one line per rank, the same
     assert errors[0].startswith("disk full writing ") and str(ckpts / "step_00000006") in errors[0]
     assert errors[0].endswith(f"the last committed checkpoint is step 3 ({ckpts / 'step_00000003'})")
-    assert checkpoint.verify(ckpts / "step_00000003") is None and not (ckpts / "step_00000006").exists()
+    assert store.verify(ckpts / "step_00000003") is None and not (ckpts / "step_00000006").exists()
 
 
 def test_read_only_checkpoint_dir_is_refused_before_training(tmpfs, tmp_path):
@@ -79,12 +79,12 @@ def test_read_only_checkpoint_dir_is_refused_before_training(tmpfs, tmp_path):
     subprocess.run(["mount", "-o", "remount,ro", str(ckpts)], check=True)
     rc, out, err = _run(run, [f"checkpoint.dir={ckpts}"])
     line = _one_error_line(rc, out, err)
-    # Refused before step 1 by the pre-flight check (pretrain.preflight), so nothing is trained
+    # Refused before step 1 by the pre-flight check (pretrain.plan.preflight), so nothing is trained
     # that could not be saved. (A file system that turns read-only in the middle of a save takes
     # the same path as a full disk, test above; it cannot be remounted here while the trainer
     # holds its lock file open for writing.)
     assert line.startswith("error: cannot write checkpoint.dir ") and "read-only" in line
-    assert "step 4" not in out and checkpoint.verify(ckpts / "step_00000003") is None
+    assert "step 4" not in out and store.verify(ckpts / "step_00000003") is None
 
 
 def test_no_silent_restart_when_no_checkpoint_verifies(three_steps, tmp_path):
@@ -96,7 +96,7 @@ def test_no_silent_restart_when_no_checkpoint_verifies(three_steps, tmp_path):
     assert not (run / "checkpoints" / "step_00000006").exists()  # refused before training anything
     rc, out, err = _run(run, ["checkpoint.resume=none"])  # the explicit start-over
     assert rc == 0, err[-2000:]
-    assert checkpoint.verify(run / "checkpoints" / "step_00000003") is None  # rewritten by the new run
+    assert store.verify(run / "checkpoints" / "step_00000003") is None  # rewritten by the new run
 
 
 def test_changed_model_key_is_named(three_steps, tmp_path):

@@ -178,7 +178,7 @@ def test_the_load_hashes_the_bytes_it_reads(tmp_path):
     """Our checkpoint engine (inside DeepSpeed's load) maps each file of the checkpoint and hashes
     it: the state dict comes back whole, with each file's verdict recorded, never raised (a raise
     inside DeepSpeed's load would leave the other ranks in its collectives); `sizes` hashes nothing."""
-    from pretrain.checkpoint_read import hashing_reads, reader
+    from pretrain.checkpoint.read import hashing_reads, reader
 
     path = tmp_path / "a.pt"
     torch.save({"w": torch.arange(100_000.0)}, path)

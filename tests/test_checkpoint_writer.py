@@ -12,9 +12,10 @@ import sys
 import pytest
 import torch
 
-from pretrain import checkpoint, digest
-from pretrain.checkpoint_snapshot import Recorder, Staging
-from pretrain.checkpoint_writer import _HashingFile
+from pretrain import digest
+from pretrain.checkpoint import store
+from pretrain.checkpoint.snapshot import Recorder, Staging
+from pretrain.checkpoint.writer import _HashingFile
 from train_util import TINY, check
 
 
@@ -55,7 +56,7 @@ def test_the_writer_turns_off_zip_crc32_on_its_own_thread_only(tmp_path):
     import threading
     import zipfile
 
-    from pretrain.checkpoint_writer import _zip_crc32
+    from pretrain.checkpoint.writer import _zip_crc32
 
     seen = {}
     with _zip_crc32(False):
@@ -82,13 +83,13 @@ def test_manifests_verify_by_the_algorithm_each_entry_names(tmp_path):
     files = {"new.bin": digest.file_entry(tag / "new.bin"),
              "old.bin": {"size": 5000, "sha256": hashlib.sha256(b"b" * 5000).hexdigest()}}
     assert list(files["new.bin"]) == ["size", digest.CHECKPOINT] and digest.CHECKPOINT != "sha256"
-    (tag / checkpoint.MANIFEST).write_text(json.dumps({"files": files}))
-    assert checkpoint.verify(tag, "full") is None
+    (tag / store.MANIFEST).write_text(json.dumps({"files": files}))
+    assert store.verify(tag, "full") is None
     for name, algo in (("new.bin", digest.CHECKPOINT), ("old.bin", "sha256")):
         good = (tag / name).read_bytes()
         (tag / name).write_bytes(b"x" + good[1:])
-        assert checkpoint.verify(tag, "sizes") is None  # same size: only the checksum sees it
-        assert checkpoint.verify(tag, "full") == f"{name} fails its {algo} check"
+        assert store.verify(tag, "sizes") is None  # same size: only the checksum sees it
+        assert store.verify(tag, "full") == f"{name} fails its {algo} check"
         (tag / name).write_bytes(good)
 
 

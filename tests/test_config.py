@@ -12,7 +12,7 @@ import pytest
 from pretrain.config import (Config, config_to_yaml, deepspeed_config, load_config, resolve)
 from pretrain.config.load import config_from_dict
 from pretrain.errors import UserError
-from pretrain.plan_report import format_plan
+from pretrain.plan.report import format_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(glob.glob(str(ROOT / "configs" / "*.yaml")))
@@ -227,7 +227,7 @@ def test_quickstart_is_cpu_friendly():
 
 
 def test_llama_7b_fits_80gb_per_gpu():
-    from pretrain.plan import memory_estimate
+    from pretrain.plan.estimate import memory_estimate
 
     cfg = load_config(str(ROOT / "configs" / "llama-7b.yaml"), [])
     for world in (8, 16, 64):
@@ -326,7 +326,7 @@ def test_validation_needs_no_process_group_nor_torch():
         "import sys\n"
         "from pretrain.config import load_config, resolve, deepspeed_config\n"
         "from pretrain.errors import UserError\n"
-        "from pretrain.plan_report import format_plan\n"
+        "from pretrain.plan.report import format_plan\n"
         f"cfg = load_config(None, {BASE!r} + ['parallel.pipeline=2', 'parallel.zero_stage=2'])\n"
         "try:\n"
         "    resolve(cfg, 2, None, cuda_available=False)\n"

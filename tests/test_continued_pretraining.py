@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain import checkpoint
+from pretrain.checkpoint import store
 from pretrain.generate import load_model
-from pretrain.run_data import SyntheticData
+from pretrain.run.data import SyntheticData
 from train_util import check, losses, run_train
 
 FAST = ["logging.tensorboard=false"]
@@ -22,7 +22,7 @@ def source(tmp_path_factory):
 
 def _source_loss_on_new_data(src, seed: int) -> float:
     """The source weights' loss on the first global batch (8 samples, 4 micro-batches of 2) of the new data."""
-    model, _ = load_model(checkpoint.resolve_tag_dir(str(src)), torch.device("cpu"))
+    model, _ = load_model(store.resolve_tag_dir(str(src)), torch.device("cpu"))
     data = SyntheticData(258, 32, seed, 8)
     batch = torch.stack([torch.from_numpy(data.get(i)) for i in range(8)])
     with torch.no_grad():
@@ -39,7 +39,7 @@ def test_init_from_our_checkpoint_with_new_data_in_another_layout(source, tmp_pa
     assert "initialised from" in log and "weights only" in log and "starts at step 0" in log
     first = losses(out)[1]
     assert first == pytest.approx(_source_loss_on_new_data(source, 77), rel=1e-6, abs=1e-6)
-    state = checkpoint.read_state(checkpoint.resolve_tag_dir(str(out)))
+    state = store.read_state(store.resolve_tag_dir(str(out)))
     assert state["step"] == 2 and state["consumed_samples"] == 16  # counted from 0 in the new run
     assert state["layout"]["zero_stage"] == 0 and state["layout"]["dp"] == 1
 

@@ -27,7 +27,8 @@ except ImportError:
     HAS_HF = False
 needs_hf = pytest.mark.skipif(not HAS_HF, reason="needs the transformers test extra")
 
-from pretrain import checkpoint, digest  # noqa: E402
+from pretrain import digest  # noqa: E402
+from pretrain.checkpoint import store
 from pretrain.config.load import load_config  # noqa: E402
 from pretrain.config.validate import resolve  # noqa: E402
 from pretrain.errors import UserError  # noqa: E402
@@ -38,7 +39,7 @@ from pretrain.interop.hf_export import export_hf, parse_size  # noqa: E402
 from pretrain.interop.hf_import import import_hf  # noqa: E402
 from pretrain.interop.init_weights import load_init_weights, read_init  # noqa: E402
 from pretrain.model.gpt import GPT, loss_fn  # noqa: E402
-from pretrain.run_data import SyntheticData  # noqa: E402
+from pretrain.run.data import SyntheticData  # noqa: E402
 
 
 def _hf(d, **kw):
@@ -72,7 +73,7 @@ def test_export_matches_transformers(trained, tmp_path, name):
     out = tmp_path / "hf"
     no_tok = [] if name == "gpt2" else ["--no-tokenizer"]  # synthetic data: weights alone, explicitly
     assert convert(["export-hf", "--run", str(run), "--out", str(out), *no_tok]) == 0
-    tag = checkpoint.resolve_tag_dir(str(run))
+    tag = store.resolve_tag_dir(str(run))
     ours, state = load_model(tag, torch.device("cpu"))
     cfg = json.loads((out / "config.json").read_text())
     arch = "GPT2LMHeadModel" if name.startswith("gpt2") else "LlamaForCausalLM"
@@ -99,7 +100,7 @@ def test_export_tokenizer_shards_and_dtype(trained, bpe_data, tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and all((out / s).is_file() for s in shards) and not (out / "model.safetensors").exists()
-    ours, _ = load_model(checkpoint.resolve_tag_dir(str(run / "checkpoints" / "step_00000003")), torch.device("cpu"))
+    ours, _ = load_model(store.resolve_tag_dir(str(run / "checkpoints" / "step_00000003")), torch.device("cpu"))
     _assert_same_logits(ours, _hf(out), 300, seed=1, batches=1)
 
     ref = tokenizer_from_manifest(str(bpe_data))
@@ -349,7 +350,7 @@ def test_corrupt_and_foreign_directories_give_one_line_errors(trained, tmp_path,
     assert "FAILED" in capsys.readouterr().out
 
     # a save that never committed
-    (bad / checkpoint.MANIFEST).unlink()
+    (bad / store.MANIFEST).unlink()
     assert "never committed" in err_of(2, ["export-hf", "--run", str(bad), "--out", str(tmp_path / "x")])
 
     # state.json that is not JSON (committed as such), and an architecture transformers lacks

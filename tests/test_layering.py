@@ -74,7 +74,7 @@ def test_cycle_finder_finds_a_cycle():
 def test_layers():
     graph = import_graph(ROOT)
     assert graph["pretrain.parallel.spec"] <= {"pretrain.config.schema"}  # a leaf: model and parallel build on it
-    assert not {m for m in graph["pretrain.checkpoint"] if m.startswith(("pretrain.parallel", "pretrain.interop",
+    assert not {m for m in graph["pretrain.checkpoint.store"] if m.startswith(("pretrain.parallel", "pretrain.interop",
                                                                           "pretrain.model"))}
     assert "pretrain.parallel.pipeline" not in graph["pretrain.parallel.apply"]
-    assert "pretrain.plan" not in graph["pretrain.config.validate"]
+    assert "pretrain.plan.estimate" not in graph["pretrain.config.validate"]

@@ -1,4 +1,4 @@
-"""pretrain/monitor.py: TensorBoard layout (losses first, loss against tokens), metrics.jsonl
+"""pretrain/run/monitor.py: TensorBoard layout (losses first, loss against tokens), metrics.jsonl
 rewound on resume, and the optional Weights & Biases logger in its offline mode."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pretrain.monitor import Monitor, tensorboard_tags
+from pretrain.run.monitor import Monitor, tensorboard_tags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def _wandb_history(run_file: str) -> list[dict]:
 
 
 def test_wandb_offline(tmp_path):
-    code = ("from pathlib import Path\nfrom pretrain.monitor import Monitor\n"
+    code = ("from pathlib import Path\nfrom pretrain.run.monitor import Monitor\n"
             f"m = Monitor(Path({str(tmp_path)!r}), True, False, 10, {{'project': 'test', 'config': {{'a': 1}}}})\n"
             "m.log(1, {'train/loss': 2.5, 'perf/mfu': None}); m.log(2, {'train/loss': 2.0, 'val/loss': 2.25})\n"
             "m.close()\n")

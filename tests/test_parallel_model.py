@@ -49,7 +49,7 @@ def _close(a, b, what, rtol=1e-5, atol=1e-6):
 
 
 def _check_tp_case(rank, kw, sp):
-    from pretrain.engine import GuardedAdamW
+    from pretrain.run.engine import GuardedAdamW
     from pretrain.parallel.apply import ParallelGPT
 
     cfg = _model_cfg(**kw)
@@ -126,7 +126,7 @@ def _pipe_body(rank, world_size, overrides):
     from pretrain.parallel.pipeline import build_pipeline, stage_parts
     from pretrain.parallel.spec import layer_prefix
     from pretrain.parallel.topology import Topology
-    from pretrain.plan import stage_blocks
+    from pretrain.plan.estimate import stage_blocks
 
     os.environ.setdefault("LOCAL_RANK", "0")
     if not deepspeed.comm.is_initialized():
@@ -251,7 +251,7 @@ def test_guarded_adamw_norm_follows_deepspeeds_rule_by_position(tp_rank, expecte
     copy nowhere -- also after DeepSpeed's unfused bf16 wrapper swaps in attribute-less fp32 copies."""
     from torch import nn
 
-    from pretrain.engine import GuardedAdamW
+    from pretrain.run.engine import GuardedAdamW
     from pretrain.parallel.tensor import set_tensor_model_parallel_attributes
 
     shard, rep, tied = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(2))

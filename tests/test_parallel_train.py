@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain import checkpoint
+from pretrain.checkpoint import store
 from pretrain.interop.ds_reader import load_model_weights
 from train_util import check, grad_norms, losses, metrics, run_train
 
@@ -74,7 +74,7 @@ def test_layout_matches_single_process(runs, layout):
         assert norms[step] == pytest.approx(ref_norms[step], rel=1e-5, abs=0), (layout, step)
     perf = [m["perf/tokens_per_sec"] for m in metrics(runs[layout]) if "perf/tokens_per_sec" in m]
     assert len(perf) == 5 and all(v > 0 for v in perf)
-    state = json.loads((checkpoint.resolve_tag_dir(str(runs[layout])) / "state.json").read_text())
+    state = json.loads((store.resolve_tag_dir(str(runs[layout])) / "state.json").read_text())
     nproc, overrides = LAYOUTS[layout]
     want = {"tp": 1, "pp": 1}
     for o in overrides:
@@ -87,7 +87,7 @@ def test_layout_matches_single_process(runs, layout):
 
 @pytest.mark.parametrize("layout", ["pp2", "tp2-zero3"])
 def test_no_known_harmless_warning_is_printed(runs, layout):
-    """pretrain/third_party.py: pp2 printed c10d's "autograd kernel was not registered" (harmless:
+    """pretrain/run/third_party.py: pp2 printed c10d's "autograd kernel was not registered" (harmless:
     test_layout_matches_single_process[pp2]), tp2-zero3 FutureWarnings and "untested optimizer"."""
     runs[layout]
     log = runs.logs[layout]
@@ -122,8 +122,8 @@ def test_sigkill_then_auto_resume_is_bitwise_exact(runs, tmp_path, layout):
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2-pp2-zero1", "tp2-dp2-zero2-sequence-parallel", "tp2-zero3"])
 def test_checkpoint_merges_into_the_single_process_weights(runs, layout):
-    ref = load_model_weights(checkpoint.resolve_tag_dir(str(runs["single"])))
-    got = load_model_weights(checkpoint.resolve_tag_dir(str(runs[layout])))
+    ref = load_model_weights(store.resolve_tag_dir(str(runs["single"])))
+    got = load_model_weights(store.resolve_tag_dir(str(runs[layout])))
     assert got.keys() == ref.keys()
     for name in ref:
         assert got[name].shape == ref[name].shape, name

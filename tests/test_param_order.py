@@ -19,7 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from train_util import TINY, check, losses, run_ranks  # noqa: E402
 
-from pretrain import checkpoint  # noqa: E402
+from pretrain.checkpoint import store  # noqa: E402
 from pretrain.interop.cli import main as convert  # noqa: E402
 
 REORDER = """
@@ -51,7 +51,7 @@ def _train(out: Path, overrides, nproc: int, reorder: bool = False):
 def test_reordered_model_resumes_exactly(tmp_path, zero, nproc):
     layout = [f"parallel.zero_stage={zero}"]
     check(_train(tmp_path / "ref", layout, nproc))  # 6 steps, checkpoints at 3 and 6
-    step3 = tmp_path / "ref" / "checkpoints" / checkpoint.tag_for(3)
+    step3 = tmp_path / "ref" / "checkpoints" / store.tag_for(3)
     groups = json.loads((step3 / "state.json").read_text())["optimizer_groups"]
     assert list(groups) == ["mp_rank_00"] and len(groups["mp_rank_00"]) == 2
     assert groups["mp_rank_00"][0][:2] == ["blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight"]
@@ -65,7 +65,7 @@ def test_reordered_model_resumes_exactly(tmp_path, zero, nproc):
     assert convert(["reshard", "--run", str(step3)]) == 0
     out = check(_train(tmp_path / "resumed", resume, nproc, reorder=True))
     assert "(consolidated)" in out
-    saved = json.loads((tmp_path / "resumed" / "checkpoints" / checkpoint.tag_for(6) / "state.json").read_text())
+    saved = json.loads((tmp_path / "resumed" / "checkpoints" / store.tag_for(6) / "state.json").read_text())
     assert saved["optimizer_groups"]["mp_rank_00"][0][:2] == ["blocks.0.mlp.fc.weight", "blocks.0.mlp.proj.weight"]
     ref, got = losses(tmp_path / "ref"), losses(tmp_path / "resumed")
     assert sorted(got) == [4, 5, 6]

@@ -14,8 +14,8 @@ import torch
 
 from pretrain.config import load_config, resolve
 from pretrain.config.schema import Config, ModelConfig
-from pretrain.plan_report import format_plan
-from pretrain.plan import (count_params, ffn_dim, flops_per_token, matmul_params,
+from pretrain.plan.report import format_plan
+from pretrain.plan.estimate import (count_params, ffn_dim, flops_per_token, matmul_params,
                            memory_estimate, partition_balanced, partition_uniform, stage_blocks)
 
 GiB = 2**30
@@ -237,7 +237,7 @@ def test_plan_needs_no_model_or_torch():
     import subprocess
     import sys
 
-    code = ("import sys\nfrom pretrain.config import load_config, resolve\nfrom pretrain.plan_report import format_plan\n"
+    code = ("import sys\nfrom pretrain.config import load_config, resolve\nfrom pretrain.plan.report import format_plan\n"
             "cfg = load_config('configs/llama-7b.yaml', [])\n"
             "print(format_plan(cfg, resolve(cfg, 16, 32000, cuda_available=True)))\n"
             "assert 'torch' not in sys.modules\n")
@@ -258,7 +258,7 @@ def test_default_config_plan():
 
 
 def test_layout_advice_for_zero_over_one_rank():
-    from pretrain.plan import layout_advice
+    from pretrain.plan.estimate import layout_advice
 
     cfg, lay = _layout(["parallel.zero_stage=1", "train.precision=fp32", "train.device=cpu"], 1, gpu=False)
     assert any("parallel.zero_stage 0" in n for n in layout_advice(cfg, lay))
@@ -271,7 +271,7 @@ def test_layout_advice_for_zero_over_one_rank():
 
 
 def test_host_memory_at_build_holds_one_full_parameter_beyond_the_ranks_own():
-    from pretrain.plan import HOST_BASELINE, host_memory
+    from pretrain.plan.estimate import HOST_BASELINE, host_memory
 
     over = ["train.device=cpu", "train.precision=fp32"]
     cfg, plain = _layout(over, 1)

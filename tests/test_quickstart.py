@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from pretrain import checkpoint
+from pretrain.checkpoint import store
 
 
 def test_quickstart_end_to_end(tmp_path, capsys):
@@ -22,7 +22,7 @@ def test_quickstart_end_to_end(tmp_path, capsys):
     sample = log.split("[4/4] sample from the final checkpoint:")[1].split("-" * 60)[1]
     assert sample.strip().startswith("def") and len(sample.strip()) > len("def ")
     assert (out / "data" / "manifest.json").is_file() and (out / "data" / "tokenizer.json").is_file()
-    assert checkpoint.verify(checkpoint.resolve_tag_dir(str(out))) is None
+    assert store.verify(store.resolve_tag_dir(str(out))) is None
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
     # The suggested follow-up: several samples in one call; the prompt's trailing space is healed

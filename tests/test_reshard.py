@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from interop_util import FAST, RUNS, copy_checkpoint, rewrite_state, step_dir  # noqa: E402
 from train_util import check, losses, run_train  # noqa: E402
 
-from pretrain import checkpoint  # noqa: E402
+from pretrain.checkpoint import store  # noqa: E402
 from pretrain.config.load import load_config  # noqa: E402
 from pretrain.config.validate import resolve  # noqa: E402
 from pretrain.errors import UserError  # noqa: E402
@@ -30,8 +30,8 @@ def test_reshard_writes_a_universalcopy_checkpoint(trained):
     step3 = step_dir(run, 3)
     assert convert(["reshard", "--run", str(run), "--step", "3"]) == 0
     u = step3 / "universal"
-    assert checkpoint.verify(u) is None and checkpoint.verify(step3) is None  # the original is untouched
-    saved = checkpoint.read_state(step3)["layout"]
+    assert store.verify(u) is None and store.verify(step3) is None  # the original is untouched
+    saved = store.read_state(step3)["layout"]
     assert json.loads((u / "manifest.json").read_text())["source_layout"] == saved and saved["dp"] == 2
     weights = load_model_weights(step3)
     for name, t in weights.items():  # DeepSpeed's per-parameter files (pickles of our own run)
@@ -48,7 +48,7 @@ def test_reshard_writes_a_universalcopy_checkpoint(trained):
     with pytest.raises(UserError, match="pretrain-convert reshard"):
         check_reshard(step_dir(run, 6), saved, {**saved, "dp": 1, "tp": 2})
     # what the universal format cannot do goes through our consolidated copy (written alongside)
-    assert checkpoint.verify(step3 / "consolidated") is None
+    assert store.verify(step3 / "consolidated") is None
     for change in ({"tp": 2}, {"pp": 2}, {"zero_stage": 0}, {"zero_stage": 3}):
         assert check_reshard(step3, saved, {**saved, "dp": 1, **change}) == "consolidated", change
     assert not (step3 / "latest_universal").exists()  # DeepSpeed's stray pointer is removed
@@ -120,10 +120,10 @@ def test_resume_in_another_tensor_or_pipeline_degree_gives_the_same_losses(train
 @pytest.mark.slow
 def test_reshard_refusals_name_the_fix(trained, tmp_path, capsys):
     from pretrain.interop.reshard import check_reshard
-    from pretrain.trainer import Trainer
+    from pretrain.run.trainer import Trainer
 
     run = trained("gpt2")
-    saved = checkpoint.read_state(step_dir(run, 3))["layout"]
+    saved = store.read_state(step_dir(run, 3))["layout"]
     bf16 = copy_checkpoint(run, 3, tmp_path / "bf16")
     rewrite_state(bf16, lambda t: t.replace('"precision": "fp32"', '"precision": "bf16"'))
     with pytest.raises(UserError, match="fp32 runs only"):

@@ -1,8 +1,8 @@
-"""The data side of a run (pretrain/run_data.py): epochs reported, repetition warned."""
+"""The data side of a run (pretrain/run/data.py): epochs reported, repetition warned."""
 from __future__ import annotations
 
 from pretrain.data.loader import open_dataset
-from pretrain.run_data import epoch_report
+from pretrain.run.data import epoch_report
 
 
 def test_epochs_reported_and_repetition_warned(bpe_data, tmp_path):

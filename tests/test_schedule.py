@@ -3,7 +3,7 @@ import math
 import pytest
 
 from pretrain.config.schema import OptimConfig, ScheduleConfig
-from pretrain.schedule import lr_at
+from pretrain.run.schedule import lr_at
 
 OPT = OptimConfig(lr=1.0)
 

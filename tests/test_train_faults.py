@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 
-from pretrain import checkpoint, digest
+from pretrain import digest
+from pretrain.checkpoint import store
 from pretrain.interop.ds_reader import load_model_weights
 from train_util import check, losses, metrics, run_train
 
@@ -33,7 +34,7 @@ def test_kill_during_save_resumes_from_previous_commit(straight, tmp_path):
     assert "skipping checkpoint" in log and "step_00000006" in log
     assert "resumed from" in log and "step_00000003" in log
     assert losses(out) == losses(straight)
-    assert checkpoint.verify(ckpts / "step_00000006") is None  # re-saved and committed
+    assert store.verify(ckpts / "step_00000006") is None  # re-saved and committed
     # the killed run had logged steps 4-6 too: metrics.jsonl and TensorBoard hold each step once
     steps = [m["step"] for m in metrics(out) if "train/loss" in m]
     assert steps == sorted(set(steps)) == list(range(1, 7)), steps
@@ -82,7 +83,7 @@ def test_nan_on_one_rank_is_skipped_under_zero0(tmp_path):
     steps = losses(out)
     assert math.isnan(steps.pop(3))  # the skipped step logs its non-finite loss
     assert all(math.isfinite(v) for v in steps.values())
-    weights = load_model_weights(checkpoint.resolve_tag_dir(str(out)))
+    weights = load_model_weights(store.resolve_tag_dir(str(out)))
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
@@ -91,7 +92,7 @@ def test_consecutive_nonfinite_steps_stop_with_a_checkpoint(tmp_path):
     proc = run_train(out, ["train.max_consecutive_skips=2"], faults="nan@1:0,nan@2:0")
     log = check(proc, rc=3)
     assert "2 consecutive non-finite steps" in log
-    tag = checkpoint.resolve_tag_dir(str(out))
+    tag = store.resolve_tag_dir(str(out))
     state = json.loads((tag / "state.json").read_text())
     assert state["step"] == 3 and state["skipped_steps"] == 2
 

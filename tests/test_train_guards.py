@@ -32,7 +32,7 @@ def alone(alone_run):
 def test_plan_checkpoint_estimate_is_near_a_real_checkpoint(alone_run):
     from pretrain.config.load import load_config
     from pretrain.config.validate import resolve
-    from pretrain.plan import checkpoint_bytes
+    from pretrain.plan.estimate import checkpoint_bytes
 
     cfg = load_config(None, list(TINY))
     tag = alone_run / "checkpoints" / "step_00000006"
@@ -58,7 +58,7 @@ def test_second_trainer_on_one_directory_is_refused_and_the_first_is_unharmed(al
 
 def test_checkpoint_dir_shared_by_two_runs_is_refused(tmp_path):
     from pretrain.errors import UserError
-    from pretrain.runlock import lock_run
+    from pretrain.run.lock import lock_run
 
     ck = tmp_path / "ck"
     for d in (tmp_path / "a", tmp_path / "b", ck):
@@ -122,8 +122,8 @@ def test_deepspeed_passthrough_checked_by_deepspeed_before_start(override, frag,
 def test_free_space_below_one_checkpoint_warns(tmp_path):
     from pretrain.config.load import load_config
     from pretrain.config.validate import resolve
-    from pretrain.plan import checkpoint_bytes
-    from pretrain.preflight import check_free_space
+    from pretrain.plan.estimate import checkpoint_bytes
+    from pretrain.plan.preflight import check_free_space
 
     cfg = load_config(None, list(TINY))
     lay = resolve(cfg, 1)
@@ -198,11 +198,11 @@ def test_lock_of_a_killed_holder_is_free(tmp_path):
     import os
     import subprocess
 
-    from pretrain.runlock import lock_run
+    from pretrain.run.lock import lock_run
 
     (tmp_path / "ck").mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pretrain.runlock import lock_run; "
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pretrain.run.lock import lock_run; "
          f"h = lock_run(Path({str(tmp_path)!r}), Path({str(tmp_path / 'ck')!r}), print); "
          "print('held', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
     try:

@@ -113,7 +113,7 @@ SYNC_RUNS = {
     "zero0": (1, ["parallel.zero_stage=0"], {}),
     "zero1-bf16": (1, ["parallel.zero_stage=1", "train.precision=bf16"], {}),
     # fp32 ZeRO-2 and ZeRO-3: DeepSpeed's own host check of the norm is left to our device guard
-    # (pretrain.engine._norm_check_on_device)
+    # (pretrain.run.engine._norm_check_on_device)
     "zero2": (1, ["parallel.zero_stage=2"], {}),
     "zero3": (1, ["parallel.zero_stage=3"], {}),
     "tp2": (2, ["parallel.tensor=2", "parallel.zero_stage=0"], {}),
@@ -166,7 +166,7 @@ def test_no_device_to_host_reads_between_logging_steps(tmp_path, name):
 def test_loss_scale_events_do_not_count_as_skips():
     import torch
 
-    from pretrain.steplog import LOSS_SCALE, OK, SKIP, SkipCount, StepLedger
+    from pretrain.run.steplog import LOSS_SCALE, OK, SKIP, SkipCount, StepLedger
 
     ledger = StepLedger()
     one, zero = torch.ones(()), torch.zeros(())

@@ -1,5 +1,5 @@
 """Third-party noise: the known-harmless messages are gone, real warnings stay, and a CPU run
-compiles no DeepSpeed C++ op (pretrain/third_party.py)."""
+compiles no DeepSpeed C++ op (pretrain/run/third_party.py)."""
 from __future__ import annotations
 
 import logging
@@ -27,7 +27,7 @@ def test_zero3_cpu_run_prints_no_known_harmless_warning_and_builds_no_op(tmp_pat
            "train.max_steps=2", "parallel.zero_stage=3", "train.precision=bf16", "checkpoint.interval=0"]
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    # Without pretrain.third_party this run prints 37 FutureWarnings (ZeRO-3's collectives) and
+    # Without pretrain.run.third_party this run prints 37 FutureWarnings (ZeRO-3's collectives) and
     # DeepSpeed's "untested optimizer" line, after compiling deepspeed_shm_comm for 60-90 s.
     assert warning_lines(proc.stdout) == []
     assert proc.stdout.count(ACCELERATOR) <= 1
@@ -37,7 +37,7 @@ def test_zero3_cpu_run_prints_no_known_harmless_warning_and_builds_no_op(tmp_pat
 
 
 def test_only_the_listed_messages_are_dropped():
-    from pretrain.third_party import quiet_third_party
+    from pretrain.run.third_party import quiet_third_party
 
     ds_logger = logging.getLogger("DeepSpeed")
     with warnings.catch_warnings(record=True) as seen:

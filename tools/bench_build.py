@@ -10,7 +10,7 @@ real trainer from launch to its step-1 log line; that needs memory for the Adam 
 (on a 2-core, 24 GiB box, 1-1.5B models at ZeRO-3 or PP=2 needed swap).
 
 Target (issue 11): peak RSS at the end of model construction <= 0.6 x the full fp32 model
-+ 1 GiB per rank. The `--plan` estimate (`pretrain.plan.host_memory`, build) is printed
++ 1 GiB per rank. The `--plan` estimate (`pretrain.plan.estimate.host_memory`, build) is printed
 beside each measurement.
 
     python tools/bench_build.py --smoke                       # seconds: a tiny model
@@ -54,13 +54,13 @@ def _worker(args) -> None:
 
     from pretrain.config.load import load_config
     from pretrain.config.validate import resolve
-    from pretrain.engine import build_engine, init_distributed
+    from pretrain.run.engine import build_engine, init_distributed
     from pretrain.parallel.topology import Topology
-    from pretrain.plan import count_params
+    from pretrain.plan.estimate import count_params
 
     try:
         from pretrain.parallel.build import build_model
-        from pretrain.plan import host_memory
+        from pretrain.plan.estimate import host_memory
     except ImportError:  # an older checkout (before issue 11): no host estimate
         from pretrain.parallel.apply import build_model
         host_memory = None

@@ -31,7 +31,7 @@ each kind wrote (the writer writes the storages DeepSpeed's own save writes).
 Each save's directory is deleted before the next (a ~350M fp32 checkpoint with Adam is ~5.6 GB).
 
 `--kinds load` times resume instead: one checkpoint is written (the sync writer), then `--repeat`
-rounds of the trainer's resume path (`checkpoint.choose_resume` with `checkpoint.load`: the file
+rounds of the trainer's resume path (`store.choose_resume` with `store.load`: the file
 checks split over the ranks, DeepSpeed's load_checkpoint, RNG and state), each round six ways:
 
   full_warm / sizes_warm   checkpoint.verify full (digests + structure) / sizes (structure only),
@@ -103,14 +103,14 @@ def main() -> int:
     import torch
     import torch.distributed as dist
 
-    from pretrain import checkpoint
-    from pretrain.checkpoint_writer import CheckpointWriter
+    from pretrain.checkpoint import store
+    from pretrain.checkpoint.writer import CheckpointWriter
     from pretrain.config.load import load_config
     from pretrain.config.validate import resolve
-    from pretrain.engine import build_engine, init_distributed
+    from pretrain.run.engine import build_engine, init_distributed
     from pretrain.parallel.build import build_model
     from pretrain.parallel.topology import Topology
-    from pretrain.plan import count_params
+    from pretrain.plan.estimate import count_params
 
     overrides = [f"model.n_layer={a.layers}", f"model.d_model={a.d_model}", f"model.n_head={a.heads}",
                  f"model.vocab_size={a.vocab}", "model.seq_len=32", "model.dropout=0", "data.synthetic=true",
@@ -134,7 +134,7 @@ def main() -> int:
     state = {"step": 1, "note": "bench_ckpt"}
 
     base = Path(a.dir or tempfile.mkdtemp(prefix="bench_ckpt_")) if rank == 0 else None
-    base = checkpoint.broadcast_from_rank0(base)
+    base = store.broadcast_from_rank0(base)
 
     def fresh(name):
         d = base / name
@@ -161,8 +161,8 @@ def main() -> int:
                         while block := f.read(1 << 22):
                             h.update(block)
                     files[str(p.relative_to(tag))] = {"size": p.stat().st_size, "sha256": h.hexdigest()}
-            checkpoint.write_atomic(tag / checkpoint.MANIFEST, json.dumps({"files": files}))
-            checkpoint.write_atomic(d / "latest", "step_00000001\n")
+            store.write_atomic(tag / store.MANIFEST, json.dumps({"files": files}))
+            store.write_atomic(d / "latest", "step_00000001\n")
 
     writers = {}
 
@@ -255,21 +255,21 @@ def _bench_load(a, rank: int, engine, d: Path, state: dict, cfg, lay, world: int
     import torch
     import torch.distributed as dist
 
-    from pretrain import checkpoint
-    from pretrain.checkpoint_writer import CheckpointWriter
-    from pretrain.plan import count_params
+    from pretrain.checkpoint import store
+    from pretrain.checkpoint.writer import CheckpointWriter
+    from pretrain.plan.estimate import count_params
 
     w = CheckpointWriter(d, 3, False, 600.0)
     w.save(engine, 1, state)
     w.wait()
-    tag = d / checkpoint.tag_for(1)
+    tag = d / store.tag_for(1)
     kinds = ("full_warm", "sizes_warm", "bare_warm", "full_cold", "sizes_cold", "bare_cold")
 
     def resume(mode):
         if mode == "bare":
             engine.load_checkpoint(str(d), tag=tag.name, load_optimizer_states=True, load_lr_scheduler_states=False)
         else:
-            checkpoint.choose_resume("auto", d, print, mode, load=lambda t: checkpoint.load(engine, t))
+            store.choose_resume("auto", d, print, mode, load=lambda t: store.load(engine, t))
 
     times = {k: [] for k in kinds}
     steps = {k: [] for k in kinds}  # the first training step after the resume
@@ -279,7 +279,7 @@ def _bench_load(a, rank: int, engine, d: Path, state: dict, cfg, lay, world: int
             if cache == "cold" and rank == 0:
                 _evict(tag)
             if cache == "warm" and rank == 0:  # read once: every file in the page cache
-                checkpoint.verify(tag, "full")
+                store.verify(tag, "full")
             dist.barrier()
             times[kind].append(_timed(lambda: resume(mode)))
             steps[kind].append(_timed(train_step))

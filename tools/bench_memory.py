@@ -2,7 +2,7 @@
 
 For each run (default: ZeRO-0, 1, 2, 3 with data parallelism over 2 ranks, then tensor
 parallelism 2 with ZeRO-1) `world` worker processes (gloo, one thread each) train the same
-model for `--steps` steps through `pretrain.trainer.Trainer` (the real config -> layout ->
+model for `--steps` steps through `pretrain.run.trainer.Trainer` (the real config -> layout ->
 DeepSpeed engine -> training loop; only the final checkpoint and validation are skipped, so
 they do not add to the peak). Each rank measures:
 
@@ -23,7 +23,7 @@ they do not add to the peak). Each rank measures:
     freed-but-cached pages) and its peak during the run (Linux VmHWM, reset per run with
     /proc/self/clear_refs; the peak also holds transient activation gradients and buffers).
 
-The estimate is `pretrain.plan.memory_estimate(cfg, layout)` for the same config (its module
+The estimate is `pretrain.plan.estimate.memory_estimate(cfg, layout)` for the same config (its module
 docstring says what it counts); its total is compared with the measured peak, the growth of
 the rank's RSS during the run (peak - start), and the worst rank's difference is printed per
 run (the issue's target: within 15%).
@@ -165,8 +165,8 @@ def worker(spec_file: str) -> int:
 
     from pretrain.config.load import load_config
     from pretrain.config.validate import resolve
-    from pretrain.plan import memory_estimate
-    from pretrain.trainer import Trainer
+    from pretrain.plan.estimate import memory_estimate
+    from pretrain.run.trainer import Trainer
 
     spec = json.loads(Path(spec_file).read_text())
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -12,7 +12,7 @@ for `--repeat` rounds):
 By default one plain (`--baseline-mode`) and one ours (train.compile from the config); `--suite`
 runs four: plain eager, plain compiled, ours eager, ours compiled (`train.compile`), and reports
 each against plain compiled. Reported per setup: tokens/s, step time, TFLOP/s (6N + 12*L*d*T
-FLOPs per token, `pretrain.plan.flops_per_token`), MFU (when the device's peak is known or
+FLOPs per token, `pretrain.plan.estimate.flops_per_token`), MFU (when the device's peak is known or
 --peak-flops is given), peak memory (CPU: the process's peak RSS; GPU: torch
 max_memory_allocated), and the ratio to the reference: median of the per-round ratios.
 
@@ -68,7 +68,7 @@ atexit.register(_report)
 kind, target = sys.argv[2], sys.argv[3]
 sys.argv = [target] + sys.argv[4:]
 if kind == "module":
-    import pretrain.monitor as M
+    import pretrain.run.monitor as M
     _log = M.Monitor.log
     def log(self, step, scalars, **kw):
         stamps.append(time.process_time())
@@ -117,7 +117,7 @@ def _shape(a):
     """Trainer overrides for the shape, and the resolved (cfg, layout)."""
     from pretrain.config.load import load_config
     from pretrain.config.validate import resolve
-    from pretrain.run_data import data_vocab_size
+    from pretrain.run.data import data_vocab_size
 
     if a.config is None:
         fill_defaults(a, ANCHOR)
@@ -216,7 +216,7 @@ def _peak(a, precision):
     """The device's peak FLOP/s for MFU: --peak-flops, else the GPU's known peak; None on CPU."""
     import torch
 
-    from pretrain.monitor import peak_flops
+    from pretrain.run.monitor import peak_flops
 
     return peak_flops(torch.device("cuda" if torch.cuda.is_available() else "cpu"), precision, a.peak_flops)
 
@@ -267,7 +267,7 @@ def main() -> int:
     a = _parse()
     os.chdir(ROOT)
     ov, cfg, layout, precision = _shape(a)
-    from pretrain.plan import count_params, flops_per_token
+    from pretrain.plan.estimate import count_params, flops_per_token
 
     fpt = flops_per_token(cfg.model, layout.padded_vocab_size)
     peak = _peak(a, precision)

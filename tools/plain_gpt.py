@@ -27,8 +27,8 @@ import torch.nn.functional as F  # noqa: E402
 from pretrain.config.schema import ModelConfig  # noqa: E402
 from pretrain.model import GPT  # noqa: E402
 from pretrain.model.gpt import param_groups  # noqa: E402
-from pretrain.monitor import peak_flops  # noqa: E402
-from pretrain.plan import flops_per_token  # noqa: E402
+from pretrain.run.monitor import peak_flops  # noqa: E402
+from pretrain.plan.estimate import flops_per_token  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 # Logits per chunk of the fused output-projection + cross-entropy loss (pretrain.model.loss;
 # 128 MiB in fp32). A fixed size, not a config field: here so that the torch-free --plan
-# (pretrain.plan) and the loss read the same number.
+# (pretrain.plan.estimate) and the loss read the same number.
 LOSS_CHUNK_ELEMENTS = 2**25
 
 

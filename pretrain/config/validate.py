@@ -139,7 +139,7 @@ def _check_fields(cfg: Config) -> None:
         _positive(p.data, "parallel.data", "a positive integer or null (derived from the world size)")
     if p.zero_stage not in (0, 1, 2, 3):
         raise UserError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
-    if cfg.train.compile and p.zero_stage == 3:  # pretrain.engine.compile_blocks
+    if cfg.train.compile and p.zero_stage == 3:  # pretrain.run.engine.compile_blocks
         raise UserError("train.compile does not work with parallel.zero_stage 3: ZeRO-3 gathers and releases each "
                         "layer's weights in hooks inside the blocks, which torch.compile cannot trace; set "
                         "train.compile=false or use parallel.zero_stage 0-2")

@@ -215,7 +215,7 @@ def open_dataset(paths: list[str], weights: Optional[list[float]], split: str, s
     if len(toks) > 1:
         raise UserError("data sources were made with different tokenizers: blend only data made with the same one")
     w = normalise_weights(w_in, len(sources), [max(s.tokens, 0) for s in sources])
-    if isinstance(split, (list, tuple)):  # one split per path (pretrain.run_data: separate eval data)
+    if isinstance(split, (list, tuple)):  # one split per path (pretrain.run.data: separate eval data)
         split = "+".join(s.split for s in sources)
     return BlendedDataset(sources, w, split, seq_len, seed, num_samples, cache_dir)
 

@@ -19,7 +19,8 @@ import os
 import shutil
 from pathlib import Path
 
-from pretrain import checkpoint, digest
+from pretrain import digest
+from pretrain.checkpoint import store
 from pretrain.errors import UserError
 from pretrain.interop.ds_reader import STATES, read_full_state
 
@@ -33,11 +34,11 @@ def consolidated_dir(tag_dir: Path) -> Path:
 
 def has_consolidated(tag_dir: Path) -> bool:
     d = consolidated_dir(tag_dir)
-    return d.is_dir() and checkpoint.verify(d) is None
+    return d.is_dir() and store.verify(d) is None
 
 
 def read_meta(tag_dir: Path) -> dict:
-    return json.loads((consolidated_dir(tag_dir) / checkpoint.MANIFEST).read_text())
+    return json.loads((consolidated_dir(tag_dir) / store.MANIFEST).read_text())
 
 
 def check_fp32(tag_dir: Path, state: dict, what: str = "resharding across tensor/pipeline degrees") -> None:
@@ -50,7 +51,7 @@ def check_fp32(tag_dir: Path, state: dict, what: str = "resharding across tensor
 def consolidate(tag_dir: Path, log=print) -> Path:
     """Write `<tag_dir>/consolidated/` (committed by its manifest) and return it."""
     tag_dir = Path(tag_dir)
-    state = checkpoint.read_state(tag_dir)
+    state = store.read_state(tag_dir)
     check_fp32(tag_dir, state)
     out = consolidated_dir(tag_dir)
     if has_consolidated(tag_dir):
@@ -73,7 +74,7 @@ def consolidate(tag_dir: Path, log=print) -> Path:
     manifest = {"format": 1, "kind": KIND, "step": state["step"], "adam_step": step,
                 "source_layout": state["layout"], "padded_vocab_size": state["model_shape"]["padded_vocab_size"],
                 "params": {k: list(v.shape) for k, v in full["fp32"].items()}, "files": files}
-    checkpoint.write_atomic(tmp / checkpoint.MANIFEST, json.dumps(manifest, indent=1))
+    store.write_atomic(tmp / store.MANIFEST, json.dumps(manifest, indent=1))
     os.replace(tmp, out)
     log(f"wrote {out} ({len(full['fp32'])} parameters, Adam step {step:g}): resumable in any "
         "data/tensor/pipeline layout and ZeRO stage")

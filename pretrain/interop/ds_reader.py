@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from pretrain import checkpoint
-from pretrain.checkpoint_read import Unreadable, load_pt, reading
+from pretrain.checkpoint import store
+from pretrain.checkpoint.read import Unreadable, load_pt, reading
 from pretrain.errors import UserError
 from pretrain.parallel import spec
 
@@ -37,7 +37,7 @@ STATES = ("fp32", "exp_avg", "exp_avg_sq")
 def _model_config(state: dict, tag_dir: Path):
     from pretrain.config.load import config_from_dict
 
-    return config_from_dict(state["config"], source=str(tag_dir / checkpoint.STATE))
+    return config_from_dict(state["config"], source=str(tag_dir / store.STATE))
 
 
 def load_model_weights(tag_dir: Path) -> dict:
@@ -47,7 +47,7 @@ def load_model_weights(tag_dir: Path) -> dict:
 
 
 def _model_weights(tag_dir: Path) -> dict:
-    state = checkpoint.read_state(tag_dir)
+    state = store.read_state(tag_dir)
     lay = state["layout"]
     tp, pp, zero = int(lay.get("tp", 1)), int(lay.get("pp", 1)), int(lay["zero_stage"])
     cfg = _model_config(state, tag_dir)

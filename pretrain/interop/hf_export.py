@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain import checkpoint
+from pretrain.checkpoint import store
 from pretrain.errors import UserError
 from pretrain.interop import names
 from pretrain.interop.ds_reader import load_model_weights
@@ -87,14 +87,14 @@ def save_safetensors(tensors: dict, out: Path, max_shard_bytes: int, metadata: d
 # ----------------------------------------------------------------------------- sources
 def find_tag_dir(run: str, step: int | None) -> Path:
     if step is None:
-        return checkpoint.resolve_tag_dir(run)
+        return store.resolve_tag_dir(run)
     p = Path(run)
     for base in (p / "checkpoints", p):
-        cand = base / checkpoint.tag_for(step)
+        cand = base / store.tag_for(step)
         if cand.is_dir():
-            return checkpoint.resolve_tag_dir(str(cand))
-    if checkpoint.TAG_RE.match(p.name) and int(p.name[5:]) == step:
-        return checkpoint.resolve_tag_dir(str(p))
+            return store.resolve_tag_dir(str(cand))
+    if store.TAG_RE.match(p.name) and int(p.name[5:]) == step:
+        return store.resolve_tag_dir(str(p))
     have = sorted(q.name for base in (p / "checkpoints", p) if base.is_dir() for q in base.glob("step_*"))
     raise UserError(f"{run}: no checkpoint of step {step} (have: {', '.join(have) or 'none'})")
 
@@ -111,7 +111,7 @@ def data_vocab(state: dict, tag_dir: Path) -> tuple[int | None, str]:
     found = []
     if m.get("vocab_size"):
         found.append((int(m["vocab_size"]), "model.vocab_size"))
-    tdir = checkpoint.tokenizer_dir(tag_dir, state)
+    tdir = store.tokenizer_dir(tag_dir, state)
     if tdir:
         try:
             found.append((int(json.loads((Path(tdir) / "manifest.json").read_text())["vocab_size"]),
@@ -126,7 +126,7 @@ def data_vocab(state: dict, tag_dir: Path) -> tuple[int | None, str]:
 def run_tokenizer(state: dict, tag_dir: Path, allow_none: bool):
     """The run's tokenizer when it can be exported (a Hugging Face one); None with --no-tokenizer.
     UserError otherwise: a model without its tokenizer cannot encode text."""
-    tdir = checkpoint.tokenizer_dir(tag_dir, state)
+    tdir = store.tokenizer_dir(tag_dir, state)
     why = "this run has no recorded tokenizer (synthetic data?)"
     tok = None
     if tdir:
@@ -203,7 +203,7 @@ def export_hf(run: str, out: str, step: int | None = None, dtype: str = "float32
         state, tag_dir, step_no = None, init_dir, 0
     else:
         tag_dir = find_tag_dir(run, step)
-        state = checkpoint.read_state(tag_dir)
+        state = store.read_state(tag_dir)
         m = state["config"]["model"]
         names.architecture(m)  # refuse early, before reading any weights
         tok = run_tokenizer(state, tag_dir, no_tokenizer)

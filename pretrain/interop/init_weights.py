@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from pretrain import checkpoint, digest
+from pretrain import digest
+from pretrain.checkpoint import store
 from pretrain.errors import UserError
 from pretrain.interop import names
 
@@ -71,7 +72,7 @@ def write_init(out: Path, sd: dict, meta: dict) -> Path:
     tmp.replace(out / WEIGHTS)
     meta = {k: v for k, v in meta.items() if k not in digest.ALGORITHMS}
     meta = {**meta, "format": FORMAT, **digest.file_entry(out / WEIGHTS)}
-    checkpoint.write_atomic(out / META, json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    store.write_atomic(out / META, json.dumps(meta, indent=1, sort_keys=True) + "\n")
     return out
 
 

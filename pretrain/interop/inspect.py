@@ -17,16 +17,16 @@ import json
 import sys
 from pathlib import Path
 
-from pretrain import checkpoint
+from pretrain.checkpoint import store
 from pretrain.errors import HelpFormatter, UserError, cli_entry
 
 
 def _candidates(path: Path) -> tuple[Path | None, list[Path]]:
     """(checkpoints directory, its step_* dirs) for a run dir / checkpoints dir / step dir."""
-    if checkpoint.TAG_RE.match(path.name) and path.is_dir():
-        return path.parent, sorted(p for p in path.parent.glob("step_*") if checkpoint.TAG_RE.match(p.name))
+    if store.TAG_RE.match(path.name) and path.is_dir():
+        return path.parent, sorted(p for p in path.parent.glob("step_*") if store.TAG_RE.match(p.name))
     for d in (path / "checkpoints", path):
-        tags = sorted(p for p in d.glob("step_*") if checkpoint.TAG_RE.match(p.name)) if d.is_dir() else []
+        tags = sorted(p for p in d.glob("step_*") if store.TAG_RE.match(p.name)) if d.is_dir() else []
         if tags or (d / "latest").is_file():
             return d, tags
     return None, []
@@ -45,11 +45,11 @@ def pick(path: str, step: int | None) -> tuple[Path, list[Path], str | None]:
     if (ckpt_dir / "latest").is_file():
         latest = (ckpt_dir / "latest").read_text().strip()
     if step is not None:
-        want = ckpt_dir / checkpoint.tag_for(step)
+        want = ckpt_dir / store.tag_for(step)
         if want not in tags:
             raise UserError(f"{path}: no checkpoint of step {step} (have: {', '.join(t.name for t in tags)})")
         return want, tags, latest
-    if checkpoint.TAG_RE.match(p.name):
+    if store.TAG_RE.match(p.name):
         return p, tags, latest
     if latest and (ckpt_dir / latest).is_dir():
         return ckpt_dir / latest, tags, latest
@@ -59,7 +59,7 @@ def pick(path: str, step: int | None) -> tuple[Path, list[Path], str | None]:
 def _data_summary(state: dict, tag_dir: Path) -> dict:
     problem = None
     try:
-        tdir = checkpoint.tokenizer_dir(tag_dir, state)  # the checkpoint's own copy (older ones: the data's)
+        tdir = store.tokenizer_dir(tag_dir, state)  # the checkpoint's own copy (older ones: the data's)
     except UserError as e:
         tdir, problem = None, str(e)
     out = {"fingerprint": state.get("data_fingerprint"), "tokenizer_dir": tdir,
@@ -85,32 +85,32 @@ def inspect(path: str, step: int | None = None, verify: bool = True) -> dict:
     """Everything `pretrain-inspect-ckpt` prints, as a dict (JSON only, no unpickling)."""
     tag_dir, tags, latest = pick(path, step)
     report: dict = {"checkpoint": str(tag_dir), "latest": latest,
-                    "checkpoints": {t.name: ("committed" if (t / checkpoint.MANIFEST).is_file() else "uncommitted")
+                    "checkpoints": {t.name: ("committed" if (t / store.MANIFEST).is_file() else "uncommitted")
                                     for t in tags}}
     try:
-        state = json.loads((tag_dir / checkpoint.STATE).read_text())
+        state = json.loads((tag_dir / store.STATE).read_text())
         if not isinstance(state, dict):
             raise ValueError("not a JSON object")
     except FileNotFoundError:
         state = None
-        report["problem"] = f"no {checkpoint.STATE} (not written by pretrain-train, or the save never finished)"
+        report["problem"] = f"no {store.STATE} (not written by pretrain-train, or the save never finished)"
     except (OSError, ValueError) as e:
         state = None
-        report["problem"] = f"unreadable {checkpoint.STATE} ({e})"
+        report["problem"] = f"unreadable {store.STATE} ({e})"
     if verify:
-        reason = checkpoint.verify(tag_dir)
+        reason = store.verify(tag_dir)
         report["verified"] = reason is None
         if reason is not None:
             report["problem"] = report.get("problem") or reason
     try:
-        manifest = json.loads((tag_dir / checkpoint.MANIFEST).read_text())
+        manifest = json.loads((tag_dir / store.MANIFEST).read_text())
         files = manifest.get("files", {})
         report["files"] = {"count": len(files), "bytes": sum(int(f.get("size", 0)) for f in files.values())}
     except (OSError, ValueError, AttributeError):
         report["files"] = None
     for copy in ("universal", "consolidated"):  # pretrain-convert reshard
         u = tag_dir / copy
-        done = (u / checkpoint.MANIFEST).is_file() if not verify else u.is_dir() and checkpoint.verify(u) is None
+        done = (u / store.MANIFEST).is_file() if not verify else u.is_dir() and store.verify(u) is None
         report[copy] = "committed" if done else "incomplete" if u.exists() else None
     if state is not None:
         report.update({"step": state.get("step"), "consumed_samples": state.get("consumed_samples"),

@@ -45,7 +45,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from pretrain import checkpoint, digest
+from pretrain import digest
+from pretrain.checkpoint import store
 from pretrain.errors import UserError
 
 UNIVERSAL = "universal"
@@ -66,13 +67,13 @@ def universal_dir(tag_dir: Path) -> Path:
 
 def has_universal(tag_dir: Path) -> bool:
     u = universal_dir(tag_dir)
-    return u.is_dir() and checkpoint.verify(u) is None
+    return u.is_dir() and store.verify(u) is None
 
 
 def to_universal(tag_dir: Path, log=print, verbose: bool = False) -> Path:
     """Write `<tag_dir>/universal/` (committed by its manifest) and return it."""
     tag_dir = Path(tag_dir)
-    state = checkpoint.read_state(tag_dir)
+    state = store.read_state(tag_dir)
     lay = state["layout"]
     if int(lay.get("tp", 1)) != 1 or int(lay.get("pp", 1)) != 1:
         raise UserError(f"{tag_dir}: saved with {_layout_str(lay)}; the universal format needs tensor = "
@@ -107,7 +108,7 @@ def to_universal(tag_dir: Path, log=print, verbose: bool = False) -> Path:
     files = {str(p.relative_to(tmp)): digest.file_entry(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     manifest = {"format": 1, "kind": "deepspeed-universal", "step": state["step"], "source_layout": lay,
                 "files": files}
-    checkpoint.write_atomic(tmp / checkpoint.MANIFEST, json.dumps(manifest, indent=1))
+    store.write_atomic(tmp / store.MANIFEST, json.dumps(manifest, indent=1))
     os.replace(tmp, out)
     log(f"wrote {out} ({len(files)} files): resume it with any data-parallel degree"
         + (" (ZeRO-3)" if int(lay["zero_stage"]) == 3 else " and ZeRO stage 1 or 2"))
@@ -119,7 +120,7 @@ def reshard_checkpoint(tag_dir: Path, log=print, verbose: bool = False) -> list[
     from pretrain.interop.consolidate import check_fp32, consolidate
 
     tag_dir = Path(tag_dir)
-    state = checkpoint.read_state(tag_dir)
+    state = store.read_state(tag_dir)
     lay = state["layout"]
     flat = int(lay.get("tp", 1)) == 1 and int(lay.get("pp", 1)) == 1
     fp32 = state["config"]["train"]["precision"] == "fp32"
@@ -145,7 +146,7 @@ def check_reshard(tag_dir: Path, saved: dict, now: dict, reordered: bool = False
 
     where = f"checkpoint {tag_dir}"
     moved = f"was saved with {_layout_str(saved)}, this run is {_layout_str(now)}"
-    state = checkpoint.read_state(tag_dir)
+    state = store.read_state(tag_dir)
     if reordered:
         check_fp32(tag_dir, state, what="resuming a model whose parameter order changed")
         if not has_consolidated(tag_dir):
@@ -172,9 +173,9 @@ def check_reshard(tag_dir: Path, saved: dict, now: dict, reordered: bool = False
 
 def load_resharded(engine, tag_dir: Path, saved_layout: dict, now_layout: dict, log=print, topo=None,
                    reordered: bool = False) -> dict:
-    """Load `tag_dir` (saved in another layout) into `engine`; returns our state (as checkpoint.load).
+    """Load `tag_dir` (saved in another layout) into `engine`; returns our state (as store.load).
 
-    The trainer calls this instead of `checkpoint.load` when the layouts differ, or the
+    The trainer calls this instead of `store.load` when the layouts differ, or the
     parameter order (`reordered`, see `check_reshard`) (`topo`: its `Topology`, for the
     tensor-parallel rank; None = no tensor parallelism).
     """
@@ -189,12 +190,12 @@ def load_resharded(engine, tag_dir: Path, saved_layout: dict, now_layout: dict, 
             how = check_reshard(tag_dir, saved_layout, now_layout, reordered)
         except UserError as e:
             how = e
-    how = checkpoint.broadcast_from_rank0(how)
+    how = store.broadcast_from_rank0(how)
     if isinstance(how, UserError):
         raise how
     load_path = str(tag_dir)
     if how == "direct":
-        load_path, _ = checkpoint.engine_load(engine, tag_dir, load_optimizer_states=True,
+        load_path, _ = store.engine_load(engine, tag_dir, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
     elif how == "consolidated":
         load_consolidated(engine, tag_dir, topo)
@@ -207,7 +208,7 @@ def load_resharded(engine, tag_dir: Path, saved_layout: dict, now_layout: dict, 
         groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
         cfg.load_universal_checkpoint = True  # DeepSpeed reads this flag only inside load_checkpoint
         try:
-            load_path, _ = checkpoint.engine_load(engine, universal_dir(tag_dir), load_optimizer_states=True,
+            load_path, _ = store.engine_load(engine, universal_dir(tag_dir), load_optimizer_states=True,
                                                   load_lr_scheduler_states=False)
         finally:
             cfg.load_universal_checkpoint = before
@@ -221,7 +222,7 @@ def load_resharded(engine, tag_dir: Path, saved_layout: dict, now_layout: dict, 
         for st in base.state.values():
             if torch.is_tensor(st.get("step")):
                 st["step"] = st["step"].clone()
-    state = checkpoint.finish_load(load_path, tag_dir)
+    state = store.finish_load(load_path, tag_dir)
     if dist.get_rank() == 0:
         log(f"resharded {tag_dir}: {_layout_str(saved_layout)} -> {_layout_str(now_layout)} ({how})")
     return state
@@ -243,7 +244,7 @@ def load_consolidated(engine, tag_dir: Path, topo=None) -> None:
     if engine.bfloat16_enabled() or engine.fp16_enabled():
         raise UserError(f"{tag_dir}: resuming in another tensor/pipeline layout or ZeRO stage supports "
                         "train.precision fp32 only; resume with the saved parallel.* settings")
-    meta, state = cons.read_meta(tag_dir), checkpoint.read_state(tag_dir)
+    meta, state = cons.read_meta(tag_dir), store.read_state(tag_dir)
     m = config_from_dict(state["config"]).model
     module, opt = engine.module, engine.optimizer
     base = getattr(opt, "optimizer", opt)  # DeepSpeed's ZeRO wrappers hold the torch AdamW

@@ -5,7 +5,7 @@ The pipeline's layer list is `GPT.layers()`: [embedding, block 0 .. block L-1, h
 
 * 'uniform'    -- DeepSpeed's `partition_uniform` over the L + 2 layers;
 * 'parameters' -- DeepSpeed's `partition_balanced` over the per-layer parameter counts of
-                  `pretrain.plan.pipeline_layer_params` (the tied head counted with its copy
+                  `pretrain.plan.estimate.pipeline_layer_params` (the tied head counted with its copy
                   of the embedding, as DeepSpeed counts a TiedLayerSpec).
 
 These are exactly the functions `--plan` prints the stage split with, so the plan and the
@@ -52,7 +52,7 @@ from pretrain.model.layers import Block, Embedding
 from pretrain.parallel import spec
 from pretrain.parallel.apply import ParallelHead, materialize, parallel_loss, shard_block, shard_embedding
 from pretrain.parallel.tensor import VocabParallelEmbedding, get_world_size
-from pretrain.plan import partition_balanced, partition_uniform, pipeline_layer_params
+from pretrain.plan.estimate import partition_balanced, partition_uniform, pipeline_layer_params
 
 __all__ = ["GPTPipe", "PipeLoss", "build_pipeline", "stage_parts", "TIED_KEY"]
 

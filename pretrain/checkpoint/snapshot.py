@@ -1,6 +1,6 @@
 """The training thread's part of a checkpoint save: DeepSpeed's `save_checkpoint` runs with
 `Recorder` as its checkpoint engine, which keeps a CPU snapshot of every state dict DeepSpeed
-asks it to save instead of writing it; `pretrain.checkpoint_writer` writes them afterwards."""
+asks it to save instead of writing it; `pretrain.checkpoint.writer` writes them afterwards."""
 from __future__ import annotations
 
 import torch

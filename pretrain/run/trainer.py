@@ -10,14 +10,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pretrain import checkpoint, faults, preflight, runlock, stop
+from pretrain import faults
+from pretrain.checkpoint import store
+from pretrain.plan import preflight
+from pretrain.run import lock, stop
 from pretrain.config.load import config_to_yaml
 from pretrain.config.schema import Config, to_dict
 from pretrain.config.validate import Layout
 from pretrain.errors import UserError
-from pretrain.resume_check import resolved_config
-from pretrain.run_data import RunData
-from pretrain.schedule import lr_at
+from pretrain.checkpoint.resume_check import resolved_config
+from pretrain.run.data import RunData
+from pretrain.run.schedule import lr_at
 
 EXIT_NONFINITE = 3
 
@@ -32,7 +35,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
-        from pretrain.engine import init_distributed, pick_device
+        from pretrain.run.engine import init_distributed, pick_device
 
         self.stop = stop.install()
         self.device = pick_device(self.cfg)
@@ -53,27 +56,27 @@ class Trainer:
 
     def _claim_dirs(self) -> list:
         """Rank 0, before anything is written: the directories are writable and this run's alone
-        (pretrain.runlock); every rank gets rank 0's verdict."""
+        (pretrain.run.lock); every rank gets rank 0's verdict."""
         verdict, locks = None, []
         if self.rank == 0:
             try:
                 preflight.check_dir(self.out_dir, "train.out_dir")
                 preflight.check_dir(self.ckpt_dir, "checkpoint.dir" if self.cfg.checkpoint.dir else "train.out_dir")
-                locks = runlock.lock_run(self.out_dir, self.ckpt_dir, print)
+                locks = lock.lock_run(self.out_dir, self.ckpt_dir, print)
                 preflight.check_free_space(self.cfg, self.layout, self.ckpt_dir, print)
             except UserError as e:
                 verdict = str(e)
-        verdict = checkpoint.broadcast_from_rank0(verdict)
+        verdict = store.broadcast_from_rank0(verdict)
         if verdict:
             raise UserError(verdict)
         return locks
 
     def _run(self) -> int:
-        from pretrain.engine import build_engine
-        from pretrain.monitor import Monitor
+        from pretrain.run.engine import build_engine
+        from pretrain.run.monitor import Monitor
         from pretrain.parallel.build import build_model, memory_line, optimizer_group_names
         from pretrain.parallel.topology import Topology
-        from pretrain.plan import count_params, flops_per_token, layout_advice
+        from pretrain.plan.estimate import count_params, flops_per_token, layout_advice
 
         cfg, lay = self.cfg, self.layout
         self.topo = Topology(lay)  # every rank/group question goes here (DeepSpeed's grid)
@@ -83,7 +86,7 @@ class Trainer:
         self.monitor = Monitor(self.out_dir, self.rank == 0, cfg.logging.tensorboard, cfg.train.max_steps, wandb)
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            checkpoint.write_atomic(self.out_dir / "config.yaml", config_to_yaml(cfg))
+            store.write_atomic(self.out_dir / "config.yaml", config_to_yaml(cfg))
         self.data = RunData(cfg, lay, self.rank, self.dp_rank, self.out_dir, self.monitor.print)
 
         # checkpoint.init_from: imported weights (import-hf) or one of our checkpoints (continued
@@ -99,7 +102,7 @@ class Trainer:
         self.step, self.consumed, self.skipped_total = 0, 0, 0
         self.writer, self.resumed_step = None, None
         # The newest checkpoint that verifies and loads (self._resume), the same on every rank.
-        tag_dir = checkpoint.choose_resume(cfg.checkpoint.resume, self.ckpt_dir, self.monitor.print,
+        tag_dir = store.choose_resume(cfg.checkpoint.resume, self.ckpt_dir, self.monitor.print,
                                            cfg.checkpoint.verify, load=self._resume)
         if tag_dir is not None:
             self.monitor.rewind(self.step)  # drop what the stopped run logged after this checkpoint
@@ -148,9 +151,9 @@ class Trainer:
         return shape
 
     def _resume(self, tag_dir: Path) -> None:
-        from pretrain.resume_check import check_resume
+        from pretrain.checkpoint.resume_check import check_resume
 
-        saved = checkpoint.read_state(tag_dir)
+        saved = store.read_state(tag_dir)
         for line in check_resume(saved, self.cfg, self._model_shape(), self.layout.tp, self.data, f"checkpoint {tag_dir}"):
             self.monitor.print(line)
         now = self._state()["layout"]
@@ -163,13 +166,13 @@ class Trainer:
             state = load_resharded(self.engine, tag_dir, saved.get("layout") or {}, now, self.monitor.print,
                                    topo=self.topo, reordered=reordered)
         else:
-            state = checkpoint.load(self.engine, tag_dir)
+            state = store.load(self.engine, tag_dir)
         self.step, self.consumed = state["step"], state["consumed_samples"]
         self.skipped_total, self.resumed_step = state.get("skipped_steps", 0), self.step
         self.monitor.print(f"resumed from {tag_dir} at step {self.step}")
 
     def _shape_mismatch(self, where: str, shape: dict) -> str:
-        from pretrain.resume_check import shape_message
+        from pretrain.checkpoint.resume_check import shape_message
 
         return shape_message(where, shape, self._model_shape(), self.layout.tp)
 
@@ -184,10 +187,10 @@ class Trainer:
         if (Path(src) / META).is_file() or (Path(src) / "init" / META).is_file() or src.endswith(".safetensors"):
             return init_source(src, self.cfg, lay, self.monitor.print), None
         from pretrain.interop.ds_reader import load_model_weights
-        from pretrain.resume_check import check_init
+        from pretrain.checkpoint.resume_check import check_init
 
-        tag_dir = checkpoint.resolve_tag_dir(src, self.cfg.checkpoint.verify, split=True)
-        saved = checkpoint.read_state(tag_dir)
+        tag_dir = store.resolve_tag_dir(src, self.cfg.checkpoint.verify, split=True)
+        saved = store.read_state(tag_dir)
         check_init(saved, self.cfg, self._model_shape(), f"checkpoint.init_from={src}")
         source = None
         if not self.cfg.checkpoint.init_optimizer:
@@ -199,22 +202,22 @@ class Trainer:
 
     def _init_optimizer(self, tag_dir: Path) -> None:
         """checkpoint.init_optimizer: weights and optimizer state of `tag_dir`, in any layout."""
-        saved, now = checkpoint.read_state(tag_dir), self._state()["layout"]
+        saved, now = store.read_state(tag_dir), self._state()["layout"]
         if saved.get("layout") != now:
             from pretrain.interop.reshard import load_resharded
 
             load_resharded(self.engine, tag_dir, saved.get("layout") or {}, now, self.monitor.print, topo=self.topo)
         else:
-            load_path, _ = checkpoint.engine_load(self.engine, tag_dir, load_optimizer_states=True,
+            load_path, _ = store.engine_load(self.engine, tag_dir, load_optimizer_states=True,
                                                   load_lr_scheduler_states=False)
-            checkpoint.finish_load(load_path, tag_dir, rng=False)
+            store.finish_load(load_path, tag_dir, rng=False)
 
     # ------------------------------------------------------------------ loop
     def _loop(self) -> int:
         """The steps. Between boundaries (logging, checkpoint, validation) a step copies nothing
-        from the device: losses and skip verdicts stay there (`pretrain.steplog`) and are read,
+        from the device: losses and skip verdicts stay there (`pretrain.run.steplog`) and are read,
         with the stop-request agreement, at the boundaries."""
-        from pretrain.steplog import StepLedger, SkipCount
+        from pretrain.run.steplog import StepLedger, SkipCount
 
         cfg, lay, engine, opt = self.cfg, self.layout, self.engine, self.opt
         batches = self.data.train_batches(self.consumed)
@@ -300,7 +303,7 @@ class Trainer:
     def _settle(self) -> bool:
         """Read the steps since the last boundary (one device-to-host copy): count skips, warn, add
         the stepped losses to the window. True when `train.max_consecutive_skips` was reached."""
-        from pretrain.steplog import OK, SKIP
+        from pretrain.run.steplog import OK, SKIP
 
         for step, loss, outcome in self.ledger.settle():
             self.skips.record(outcome)
@@ -344,7 +347,7 @@ class Trainer:
     def _log(self, loss_total: float, n: int, steps: int, elapsed: float, lr: float, gnorm: float) -> None:
         """Log the window of `steps` steps that took `elapsed` training seconds (validation and
         checkpoint time excluded): `n` of them stepped, their losses summing to `loss_total`."""
-        from pretrain.monitor import memory_gib, peak_flops
+        from pretrain.run.monitor import memory_gib, peak_flops
 
         lay = self.layout
         loss = self._mean_over_dp(loss_total / n if n else float("nan"))
@@ -391,7 +394,7 @@ class Trainer:
     def _save(self) -> Path:
         """Start the checkpoint of this step (committed in the background with checkpoint.async_save);
         a save that is not a periodic one (the last, a stop, a non-finite stop) is committed on return."""
-        from pretrain.checkpoint_writer import CheckpointWriter
+        from pretrain.checkpoint.writer import CheckpointWriter
 
         c = self.cfg.checkpoint
         if self.writer is None:

@@ -4,7 +4,7 @@
 
 1. It waits for the previous save of this rank (and learns whether any rank's failed).
 2. DeepSpeed's `save_checkpoint` runs with a recording checkpoint engine
-   (pretrain.checkpoint_snapshot): every `checkpoint_engine.save(state_dict, path)` call keeps
+   (pretrain.checkpoint.snapshot): every `checkpoint_engine.save(state_dict, path)` call keeps
    a CPU copy of the state dict instead of writing it (a synchronous save keeps the live
    tensors). This is all the training thread waits for (the copy off the device; on CPU a
    memory copy).
@@ -49,8 +49,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pretrain import checkpoint, digest, faults
-from pretrain.checkpoint_snapshot import Recorder, Staging
+from pretrain import digest, faults
+from pretrain.checkpoint import store
+from pretrain.checkpoint.snapshot import Recorder, Staging
 from pretrain.errors import UserError
 
 IO_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
@@ -70,8 +71,8 @@ def last_committed(ckpt_dir: Path) -> str:
         tag = (ckpt_dir / "latest").read_text().strip()
     except OSError:
         tag = ""
-    m = checkpoint.TAG_RE.match(tag)
-    if m and (ckpt_dir / tag / checkpoint.MANIFEST).is_file():
+    m = store.TAG_RE.match(tag)
+    if m and (ckpt_dir / tag / store.MANIFEST).is_file():
         return f"the last committed checkpoint is step {int(m.group(1))} ({ckpt_dir / tag})"
     return f"no checkpoint has been committed in {ckpt_dir}"
 
@@ -136,7 +137,7 @@ class CheckpointWriter:
         # covers the checkpoint it resumed from (on disk long ago, unless the restart was quick).
         self._unsynced: list[Path] = []
         if resumed_step is not None and self.rank == 0:
-            tag = self.ckpt_dir / checkpoint.tag_for(resumed_step)
+            tag = self.ckpt_dir / store.tag_for(resumed_step)
             self._unsynced = [*sorted(tag.rglob("*")), tag]
 
     # ------------------------------------------------------------------ training thread
@@ -144,13 +145,13 @@ class CheckpointWriter:
         """Snapshot and start writing the checkpoint of `step` (collective). Returns its directory.
         `durable`: fsync it in this save (the run's last save); else the next save does (_write)."""
         self.wait()
-        tag_dir = self.ckpt_dir / checkpoint.tag_for(step)
+        tag_dir = self.ckpt_dir / store.tag_for(step)
         problem, already = None, False
         if self.rank == 0:
             try:
                 self.ckpt_dir.mkdir(parents=True, exist_ok=True)
                 # (`latest` left behind by a kill between manifest and latest is repaired at resume)
-                already = step == self._kept and checkpoint.verify(tag_dir, "sizes") is None
+                already = step == self._kept and store.verify(tag_dir, "sizes") is None
                 if tag_dir.exists() and not already:
                     shutil.rmtree(tag_dir)  # a partial save of this step from a killed run
                 tag_dir.mkdir(exist_ok=True)
@@ -158,7 +159,7 @@ class CheckpointWriter:
                 problem = io_error_line(e, getattr(e, "filename", None) or tag_dir, self.ckpt_dir)
                 if problem is None:
                     raise
-        problem, already = checkpoint.broadcast_from_rank0((problem, already))
+        problem, already = store.broadcast_from_rank0((problem, already))
         if problem:
             raise UserError(problem)
         durable = durable or self.keep_last == 1  # no older checkpoint stays to fall back on
@@ -185,9 +186,9 @@ class CheckpointWriter:
             del engine._copy_recovery_script
         files = [(Path(p), sd) for p, sd in recorder.files]
         recorder.files.clear()  # the writer thread alone holds the snapshots (and frees each once written)
-        small = {f"rng_{self.rank:05d}.json": json.dumps(checkpoint.rng_state())}
+        small = {f"rng_{self.rank:05d}.json": json.dumps(store.rng_state())}
         if self.rank == 0:
-            small[checkpoint.STATE] = json.dumps(state, indent=1, sort_keys=True)
+            small[store.STATE] = json.dumps(state, indent=1, sort_keys=True)
         faults.kill_if("save_point0", step, self.rank)
         self._tag_dir, self._error, self._kept = tag_dir, None, step
         self._thread = threading.Thread(target=self._write,
@@ -208,7 +209,7 @@ class CheckpointWriter:
         dist.all_gather_object(errors, self._error)
         bad = next((e for e in errors if e), None)
         if bad:
-            if self.rank == 0 and self._tag_dir is not None and not (self._tag_dir / checkpoint.MANIFEST).exists():
+            if self.rank == 0 and self._tag_dir is not None and not (self._tag_dir / store.MANIFEST).exists():
                 shutil.rmtree(self._tag_dir, ignore_errors=True)  # never committed: free the space
             raise UserError(bad)
 
@@ -245,10 +246,10 @@ class CheckpointWriter:
             current = tag_dir / f".digests_{self.rank:05d}.json"
             # Read once by rank 0's commit and deleted: renamed into place (never seen half
             # written) but not fsynced, which would wait for this rank's data to reach the disk.
-            checkpoint.write_atomic(current, json.dumps({"files": digests}), durable=False)
+            store.write_atomic(current, json.dumps({"files": digests}), durable=False)
             faults.kill_if("save_point4", step, self.rank)
             if self.rank == 0:
-                current = tag_dir / checkpoint.MANIFEST
+                current = tag_dir / store.MANIFEST
                 self._commit(tag_dir, step, durable)
         except OSError as e:
             current = getattr(e, "filename", None) or current
@@ -263,14 +264,14 @@ class CheckpointWriter:
         """fsync files and directories; those gone since (pruned) are skipped. An OSError names its path."""
         for path in paths:
             try:
-                checkpoint.fsync_path(path)
+                store.fsync_path(path)
             except FileNotFoundError:
                 continue
 
     def _fail(self, tag_dir: Path, message: str) -> None:
         self._error = message
         try:  # tell rank 0's commit not to wait for this rank
-            checkpoint.write_atomic(tag_dir / f".digests_{self.rank:05d}.json", json.dumps({"error": message}))
+            store.write_atomic(tag_dir / f".digests_{self.rank:05d}.json", json.dumps({"error": message}))
         except OSError:
             pass
 
@@ -345,15 +346,15 @@ class CheckpointWriter:
             files.update(got["files"])
         faults.kill_if("kill_in_save", step, 0)
         manifest = {"format": 2, "step": step, "files": dict(sorted(files.items()))}
-        checkpoint.write_atomic(tag_dir / checkpoint.MANIFEST, json.dumps(manifest, indent=1), durable=durable)
+        store.write_atomic(tag_dir / store.MANIFEST, json.dumps(manifest, indent=1), durable=durable)
         faults.kill_if("save_point6", step, 0)
-        checkpoint.write_atomic(self.ckpt_dir / "latest", tag_dir.name + "\n", durable=durable)
+        store.write_atomic(self.ckpt_dir / "latest", tag_dir.name + "\n", durable=durable)
         if not durable:
-            self._unsynced += [tag_dir / checkpoint.MANIFEST, self.ckpt_dir / "latest", self.ckpt_dir]
+            self._unsynced += [tag_dir / store.MANIFEST, self.ckpt_dir / "latest", self.ckpt_dir]
         faults.kill_if("save_point7", step, 0)
         for r in range(self.world):
             (tag_dir / f".digests_{r:05d}.json").unlink(missing_ok=True)
-        checkpoint.prune(self.ckpt_dir, self.keep_last)
+        store.prune(self.ckpt_dir, self.keep_last)
 
 
 def _zip_crc32(on: bool):

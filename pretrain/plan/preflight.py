@@ -34,7 +34,7 @@ def check_dir(path: Path, what: str) -> None:
 
 def check_free_space(cfg: Config, layout: Layout, ckpt_dir: Path, warn: Callable[[str], None]) -> None:
     """Warn when the checkpoint directory has less free space than one checkpoint (the --plan estimate)."""
-    from pretrain.plan import checkpoint_bytes
+    from pretrain.plan.estimate import checkpoint_bytes
 
     need = checkpoint_bytes(cfg, layout)
     try:

@@ -2,7 +2,7 @@
 
 We hand DeepSpeed a plain torch AdamW (with our parameter groups) and the config that
 `pretrain.config.deepspeed` generates; the learning rate is set by the trainer each
-step from `pretrain.schedule`. The optimizer is wrapped in `GuardedAdamW`, which makes
+step from `pretrain.run.schedule`. The optimizer is wrapped in `GuardedAdamW`, which makes
 the non-finite guard uniform across ZeRO stages: DeepSpeed skips overflowing steps
 for fp16, but not for fp32 ZeRO-0, where one NaN would reach the weights.
 """
@@ -20,7 +20,7 @@ import torch.distributed.distributed_c10d as c10d
 from pretrain.config.deepspeed import deepspeed_config
 from pretrain.config.schema import Config
 from pretrain.config.validate import Layout
-from pretrain.third_party import quiet_third_party
+from pretrain.run.third_party import quiet_third_party
 
 
 class GuardedAdamW(torch.optim.AdamW):

@@ -8,13 +8,13 @@ Layout of `<checkpoint dir>`:
         manifest.json       the commit record: every file above with size and checksum (pretrain.digest)
     latest                  the tag of the newest committed checkpoint
 
-A checkpoint counts only once its manifest exists. `pretrain.checkpoint_writer` writes
+A checkpoint counts only once its manifest exists. `pretrain.checkpoint.writer` writes
 it: every rank hashes the files it wrote while writing them, rank 0 gathers the digests,
 writes `manifest.json` (temp file + rename) and only then moves `latest`, in the background
 while training goes on; older checkpoints are deleted only once a newer one is fsynced.
 
 Resume takes the newest checkpoint that verifies and loads (`choose_resume`): every file the
-manifest lists is checked (`pretrain.checkpoint_read`: its digest with `checkpoint.verify: full`,
+manifest lists is checked (`pretrain.checkpoint.read`: its digest with `checkpoint.verify: full`,
 the default, and its structure), the files split over the ranks, and then loaded; a checkpoint
 that is partial, fails a check on any rank, or fails to load is skipped with a warning naming
 the file, and when committed checkpoints exist but none verifies the run stops instead of
@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain import digest
-from pretrain.checkpoint_read import Unreadable, engine_load, file_problem, hashing_reads  # noqa: F401 (engine_load: re-exported)
+from pretrain.checkpoint.read import Unreadable, engine_load, file_problem, hashing_reads  # noqa: F401 (engine_load: re-exported)
 from pretrain.errors import UserError
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
@@ -140,7 +140,7 @@ def verify(tag_dir: Path, mode: str = "full") -> str | None:
     """None when `tag_dir` is a complete, intact checkpoint; else the reason it is not.
 
     mode 'sizes': the manifest exists and every file it lists has its size and structure
-    (pretrain.checkpoint_read); 'full': also its checksum.
+    (pretrain.checkpoint.read); 'full': also its checksum.
     """
     manifest, reason = read_manifest(tag_dir)
     if reason:

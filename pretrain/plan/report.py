@@ -1,12 +1,12 @@
 """The human-readable plan that `pretrain-train --plan` prints, from the figures of
-`pretrain.plan` (parameters, FLOPs, batch plan, layout, memory and checkpoint estimates).
-Imports neither torch nor the model, like pretrain.plan."""
+`pretrain.plan.estimate` (parameters, FLOPs, batch plan, layout, memory and checkpoint estimates).
+Imports neither torch nor the model, like pretrain.plan.estimate."""
 from __future__ import annotations
 
 from typing import Any
 
 from pretrain.config.schema import Config
-from pretrain.plan import (GiB, _stage_bounds, checkpoint_bytes, count_params, ffn_dim, flops_per_token, head_dim,
+from pretrain.plan.estimate import (GiB, _stage_bounds, checkpoint_bytes, count_params, ffn_dim, flops_per_token, head_dim,
                            host_memory, kv_heads, layout_advice, matmul_params, memory_estimate,
                            pipeline_layer_params, stage_blocks)
 

@@ -51,7 +51,7 @@ MANIFEST_KEYS = ("format", "format_version", "tokenizer", "vocab_size", "token_d
 def copy_tokenizer(src: str, dest: Path) -> dict:
     """Copy the tokenizer of the data directory `src` into `dest`: its file and a manifest of the
     tokenizer alone (readable by `tokenizer_from_manifest`). Returns {"files": {name: sha256}, ...}."""
-    from pretrain.checkpoint import write_atomic
+    from pretrain.checkpoint.store import write_atomic
     from pretrain.data.manifest import read_manifest
 
     m = read_manifest(src)
