@@ -8,6 +8,7 @@ its traceback. Their parsers use `HelpFormatter`, so `--help` shows every defaul
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import sys
 from typing import Callable
@@ -15,6 +16,39 @@ from typing import Callable
 
 class UserError(Exception):
     """A mistake the user can fix; the message names the file/field and the fix."""
+
+
+# Known I/O errors (disk full, read-only file system, no permission) become one line naming the
+# path and what state the output was left in, instead of a traceback; other OSErrors stay bugs.
+# errno: (short form, as in "disk full writing X"; clause, as in "writing X: the disk is full")
+IO_ERRORS = {errno.ENOSPC: ("disk full", "the disk is full"),
+             errno.EDQUOT: ("disk quota exceeded", "the disk quota is exhausted"),
+             errno.EROFS: ("read-only file system", "the file system is read-only"),
+             errno.EACCES: ("permission denied", "permission denied"),
+             errno.EPERM: ("operation not permitted", "operation not permitted")}
+
+
+def os_error_line(e: OSError, path, doing: str) -> str:
+    """`{doing} {path}: {why}` for any OSError (IO_ERRORS in plain words)."""
+    known = IO_ERRORS.get(e.errno)
+    why = known[1] if known else {errno.ENOTDIR: "a parent path is a file, not a directory",
+                                  errno.EEXIST: "it exists and is not a directory"}.get(e.errno, e.strerror or str(e))
+    return f"{doing} {path}: {why}"
+
+
+def known_io_errors(describe: Callable[[OSError], str]):
+    """Decorator: a known OSError (IO_ERRORS) from the function becomes UserError(describe(error))."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except OSError as e:
+                if e.errno not in IO_ERRORS:
+                    raise
+                raise UserError(describe(e)) from None
+        return inner
+    return wrap
 
 
 def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:

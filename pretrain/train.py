@@ -19,14 +19,16 @@ if __name__ == "__main__" or getattr(sys, "argv", [""])[0].endswith("pretrain-tr
 
 import argparse
 import os
+from dataclasses import asdict
 
 from pretrain.plan import preflight
 from pretrain.run import stop
 from pretrain.config.load import config_to_yaml, load_config
 from pretrain.config.schema import Config
-from pretrain.config.validate import config_warnings, resolve
+from pretrain.config.validate import resolve
+from pretrain.interop.names import export_warnings
 from pretrain.errors import HelpFormatter, UserError, cli_entry
-from pretrain.run.data import data_vocab_size
+from pretrain.data.manifest import data_vocab_size
 from pretrain.run.trainer import Trainer
 
 def parse_args(argv):
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
     layout = resolve(_vocab_placeholder(cfg, data_vocab, args), world, data_vocab,
                      cuda_available=True if offline and cfg.train.device == "cuda" else None)
     if int(os.environ.get("RANK", "0")) == 0:
-        for warning in config_warnings(cfg):
+        for warning in export_warnings(asdict(cfg.model)):
             print(warning, file=sys.stderr, flush=True)
     if offline and cfg.train.device == "auto" and layout.device == "cpu":
         print("note: no CUDA device here, so train.device auto plans for the CPU; add train.device=cuda "

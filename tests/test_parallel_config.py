@@ -9,7 +9,7 @@ import pytest
 from pretrain.config import load_config, resolve
 from pretrain.errors import UserError
 from pretrain.parallel.topology import coords_table
-from pretrain.plan.estimate import stage_blocks
+from pretrain.parallel.partition import stage_blocks
 from pretrain.plan.report import format_plan
 
 BASE = ["data.synthetic=true", "model.vocab_size=1000", "model.n_layer=4", "model.d_model=64", "model.n_head=4",

@@ -126,7 +126,7 @@ def _pipe_body(rank, world_size, overrides):
     from pretrain.parallel.pipeline import build_pipeline, stage_parts
     from pretrain.parallel.spec import layer_prefix
     from pretrain.parallel.topology import Topology
-    from pretrain.plan.estimate import stage_blocks
+    from pretrain.parallel.partition import stage_blocks
 
     os.environ.setdefault("LOCAL_RANK", "0")
     if not deepspeed.comm.is_initialized():

@@ -15,8 +15,9 @@ import torch
 from pretrain.config import load_config, resolve
 from pretrain.config.schema import Config, ModelConfig
 from pretrain.plan.report import format_plan
-from pretrain.plan.estimate import (count_params, ffn_dim, flops_per_token, matmul_params,
-                           memory_estimate, partition_balanced, partition_uniform, stage_blocks)
+from pretrain.model.size import count_params, ffn_dim, flops_per_token, matmul_params
+from pretrain.parallel.partition import partition_balanced, partition_uniform, stage_blocks
+from pretrain.plan.estimate import memory_estimate
 
 GiB = 2**30
 

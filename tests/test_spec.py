@@ -147,8 +147,8 @@ _RULE_NAMES = re.compile(r"(attn\.proj|mlp\.(fc|gate|up|proj|down)|lm_head)\b")
 
 def _sources():
     for path in sorted((ROOT / "pretrain").rglob("*.py")):
-        if path.name == "spec.py" and path.parent.name == "parallel":
-            continue
+        if (path.parent.name, path.name) in (("parallel", "spec.py"), ("model", "params.py")):
+            continue  # the table (model/params.py) and the split plan acting on it (parallel/spec.py)
         yield path, path.read_text()
 
 

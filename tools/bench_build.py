@@ -56,7 +56,7 @@ def _worker(args) -> None:
     from pretrain.config.validate import resolve
     from pretrain.run.engine import build_engine, init_distributed
     from pretrain.parallel.topology import Topology
-    from pretrain.plan.estimate import count_params
+    from pretrain.model.size import count_params
 
     try:
         from pretrain.parallel.build import build_model

@@ -110,7 +110,7 @@ def main() -> int:
     from pretrain.run.engine import build_engine, init_distributed
     from pretrain.parallel.build import build_model
     from pretrain.parallel.topology import Topology
-    from pretrain.plan.estimate import count_params
+    from pretrain.model.size import count_params
 
     overrides = [f"model.n_layer={a.layers}", f"model.d_model={a.d_model}", f"model.n_head={a.heads}",
                  f"model.vocab_size={a.vocab}", "model.seq_len=32", "model.dropout=0", "data.synthetic=true",
@@ -257,7 +257,7 @@ def _bench_load(a, rank: int, engine, d: Path, state: dict, cfg, lay, world: int
 
     from pretrain.checkpoint import store
     from pretrain.checkpoint.writer import CheckpointWriter
-    from pretrain.plan.estimate import count_params
+    from pretrain.model.size import count_params
 
     w = CheckpointWriter(d, 3, False, 600.0)
     w.save(engine, 1, state)

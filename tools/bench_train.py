@@ -117,7 +117,7 @@ def _shape(a):
     """Trainer overrides for the shape, and the resolved (cfg, layout)."""
     from pretrain.config.load import load_config
     from pretrain.config.validate import resolve
-    from pretrain.run.data import data_vocab_size
+    from pretrain.data.manifest import data_vocab_size
 
     if a.config is None:
         fill_defaults(a, ANCHOR)
@@ -267,7 +267,7 @@ def main() -> int:
     a = _parse()
     os.chdir(ROOT)
     ov, cfg, layout, precision = _shape(a)
-    from pretrain.plan.estimate import count_params, flops_per_token
+    from pretrain.model.size import count_params, flops_per_token
 
     fpt = flops_per_token(cfg.model, layout.padded_vocab_size)
     peak = _peak(a, precision)

@@ -28,7 +28,7 @@ from pretrain.config.schema import ModelConfig  # noqa: E402
 from pretrain.model import GPT  # noqa: E402
 from pretrain.model.gpt import param_groups  # noqa: E402
 from pretrain.run.monitor import peak_flops  # noqa: E402
-from pretrain.plan.estimate import flops_per_token  # noqa: E402
+from pretrain.model.size import flops_per_token  # noqa: E402
 
 
 def main(argv=None) -> int:

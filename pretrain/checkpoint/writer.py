@@ -37,7 +37,6 @@ save_point6 (rank 0: manifest written, `latest` not), save_point7 (rank 0: befor
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import json
 import shutil
@@ -52,18 +51,15 @@ import torch.distributed as dist
 from pretrain import digest, faults
 from pretrain.checkpoint import store
 from pretrain.checkpoint.snapshot import Recorder, Staging
-from pretrain.errors import UserError
-
-IO_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
-             errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
+from pretrain.errors import IO_ERRORS, UserError
 
 
 def io_error_line(e: OSError, path, ckpt_dir: Path) -> str | None:
     """The one-line message for a known I/O error while writing `path`; None for other errors."""
-    what = IO_ERRORS.get(getattr(e, "errno", None))
-    if what is None:
+    known = IO_ERRORS.get(getattr(e, "errno", None))
+    if known is None:
         return None
-    return f"{what} writing {path}; {last_committed(ckpt_dir)}"
+    return f"{known[0]} writing {path}; {last_committed(ckpt_dir)}"
 
 
 def last_committed(ckpt_dir: Path) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pretrain.config.schema import Config
 from pretrain.errors import UserError
 
-__all__ = ["Layout", "resolve", "config_warnings", "padded_vocab", "tokens_per_step", "ENUMS", "DEEPSPEED_OWNED_KEYS"]
+__all__ = ["Layout", "resolve", "padded_vocab", "tokens_per_step", "ENUMS", "DEEPSPEED_OWNED_KEYS"]
 
 ENUMS: dict[str, tuple[str, ...]] = {
     "model.position": ("learned", "rope"),
@@ -359,19 +359,6 @@ def resolve(cfg: Config, world_size: int, data_vocab_size: int | None = None, *,
     return Layout(world_size=world_size, dp=dp, tp=tp, pp=pp, micro_batch_size=micro,
                   grad_accum=accum, global_batch_size=global_batch, vocab_size=vocab,
                   padded_vocab_size=padded, zero_stage=p.zero_stage, device=device)
-
-
-def config_warnings(cfg: Config) -> list[str]:
-    """Valid but surprising choices, printed before training starts (also by --plan)."""
-    from dataclasses import asdict
-
-    from pretrain.interop.names import architecture  # the one place that knows the export targets
-
-    try:
-        architecture(asdict(cfg.model))
-    except UserError as e:
-        return [f"warning: {e}. It trains, but `pretrain-convert export-hf` will refuse it"]
-    return []
 
 
 def tokens_per_step(cfg: Config, layout: Layout) -> int:

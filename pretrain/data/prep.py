@@ -27,8 +27,7 @@ from pretrain.data.manifest import FORMAT, FORMAT_VERSION, MANIFEST, write_json_
 from pretrain.data.shards import Outputs, RestoreFailed, clean_outputs
 from pretrain.data.sources import check_extras, expand_inputs, iter_chunks, source_info
 from pretrain.data.tokenizer import load_tokenizer, parse_bpe_spec, train_bpe
-from pretrain.errors import HelpFormatter, UserError, cli_entry
-from pretrain.ioerrors import known_io_errors, os_error_line
+from pretrain.errors import HelpFormatter, UserError, cli_entry, known_io_errors, os_error_line
 
 JOURNAL = ".prep_state.json"
 CHUNK_DOCS = 2048

@@ -132,7 +132,7 @@ def derive_model(cfg, want: dict, hf_vocab: int) -> list[str]:
 
 def _data_ready(cfg) -> tuple[bool, int | None]:
     """(whether data.paths holds prepared data, its vocabulary). Importing needs no data yet."""
-    from pretrain.run.data import data_vocab_size
+    from pretrain.data.manifest import data_vocab_size
 
     if cfg.data.synthetic:
         return True, None

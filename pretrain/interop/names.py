@@ -312,3 +312,13 @@ def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 def same_float(a, b) -> bool:
     return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+
+
+def export_warnings(model_section: dict) -> list[str]:
+    """Valid but surprising choices of a model section, printed before training starts (also by
+    --plan): a model that trains but that `pretrain-convert export-hf` will refuse."""
+    try:
+        architecture(model_section)
+    except UserError as e:
+        return [f"warning: {e}. It trains, but `pretrain-convert export-hf` will refuse it"]
+    return []

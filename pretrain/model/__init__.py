@@ -1,7 +1,19 @@
-"""The GPT model (no DeepSpeed / torch.distributed): layers, full model, param groups, sampling."""
-from pretrain.model.gpt import GPT, loss_fn, param_groups
-from pretrain.model.layers import Block, Embedding, Head, KVCache, resolve_d_ff
-from pretrain.model.sampling import generate, sample_logits
+"""The GPT model (no DeepSpeed / torch.distributed): layers, full model, param groups, sampling,
+the table of its parameters (`params`) and its sizes (`size`).
 
-__all__ = ["GPT", "loss_fn", "param_groups", "Block", "Embedding", "Head", "KVCache", "resolve_d_ff",
-           "generate", "sample_logits"]
+Kept import-light, like ``pretrain.parallel``: `size` needs no torch (the planner imports it
+before torch exists), so the public names below resolve on first access."""
+from __future__ import annotations
+
+_NAMES = {"GPT": "gpt", "loss_fn": "gpt", "param_groups": "gpt", "Block": "layers", "Embedding": "layers",
+          "Head": "layers", "KVCache": "layers", "resolve_d_ff": "layers", "generate": "sampling",
+          "sample_logits": "sampling"}
+__all__ = list(_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,7 +28,7 @@ With tied embeddings the output head uses embed.wte.weight; there is no head.lm_
 
 Initialisation (GPT-2): normal(0, init_std) for linear and embedding weights, zero biases,
 unit norm gains, and std init_std/sqrt(2*n_layer) for the residual output projections
-(attn.proj, mlp.proj / mlp.down), as `pretrain.parallel.spec` states per name. The layers
+(attn.proj, mlp.proj / mlp.down), as `pretrain.model.params` states per name. The layers
 are built on the meta device, then each parameter is filled from its own generator, seeded
 by (seed, name): `GPT(cfg, V, seed=s)` is a function of s, and without a seed one value
 is drawn from torch's default generator (so `torch.manual_seed` makes construction
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from pretrain.config.schema import ModelConfig
 from pretrain.model.layers import Block, Embedding, Head, KVCache, check_config
-from pretrain.parallel import spec
+from pretrain.model import params
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -75,7 +75,7 @@ class GPT(nn.Module):
         device = torch.get_default_device() if device is None else torch.device(device)
         if device.type != "meta":
             self.to_empty(device=device)
-            spec.initialize(self, cfg, spec.draw_seed() if seed is None else seed)
+            params.initialize(self, cfg, params.draw_seed() if seed is None else seed)
 
     def layers(self) -> list[nn.Module]:
         """[embed, *blocks, head]: applying them in sequence is the forward pass (without loss)."""
@@ -128,10 +128,10 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norms_and_biases: 
     """AdamW parameter groups: [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0}].
 
     Decayed: weight matrices, except the embedding tables unless decay_embeddings; biases and
-    norm gains only if decay_norms_and_biases (the rule of each name: `pretrain.parallel.spec`).
+    norm gains only if decay_norms_and_biases (the rule of each name: `pretrain.model.params`).
     Every trainable parameter lands in exactly one group, a shared (tied) parameter once.
     Empty groups are dropped.
     """
-    groups = spec.param_groups(model.named_parameters(), weight_decay, decay_embeddings=decay_embeddings,
-                               decay_norms_and_biases=decay_norms_and_biases)
+    groups = params.param_groups(model.named_parameters(), weight_decay, decay_embeddings=decay_embeddings,
+                                 decay_norms_and_biases=decay_norms_and_biases)
     return [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups]

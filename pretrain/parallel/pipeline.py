@@ -52,7 +52,7 @@ from pretrain.model.layers import Block, Embedding
 from pretrain.parallel import spec
 from pretrain.parallel.apply import ParallelHead, materialize, parallel_loss, shard_block, shard_embedding
 from pretrain.parallel.tensor import VocabParallelEmbedding, get_world_size
-from pretrain.plan.estimate import partition_balanced, partition_uniform, pipeline_layer_params
+from pretrain.parallel.partition import partition_balanced, partition_uniform, pipeline_layer_params
 
 __all__ = ["GPTPipe", "PipeLoss", "build_pipeline", "stage_parts", "TIED_KEY"]
 

@@ -1,95 +1,43 @@
-"""The parameter spec: every fact about a plain-GPT parameter, by name, in one table.
+"""The split plan: how each plain-GPT parameter is sharded, merged, grouped and named in every
+parallel layout, acting on the model's own table of its parameters (`pretrain.model.params`:
+optimizer group, initial value and the tensor-parallel split it declares).
 
-For each parameter of `pretrain.model.gpt.GPT` (matched by its name) `RULES` says
-
-* ``group``   -- its optimizer group: 'matrix' (weight decay), 'embedding' (a lookup table:
-  decayed only with optim.decay_embeddings), 'vector' (biases and norm gains: decayed only
-  with optim.decay_norms_and_biases);
 * ``tp_dim``  -- the dimension tensor parallelism splits (None: replicated on every TP rank);
 * ``regroup`` -- the fused qkv rows are regrouped per rank before the split
   (`qkv_permutation`), so rank r holds its query heads and exactly the kv heads they read;
 * ``vocab``   -- the rows are the padded vocabulary (`pad_vocab`: a multiple of
-  vocab_multiple x tp, so every rank's slice is equal);
-* ``init``    -- the initial value: 'normal' N(0, init_std), 'residual' N(0, init_std/sqrt(2L))
-  (the projections into the residual stream), 'zeros', 'ones'.
+  vocab_multiple x tp, so every rank's slice is equal).
 
 Pipeline layers: [embedding, block 0 .. block L-1, head] are layers 0 .. L+1; a name's
 layer is its prefix (`layer_of`, `layer_prefix`). Ties: with model.tie_embeddings the head
 (layer L+1) reads ``embed.wte.weight``; a pipeline's last stage holds a copy of it, named
 ``head.wte.weight`` in plain terms (`TIED`), ``tied_modules.embed.wte.weight`` by DeepSpeed.
 
-Everything that shards, merges, groups, names or initialises parameters derives from this
+Everything that shards, merges, groups, names or initialises parameters derives from the
 table: `local_piece` (sharding, loading imported or consolidated weights), `merge_state`
 (export, consolidation, checkpoint reading), `param_groups` (the optimizer, the plain GPT
-and every parallel layout alike), `plain_name` (pipeline stage names), `initial_value`.
+and every parallel layout alike), `plain_name` (pipeline stage names), `initialize` (each
+rank's piece of the initial values: drawn full size, then sliced, so building holds at most
+one full parameter beyond this rank's own pieces).
 
-Initial weights are a function of (seed, parameter name) only: each parameter is drawn full
-size from its own generator (seeded by a hash of the run's seed and the name) and then
-sliced, so every layout (plain, tensor-, pipeline-parallel, ZeRO-3) starts from the same
-weights, and building holds at most one full parameter beyond this rank's own pieces.
-
-This module imports only torch and the config schema: the model and the parallel code both
-build on it (see docs/PARALLEL.md).
+The names of the table are re-exported here for the parallel code (see docs/PARALLEL.md).
 """
 from __future__ import annotations
 
-import hashlib
-import math
-import re
-from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import torch
 
 from pretrain.config.schema import ModelConfig
+from pretrain.model import params
+from pretrain.model.params import RULES, TIED, Rule, decays, draw_seed, initial_value, rule_of  # noqa: F401 (re-exported)
 
 __all__ = ["Rule", "RULES", "TIED", "rule_of", "qkv_permutation", "layer_of", "layer_prefix", "plain_name",
            "full_shape", "local_piece", "merge_state", "decays", "param_groups", "optimizer_groups", "group_names", "draw_seed",
            "initial_value", "initialize"]
 
 
-@dataclass(frozen=True)
-class Rule:
-    group: str  # 'matrix' | 'embedding' | 'vector'
-    tp_dim: Optional[int]
-    init: str  # 'normal' | 'residual' | 'zeros' | 'ones'
-    regroup: bool = False
-    vocab: bool = False
-
-
-_B = r"blocks\.\d+\."
-RULES: tuple[tuple[str, Rule], ...] = (
-    (r"embed\.wte\.weight", Rule("embedding", 0, "normal", vocab=True)),
-    (r"embed\.wpe\.weight", Rule("embedding", None, "normal")),
-    (_B + r"ln_[12]\.weight", Rule("vector", None, "ones")),
-    (_B + r"ln_[12]\.bias", Rule("vector", None, "zeros")),
-    (_B + r"attn\.qkv\.weight", Rule("matrix", 0, "normal", regroup=True)),
-    (_B + r"attn\.qkv\.bias", Rule("vector", 0, "zeros", regroup=True)),
-    (_B + r"attn\.proj\.weight", Rule("matrix", 1, "residual")),
-    (_B + r"attn\.proj\.bias", Rule("vector", None, "zeros")),
-    (_B + r"mlp\.(fc|gate|up)\.weight", Rule("matrix", 0, "normal")),
-    (_B + r"mlp\.(fc|gate|up)\.bias", Rule("vector", 0, "zeros")),
-    (_B + r"mlp\.(proj|down)\.weight", Rule("matrix", 1, "residual")),
-    (_B + r"mlp\.(proj|down)\.bias", Rule("vector", None, "zeros")),
-    (r"head\.ln_f\.weight", Rule("vector", None, "ones")),
-    (r"head\.ln_f\.bias", Rule("vector", None, "zeros")),
-    (r"head\.lm_head\.weight", Rule("matrix", 0, "normal", vocab=True)),
-)
-_COMPILED = tuple((re.compile(p + r"$"), r) for p, r in RULES)
-
-# A copy of another parameter (plain name of the copy -> the original's): the tied output
-# head of a pipeline's last stage.
-TIED = {"head.wte.weight": "embed.wte.weight"}
 PIPE_TIED_KEY = "embed"  # DeepSpeed's TiedLayerSpec key: stage names 'tied_modules.embed.*'
-
-
-def rule_of(name: str) -> Rule:
-    """The rule of a plain-GPT parameter name (KeyError for a name the spec does not know)."""
-    name = TIED.get(name, name)
-    for pattern, rule in _COMPILED:
-        if pattern.match(name):
-            return rule
-    raise KeyError(f"{name!r} is not a parameter of the plain GPT (pretrain.parallel.spec.RULES)")
 
 
 # ----------------------------------------------------------------------------- pipeline names
@@ -195,34 +143,13 @@ def merge_state(shards: list[dict], m: ModelConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------- optimizer groups
-def decays(name: str, decay_norms_and_biases: bool, decay_embeddings: bool) -> bool:
-    """Whether plain parameter `name` is in the weight-decay group."""
-    group = rule_of(name).group
-    if group == "embedding":
-        return decay_embeddings
-    if group == "vector":
-        return decay_norms_and_biases
-    return True
-
-
 def param_groups(named: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float, *,
                  decay_norms_and_biases: bool = False, decay_embeddings: bool = False,
                  n_layer: int = 0) -> list[dict]:
-    """AdamW groups [{'params', 'names', 'weight_decay': wd}, {..., 'weight_decay': 0}] of the
-    trainable `named` parameters (e.g. `model.named_parameters()`: a shared parameter once) by
-    their plain names' rule, in the given order; 'names' are the given (module) names. Empty
-    groups are dropped. Pass `n_layer` for a pipeline stage's index-named layers."""
-    decay, no_decay = ([], []), ([], [])
-    for name, p in named:
-        if not p.requires_grad:
-            continue
-        use = decays(plain_name(name, n_layer), decay_norms_and_biases, decay_embeddings)
-        target = decay if use else no_decay
-        target[0].append(p)
-        target[1].append(name)
-    groups = [{"params": decay[0], "names": decay[1], "weight_decay": weight_decay},
-              {"params": no_decay[0], "names": no_decay[1], "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+    """`params.param_groups` for any built model's names: pass `n_layer` for a pipeline
+    stage's index-named layers (`plain_name`)."""
+    return params.param_groups(named, weight_decay, decay_norms_and_biases=decay_norms_and_biases,
+                               decay_embeddings=decay_embeddings, plain=lambda name: plain_name(name, n_layer))
 
 
 def _model_groups(model: torch.nn.Module, optim, n_layer: int) -> list[dict]:
@@ -241,31 +168,6 @@ def group_names(model: torch.nn.Module, optim, n_layer: int) -> list[list[str]]:
     return [g["names"] for g in _model_groups(model, optim, n_layer)]
 
 
-# ----------------------------------------------------------------------------- initial values
-def draw_seed() -> int:
-    """The base seed of a model's initial weights: one draw of torch's default generator (so a
-    model built under `torch.manual_seed(s)` is a function of s, in any layout)."""
-    return int(torch.randint(0, 2**62, (1,), device="cpu").item())
-
-
-def _name_seed(seed: int, name: str) -> int:
-    digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-def initial_value(name: str, shape: Iterable[int], m: ModelConfig, seed: int) -> torch.Tensor:
-    """The full initial fp32 tensor (CPU) of plain parameter `name`: a function of (seed, name, shape)."""
-    rule = rule_of(name)
-    shape = tuple(shape)
-    if rule.init == "zeros":
-        return torch.zeros(shape)
-    if rule.init == "ones":
-        return torch.ones(shape)
-    std = m.init_std / math.sqrt(2 * m.n_layer) if rule.init == "residual" else m.init_std
-    g = torch.Generator().manual_seed(_name_seed(seed, TIED.get(name, name)))
-    return torch.empty(shape).normal_(0.0, std, generator=g)
-
-
 Source = Callable[[str, tuple], torch.Tensor]  # (plain name, full shape) -> full tensor
 
 
@@ -280,7 +182,7 @@ def initialize(module: torch.nn.Module, m: ModelConfig, seed: Optional[int] = No
             raise ValueError("initialize needs a seed or a source")
 
         def source(name, shape):
-            return initial_value(name, shape, m, seed)
+            return params.initial_value(name, shape, m, seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
             plain = plain_name(prefix + name, m.n_layer)

@@ -1,31 +1,9 @@
-"""Analytic run planning: parameter count, FLOPs, pipeline split and memory per rank.
+"""Analytic run planning: memory per rank, checkpoint size and layout advice.
 
 Nothing here builds a model or touches a device; `--plan` prints `format_plan(cfg, layout)`.
 
-Parameter count (`count_params`) follows the model exactly (a test compares it with
-`pretrain.model.gpt.GPT`): per block two norms, a fused qkv projection with
-(n_head + 2*n_kv_head)*head_dim outputs, an output projection and the MLP (gelu: fc and
-proj; swiglu: gate, up and down); then a final norm, the token embedding (padded
-vocabulary), learned positions when model.position is 'learned', and an untied head.
-model.bias false removes every linear and norm bias; RMSNorm has no bias.
-
-FLOPs per token (`flops_per_token`) = 6*N + 12*L*d*T, the PaLM / nanoGPT / llm.c
-convention (REFERENCE.md, baseline/plain_gpt.py): N is every parameter except the
-position embeddings, i.e. every parameter that takes part in a matmul (with tied
-embeddings the token embedding is the output head's matrix). For an untied head the
-input token embedding is a lookup-only table too and is left out of N as well, so the
-head is counted once; this equals `GPT.num_params(non_embedding=True)`. 6N is the
-forward (2N) and backward (4N) of the weight matmuls; 12*L*d*T is the attention-score
-and weighted-sum matmuls (forward + backward) at full, non-causal cost.
-How it differs from the others:
-  * HF / Kaplan "6N" ignores attention (the 12*L*d*T term) and excludes the embedding
-    and output head, so it reports lower FLOPs (and MFU) than this, most at long T;
-  * Megatron-LM's formula (Narayanan et al. 2021, 72*B*T*L*d^2*(1 + T/(6d) + V/(12*L*d)))
-    counts the QKV/out/MLP matmuls, attention and logits explicitly, assuming 4d MLPs and
-    no GQA (it agrees with this one for GPT-2 shapes up to the biases and norms); with
-    activation recomputation it adds the recomputed forward (96 instead of 72), i.e.
-    hardware FLOPs, whereas this is model FLOPs (recomputation is not counted).
-MFU = tokens/s x flops_per_token / peak FLOP/s (what REFERENCE.md measures with).
+Parameter counts and FLOPs per token live in `pretrain.model.size`, the pipeline split in
+`pretrain.parallel.partition`.
 
 Memory (`memory_estimate`): bytes per rank under the ZeRO stage and precision, checked
 against measured ranks by tools/bench_memory.py (docs/PERFORMANCE.md).
@@ -70,168 +48,15 @@ from typing import Any
 
 from pretrain.config.deepspeed import deepspeed_config
 from pretrain.config.schema import LOSS_CHUNK_ELEMENTS, Config, ModelConfig
+from pretrain.model.size import count_params, ffn_dim, head_dim, kv_heads
+from pretrain.parallel.partition import pipeline_layer_params, stage_bounds
 
-__all__ = [
-    "ffn_dim", "head_dim", "kv_heads", "count_params", "matmul_params", "flops_per_token", "pipeline_layer_params",
-    "partition_uniform", "partition_balanced", "stage_blocks", "memory_estimate", "host_memory", "layout_advice",
-    "checkpoint_bytes",
-]
+__all__ = ["memory_estimate", "host_memory", "layout_advice", "checkpoint_bytes"]
 
 GiB = 2**30
 # RSS of a rank with torch and DeepSpeed imported and the process group up, before the model
 # (measured: 0.32-0.33 GiB on the CPU ranks of tools/bench_build.py; a CUDA context adds more).
 HOST_BASELINE = int(0.35 * GiB)
-
-
-# --------------------------------------------------------------------------- shapes
-def ffn_dim(m: ModelConfig) -> int:
-    return m.ffn_dim()
-
-
-def head_dim(m: ModelConfig) -> int:
-    return m.d_model // m.n_head
-
-
-def kv_heads(m: ModelConfig) -> int:
-    return m.n_kv_head if m.n_kv_head is not None else m.n_head
-
-
-def _norm_params(m: ModelConfig) -> int:
-    return m.d_model * (2 if (m.norm == "layernorm" and m.bias) else 1)
-
-
-def _block_params(m: ModelConfig) -> int:
-    d, f, hd = m.d_model, ffn_dim(m), head_dim(m)
-    q_out = m.n_head * hd
-    qkv_out = (m.n_head + 2 * kv_heads(m)) * hd
-    attn = d * qkv_out + q_out * d + ((qkv_out + d) if m.bias else 0)
-    if m.mlp == "swiglu":
-        mlp = 3 * d * f + ((2 * f + d) if m.bias else 0)
-    else:
-        mlp = 2 * d * f + ((f + d) if m.bias else 0)
-    return attn + mlp + 2 * _norm_params(m)
-
-
-def count_params(model_cfg: ModelConfig, padded_vocab: int) -> dict[str, int]:
-    """Parameter counts of the model (tied weights once).
-
-    total; embedding = token embedding + learned positions + untied head;
-    non_embedding = total - embedding (blocks and final norm); plus the parts:
-    token_embedding, position_embedding, head (0 when tied), per_block, blocks, final_norm.
-    """
-    m = model_cfg
-    wte = padded_vocab * m.d_model
-    wpe = m.seq_len * m.d_model if m.position == "learned" else 0
-    head = 0 if m.tie_embeddings else padded_vocab * m.d_model
-    per_block = _block_params(m)
-    blocks = m.n_layer * per_block
-    final_norm = _norm_params(m)
-    total = wte + wpe + head + blocks + final_norm
-    embedding = wte + wpe + head
-    return {
-        "total": total, "embedding": embedding, "non_embedding": total - embedding,
-        "token_embedding": wte, "position_embedding": wpe, "head": head,
-        "per_block": per_block, "blocks": blocks, "final_norm": final_norm,
-    }
-
-
-def matmul_params(model_cfg: ModelConfig, padded_vocab: int) -> int:
-    """N of the FLOPs formula: all parameters except lookup-only tables (position
-    embeddings, and the token embedding when the head is untied)."""
-    c = count_params(model_cfg, padded_vocab)
-    n = c["total"] - c["position_embedding"]
-    if not model_cfg.tie_embeddings:
-        n -= c["token_embedding"]
-    return n
-
-
-def flops_per_token(model_cfg: ModelConfig, padded_vocab: int) -> int:
-    """Training (model) FLOPs per token: 6*N + 12*L*d*T, N = `matmul_params`."""
-    n = matmul_params(model_cfg, padded_vocab)
-    m = model_cfg
-    return 6 * n + 12 * m.n_layer * m.d_model * m.seq_len
-
-
-# --------------------------------------------------------------------------- pipeline split
-def pipeline_layer_params(model_cfg: ModelConfig, padded_vocab: int) -> list[tuple[str, int]]:
-    """The pipeline's layer list (`GPT.layers()`: embedding, blocks, head = final norm +
-    output matrix) with the parameters each stage holding it stores.
-
-    With tied embeddings the head is DeepSpeed's TiedLayerSpec of the embedding, so the last
-    stage holds (and DeepSpeed's 'parameters' partition counts) a copy of the token embedding.
-    """
-    c = count_params(model_cfg, padded_vocab)
-    layers = [("embedding", c["token_embedding"] + c["position_embedding"])]
-    layers += [(f"block{i}", c["per_block"]) for i in range(model_cfg.n_layer)]
-    layers.append(("head", c["final_norm"] + padded_vocab * model_cfg.d_model))
-    return layers
-
-
-def partition_uniform(num_items: int, num_parts: int) -> list[int]:
-    """Boundaries [0, ..., num_items] as deepspeed.runtime.utils.partition_uniform."""
-    if num_items <= num_parts:
-        return [min(p, num_items) for p in range(num_parts + 1)]
-    chunk, residual = divmod(num_items, num_parts)
-    parts = [p * chunk for p in range(num_parts + 1)]
-    for i in range(residual):
-        for j in range(i + 1, num_parts + 1):
-            parts[j] += 1
-    return parts
-
-
-def partition_balanced(weights: list[int], num_parts: int) -> list[int]:
-    """Boundaries as deepspeed.runtime.utils.partition_balanced (linear-partition DP)."""
-    n, m = len(weights), num_parts
-    if n <= m:
-        return partition_uniform(n, m)
-    inf = math.inf
-    dp_max = [[inf] * (m + 1) for _ in range(n + 1)]
-    dp_min = [[inf] * (m + 1) for _ in range(n + 1)]
-    dp_cost = [[inf] * (m + 1) for _ in range(n + 1)]
-    position = [[0] * (m + 1) for _ in range(n + 1)]
-    prefix = [0.0] * (n + 1)
-    for i, w in enumerate(weights):
-        prefix[i + 1] = prefix[i] + w
-    dp_max[0][0] = 0
-    dp_cost[0][0] = 0
-    for i in range(1, n + 1):
-        for j in range(1, min(i, m) + 1):
-            for k in range(i):
-                seg = prefix[i] - prefix[k]
-                max_sum = max(dp_max[k][j - 1], seg)
-                min_sum = min(dp_min[k][j - 1], seg)
-                cost = max_sum - min_sum
-                if dp_cost[i][j] >= cost:
-                    dp_cost[i][j] = cost
-                    dp_max[i][j] = max_sum
-                    dp_min[i][j] = min_sum
-                    position[i][j] = k
-    parts = [n]
-    for i in reversed(range(1, m + 1)):
-        parts.append(position[parts[-1]][i])
-    parts.reverse()
-    return parts
-
-
-def _stage_bounds(cfg: Config, padded_vocab: int, pp: int) -> list[tuple[int, int]]:
-    layers = pipeline_layer_params(cfg.model, padded_vocab)
-    if cfg.parallel.pipeline_partition == "uniform":
-        parts = partition_uniform(len(layers), pp)
-    else:
-        parts = partition_balanced([w for _, w in layers], pp)
-    return [(parts[i], parts[i + 1]) for i in range(pp)]
-
-
-def stage_blocks(cfg: Config, padded_vocab: int, pp: int) -> list[range]:
-    """Transformer blocks (indices) of each pipeline stage, as DeepSpeed partitions
-    [embedding, block0..blockL-1, head] with parallel.pipeline_partition."""
-    out = []
-    for start, stop in _stage_bounds(cfg, padded_vocab, pp):
-        # layer index i >= 1 is block i-1 for i in 1..L
-        lo = max(start, 1) - 1
-        hi = min(stop, cfg.model.n_layer + 1) - 1
-        out.append(range(lo, max(lo, hi)))
-    return out
 
 
 # --------------------------------------------------------------------------- memory
@@ -300,7 +125,7 @@ def memory_estimate(cfg: Config, layout: Any) -> dict[str, Any]:
         c = count_params(m, layout.padded_vocab_size)  # one copy of a tied embedding
         layers = layers[:-1] + [("head", c["final_norm"] + c["head"])]
     else:
-        bounds = _stage_bounds(cfg, layout.padded_vocab_size, pp)
+        bounds = stage_bounds(cfg, layout.padded_vocab_size, pp)
 
     stored, recompute = _activation_bytes_per_layer(cfg, layout.micro_batch_size, tp, fused=True)
     stored_a, recompute_a = _activation_bytes_per_layer(cfg, layout.micro_batch_size, tp)
@@ -377,7 +202,7 @@ def host_memory(cfg: Config, layout: Any) -> dict[str, int]:
         layers = layers[:-1] + [("head", c["final_norm"] + c["head"])]
         bounds = [(0, len(layers))]
     else:
-        bounds = _stage_bounds(cfg, V, pp)
+        bounds = stage_bounds(cfg, V, pp)
     build = 0
     for start, stop in bounds:
         params = math.ceil(sum(w for _, w in layers[start:stop]) / tp)

@@ -13,8 +13,7 @@ from typing import Callable
 
 from pretrain.config.schema import Config
 from pretrain.config.validate import Layout
-from pretrain.errors import UserError
-from pretrain.ioerrors import os_error_line
+from pretrain.errors import UserError, os_error_line
 
 
 def check_dir(path: Path, what: str) -> None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from pretrain.config.schema import Config
-from pretrain.plan.estimate import (GiB, _stage_bounds, checkpoint_bytes, count_params, ffn_dim, flops_per_token, head_dim,
-                           host_memory, kv_heads, layout_advice, matmul_params, memory_estimate,
-                           pipeline_layer_params, stage_blocks)
+from pretrain.model.size import count_params, ffn_dim, flops_per_token, head_dim, kv_heads, matmul_params
+from pretrain.parallel.partition import pipeline_layer_params, stage_blocks, stage_bounds
+from pretrain.plan.estimate import GiB, checkpoint_bytes, host_memory, layout_advice, memory_estimate
 
 
 def _si(n: float) -> str:
@@ -86,7 +86,7 @@ def format_plan(cfg: Config, layout: Any) -> str:
     if layout.pp > 1:
         add("")
         add(f"Pipeline stages ({p.pipeline_partition} partition)")
-        bounds = _stage_bounds(cfg, V, layout.pp)
+        bounds = stage_bounds(cfg, V, layout.pp)
         names = [n for n, _ in pipeline_layer_params(m, V)]
         for i, (blocks, (start, stop)) in enumerate(zip(stage_blocks(cfg, V, layout.pp), bounds)):
             extra = [n for n in names[start:stop] if not n.startswith("block")]

@@ -22,28 +22,6 @@ from pretrain.config.validate import Layout
 from pretrain.errors import UserError
 
 
-def data_vocab_size(paths: list[str]) -> int | None:
-    """The vocabulary recorded in the sources' manifests (largest), before any process starts.
-
-    Cheap: reads only `manifest.json` files; bare Megatron prefixes have none (None).
-    """
-    sizes = []
-    for p in paths:
-        manifest = Path(p) / "manifest.json"
-        if manifest.is_file():
-            try:
-                sizes.append(int(json.loads(manifest.read_text())["vocab_size"]))
-            except (ValueError, KeyError, OSError) as e:
-                raise UserError(f"{manifest}: unreadable manifest ({e}); re-run pretrain-prep") from None
-        elif Path(p).is_dir():  # the loader reads no directory without a manifest: say so, naming it
-            raise UserError(f"data.paths: {p} has no manifest.json (not a pretrain-prep output, or an unfinished "
-                            "run: re-run pretrain-prep with the same arguments to complete it)")
-        elif not Path(str(p) + ".idx").is_file():
-            raise UserError(f"data.paths: {p} is neither a directory written by pretrain-prep "
-                            "nor a Megatron prefix with a .idx file; fix the path or run pretrain-prep")
-    return max(sizes) if sizes else None
-
-
 TOKENIZER_DIR = "tokenizer"
 MANIFEST_KEYS = ("format", "format_version", "tokenizer", "vocab_size", "token_dtype", "eos_id", "bos_id")
 

@@ -76,7 +76,8 @@ class Trainer:
         from pretrain.run.monitor import Monitor
         from pretrain.parallel.build import build_model, memory_line, optimizer_group_names
         from pretrain.parallel.topology import Topology
-        from pretrain.plan.estimate import count_params, flops_per_token, layout_advice
+        from pretrain.model.size import count_params, flops_per_token
+        from pretrain.plan.estimate import layout_advice
 
         cfg, lay = self.cfg, self.layout
         self.topo = Topology(lay)  # every rank/group question goes here (DeepSpeed's grid)
