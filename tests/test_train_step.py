@@ -113,7 +113,7 @@ SYNC_RUNS = {
     "zero0": (1, ["parallel.zero_stage=0"], {}),
     "zero1-bf16": (1, ["parallel.zero_stage=1", "train.precision=bf16"], {}),
     # fp32 ZeRO-2 and ZeRO-3: DeepSpeed's own host check of the norm is left to our device guard
-    # (pretrain.run.engine._norm_check_on_device)
+    # (pretrain.dsadapter.device_side_invalid_grad_norm)
     "zero2": (1, ["parallel.zero_stage=2"], {}),
     "zero3": (1, ["parallel.zero_stage=3"], {}),
     "tp2": (2, ["parallel.tensor=2", "parallel.zero_stage=0"], {}),

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain import digest
+from pretrain import digest, dsadapter
 from pretrain.errors import UserError
 
 
@@ -176,9 +176,7 @@ def reader():
     """DeepSpeed's checkpoint engine while it loads: torch.load (hashing, see HashingReads),
     remembering the last file read (`current`) so a failure after it can be blamed on it.
     (Built on first use: importing deepspeed costs seconds that --print-config and --plan need not pay.)"""
-    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
-
-    class Reader(CheckpointEngine):
+    class Reader(dsadapter.checkpoint_engine_base()):
         def __init__(self):
             super().__init__()
             self.name, self.current = "pretrain-reader", None
@@ -208,14 +206,12 @@ def engine_load(engine, tag_dir: Path, **kwargs):
     """`engine.load_checkpoint` of `tag_dir` with our checkpoint engine (`reader`): a failure of
     any kind (torch.load, or DeepSpeed choking on what it read) comes out as Unreadable naming the
     file DeepSpeed was reading."""
-    ours, own = reader(), engine.checkpoint_engine
-    engine.checkpoint_engine = ours
-    try:
-        return engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, **kwargs)
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 -- e.g. a KeyError from a foreign state dict
-        raise Unreadable(ours.current or tag_dir, f"does not load ({type(e).__name__}: {e}); the file is "
-                                                  "damaged or not from pretrain-train") from None
-    finally:
-        engine.checkpoint_engine = own
+    ours = reader()
+    with dsadapter.swap_checkpoint_engine(engine, ours):
+        try:
+            return engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, **kwargs)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- e.g. a KeyError from a foreign state dict
+            raise Unreadable(ours.current or tag_dir, f"does not load ({type(e).__name__}: {e}); the file is "
+                                                      "damaged or not from pretrain-train") from None

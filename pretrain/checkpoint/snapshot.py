@@ -4,7 +4,8 @@ asks it to save instead of writing it; `pretrain.checkpoint.writer` writes them 
 from __future__ import annotations
 
 import torch
-from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+
+from pretrain import dsadapter
 
 
 class Staging:
@@ -58,7 +59,7 @@ def snapshot(obj, staging: Staging):
     return obj  # numbers, strings, config objects: not changed by training
 
 
-class Recorder(CheckpointEngine):
+class Recorder(dsadapter.checkpoint_engine_base()):
     """A DeepSpeed checkpoint engine that keeps snapshots of what it is asked to save."""
 
     def __init__(self, staging: Staging):

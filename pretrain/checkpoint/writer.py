@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pretrain import digest, faults
+from pretrain import digest, dsadapter, faults
 from pretrain.checkpoint import store
 from pretrain.checkpoint.snapshot import Recorder, Staging
 from pretrain.errors import IO_ERRORS, UserError
@@ -167,19 +167,18 @@ class CheckpointWriter:
                     raise UserError(io_error_line(e, e.filename, self.ckpt_dir) or f"fsync of {e.filename} failed: {e}")
                 self._unsynced = []
             return tag_dir
-        recorder, own = Recorder(self._staging), engine.checkpoint_engine
+        recorder = Recorder(self._staging)
         scripts: list[str] = []
-        engine.checkpoint_engine = recorder
-        engine._copy_recovery_script = scripts.append  # copied (and hashed) by the writer thread instead
-        self._staging.begin()
-        try:
-            engine.save_checkpoint(str(self.ckpt_dir), tag=tag_dir.name, save_latest=False)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()  # the copies off the device are complete
-        finally:
-            self._staging.end()
-            engine.checkpoint_engine = own
-            del engine._copy_recovery_script
+        # DeepSpeed's recovery scripts are copied (and hashed) by the writer thread instead.
+        with dsadapter.swap_checkpoint_engine(engine, recorder), \
+                dsadapter.defer_recovery_scripts(engine, scripts.append):
+            self._staging.begin()
+            try:
+                engine.save_checkpoint(str(self.ckpt_dir), tag=tag_dir.name, save_latest=False)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()  # the copies off the device are complete
+            finally:
+                self._staging.end()
         files = [(Path(p), sd) for p, sd in recorder.files]
         recorder.files.clear()  # the writer thread alone holds the snapshots (and frees each once written)
         small = {f"rng_{self.rank:05d}.json": json.dumps(store.rng_state())}
@@ -319,12 +318,8 @@ class CheckpointWriter:
                 if f.is_file() and not f.name.startswith("."):
                     out[f"tokenizer/{f.name}"] = _write_bytes(tag_dir / "tokenizer" / f.name, f.read_bytes())
         if scripts:
-            import deepspeed
-
-            utils = Path(deepspeed.__file__).parent / "utils"
-            for name in ("zero_to_fp32.py", "zero_to_torch.py"):
-                if (utils / name).is_file():
-                    out[name] = _write_bytes(tag_dir / name, (utils / name).read_bytes())
+            for src in dsadapter.recovery_script_files():
+                out[src.name] = _write_bytes(tag_dir / src.name, src.read_bytes())
         return out
 
     def _commit(self, tag_dir: Path, step: int, durable: bool) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from pretrain import dsadapter
 from pretrain.checkpoint import store
 from pretrain.checkpoint.read import Unreadable, load_pt, reading
 from pretrain.errors import UserError
@@ -73,18 +74,16 @@ def _zero_fp32_weights(tag_dir: Path, mp_rank: int, tp: int) -> dict:
     """fp32 weights of one tensor-parallel rank from ZeRO 1-3 shards (DeepSpeed's zero_to_fp32)."""
     import tempfile
 
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     try:
         if tp == 1:
-            return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+            return dsadapter.zero_fp32_state_dict(str(tag_dir.parent), tag=tag_dir.name)
         # zero_to_fp32 reads every *_states.pt of a directory: show it one TP rank's files only.
         with tempfile.TemporaryDirectory(prefix="pretrain_merge_") as tmp:
             view = Path(tmp) / tag_dir.name
             view.mkdir()
             for f in tag_dir.glob(f"*mp_rank_{mp_rank:02d}_*states.pt"):
                 (view / f.name).symlink_to(f.resolve())
-            sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag_dir.name)
+            sd = dsadapter.zero_fp32_state_dict(tmp, tag=tag_dir.name)
             return {k: v.clone() for k, v in sd.items()}
     except UserError:
         raise

@@ -36,7 +36,6 @@ load checkpoints you trust. The consolidated files are safetensors.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -45,7 +44,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from pretrain import digest
+from pretrain import digest, dsadapter
 from pretrain.checkpoint import store
 from pretrain.errors import UserError
 
@@ -86,25 +85,18 @@ def to_universal(tag_dir: Path, log=print, verbose: bool = False) -> Path:
     if has_universal(tag_dir):
         log(f"{out}: already converted")
         return out
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
     tmp = tag_dir / f".{UNIVERSAL}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)  # an uncommitted (partial) earlier attempt
-    args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
     sink = io.StringIO()
     try:
         with contextlib.redirect_stdout(sys.stdout if verbose else sink), \
                 contextlib.redirect_stderr(sys.stderr if verbose else sink):  # its tqdm bars
-            ds_to_universal(args)
+            dsadapter.convert_to_universal(tag_dir, tmp)
     except Exception as e:  # noqa: BLE001 -- the files verified, so this is a foreign or unsupported checkpoint
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"{tag_dir}: DeepSpeed could not convert this checkpoint to the universal format "
                         f"({type(e).__name__}: {e})") from None
-    stray = tag_dir / "latest_universal"  # DeepSpeed's pointer to our temporary folder: not used
-    if stray.is_file():
-        stray.unlink()
     files = {str(p.relative_to(tmp)): digest.file_entry(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     manifest = {"format": 1, "kind": "deepspeed-universal", "step": state["step"], "source_layout": lay,
                 "files": files}
@@ -179,7 +171,6 @@ def load_resharded(engine, tag_dir: Path, saved_layout: dict, now_layout: dict, 
     parameter order (`reordered`, see `check_reshard`) (`topo`: its `Topology`, for the
     tensor-parallel rank; None = no tensor parallelism).
     """
-    import torch
     import torch.distributed as dist
 
     tag_dir = Path(tag_dir)
@@ -200,28 +191,11 @@ def load_resharded(engine, tag_dir: Path, saved_layout: dict, now_layout: dict, 
     elif how == "consolidated":
         load_consolidated(engine, tag_dir, topo)
     else:
-        cfg = engine._config
-        before = cfg.load_universal_checkpoint
-        # The group hyperparameters come from this run's config (as the learning rate does):
-        # DeepSpeed's ZeRO-3 universal load copies group 0's onto every group, which would
-        # give the no-decay group (biases, norms, embeddings) the weight decay.
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
-        cfg.load_universal_checkpoint = True  # DeepSpeed reads this flag only inside load_checkpoint
-        try:
+        # The group hyperparameters come from this run's config (as the learning rate does), and
+        # each Adam state keeps its own `step` tensor (see dsadapter.universal_checkpoint_load).
+        with dsadapter.universal_checkpoint_load(engine):
             load_path, _ = store.engine_load(engine, universal_dir(tag_dir), load_optimizer_states=True,
-                                                  load_lr_scheduler_states=False)
-        finally:
-            cfg.load_universal_checkpoint = before
-        if len(groups) == len(engine.optimizer.param_groups):
-            for g, hyper in zip(engine.optimizer.param_groups, groups):
-                g.update(hyper)
-        # ZeRO-3's universal load gives every flat group the *same* `step` tensor; torch's
-        # AdamW increments it in place once per group, which would advance the bias
-        # correction twice per step. One tensor per state, as a fresh optimizer has.
-        base = getattr(engine.optimizer, "optimizer", engine.optimizer)
-        for st in base.state.values():
-            if torch.is_tensor(st.get("step")):
-                st["step"] = st["step"].clone()
+                                             load_lr_scheduler_states=False)
     state = store.finish_load(load_path, tag_dir)
     if dist.get_rank() == 0:
         log(f"resharded {tag_dir}: {_layout_str(saved_layout)} -> {_layout_str(now_layout)} ({how})")
@@ -232,9 +206,7 @@ def load_consolidated(engine, tag_dir: Path, topo=None) -> None:
     """Set the weights, fp32 master weights and Adam state (moments, step) of every local parameter
     of `engine` (any layout; ZeRO 0-3; fp32) from `<tag_dir>/consolidated/`: each rank reads the
     full tensors one at a time and keeps its piece (`spec.local_piece`)."""
-    import deepspeed
     import torch
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
     from safetensors import safe_open
 
     from pretrain.config.load import config_from_dict
@@ -247,18 +219,13 @@ def load_consolidated(engine, tag_dir: Path, topo=None) -> None:
     meta, state = cons.read_meta(tag_dir), store.read_state(tag_dir)
     m = config_from_dict(state["config"]).model
     module, opt = engine.module, engine.optimizer
-    base = getattr(opt, "optimizer", opt)  # DeepSpeed's ZeRO wrappers hold the torch AdamW
+    base = dsadapter.base_optimizer(opt)
     tp, tp_rank = (topo.tp, topo.tp_rank) if topo is not None else (1, 0)
-    zero3 = any(hasattr(p, "ds_id") for p in module.parameters())
-    mapped = any(hasattr(p, "_hp_mapping") for p in module.parameters())  # ZeRO-1/2: fp32 partition views
+    zero3 = dsadapter.is_zero3_partitioned(module)
+    mapped = dsadapter.has_zero_fp32_views(module)  # ZeRO-1/2: fp32 partition views
     # Adam's state with the saved step count, one `step` tensor per state as torch makes it (fused or
     # capturable: fp32 on the parameter's device); DeepSpeed 0.19 creates none before the first step.
-    if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3 lists its flat groups in param_groups only to step
-        flats = [(f, base.param_groups[opt.sub_group_to_group_id[i]])
-                 for i, f in enumerate(opt.fp32_partitioned_groups_flat)]
-    else:
-        flats = [(p, g) for g in base.param_groups for p in g["params"]]
-    for p, g in flats:
+    for p, g in dsadapter.stepped_params(opt):
         on_dev = g.get("fused") or g.get("capturable")
         st = base.state.setdefault(p, {})
         st["step"] = torch.tensor(float(meta["adam_step"]), device=p.device if on_dev else "cpu",
@@ -268,30 +235,29 @@ def load_consolidated(engine, tag_dir: Path, topo=None) -> None:
                 st[kind].zero_()
             else:
                 st[kind] = torch.zeros_like(p)
-    if mapped and hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
-        opt._hp_optimizer_states_linked = False  # DeepSpeed makes its per-parameter views of the moments
-        opt._lazy_init_hp_params_optimizer_state()  # at the first step: make them now
+    if mapped:
+        dsadapter.link_hp_optimizer_states(opt)  # DeepSpeed would make its views of the moments at the first step
     src = cons.consolidated_dir(tag_dir)
     with contextlib.ExitStack() as stack, torch.no_grad():
         files = {k: stack.enter_context(safe_open(str(src / f"{k}.safetensors"), framework="pt")) for k in cons.STATES}
         for name, p in module.named_parameters():
             plain = spec.plain_name(name, m.n_layer)
-            shape = tuple(p.ds_shape if zero3 else p.shape)
+            shape = tuple(dsadapter.param_full_shape(p))
             val = {k: spec.local_piece(plain, files[k].get_tensor(plain), m, tp, tp_rank).to(p.dtype)
                    for k in cons.STATES}
             if tuple(val["fp32"].shape) != shape:
                 raise UserError(f"{tag_dir}: consolidated {plain} gives a piece of shape {tuple(val['fp32'].shape)}, "
                                 f"this engine's {name} is {shape}")
             if zero3 or mapped:  # the fp32 partition and the moments (each rank keeps its part)
-                safe_set_full_fp32_param(p, val["fp32"])
+                dsadapter.set_full_fp32_param(p, val["fp32"])
                 for kind in ("exp_avg", "exp_avg_sq"):
-                    safe_set_full_optimizer_state(p, val[kind], kind)
+                    dsadapter.set_full_optimizer_state(p, val[kind], kind)
             elif p in base.state:  # ZeRO-0: torch's AdamW steps the module's own parameters
                 for kind in ("exp_avg", "exp_avg_sq"):
                     base.state[p][kind].copy_(val[kind])
             else:
                 raise UserError(f"{tag_dir}: cannot place the optimizer state of {name} in this engine "
                                 f"({type(opt).__name__}); resume with the saved parallel.* settings")
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=zero3):
+            with dsadapter.gathered_for_write([p], enabled=zero3):
                 p.data.copy_(val["fp32"])  # the module's own weights (ZeRO-3: re-partitioned on exit)
-    engine.global_steps, engine.global_samples = int(state["step"]), int(state["consumed_samples"])
+    dsadapter.set_progress(engine, int(state["step"]), int(state["consumed_samples"]))

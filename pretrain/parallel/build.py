@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from pretrain import dsadapter
 from pretrain.model.gpt import GPT
 from pretrain.parallel import spec
 from pretrain.parallel.apply import ParallelGPT, materialize
@@ -54,8 +55,6 @@ def build_model(cfg, layout, topo, device=None, source: Optional[spec.Source] = 
 
 def _partitioned(model: nn.Module, cfg, layout, topo, device, seed: int, source) -> nn.Module:
     """ZeRO-3: allocate, fill and partition one layer at a time (`deepspeed.zero.Init(module=...)`)."""
-    import deepspeed
-
     from pretrain.config.deepspeed import deepspeed_config
 
     ds_config = deepspeed_config(cfg, layout)
@@ -66,8 +65,8 @@ def _partitioned(model: nn.Module, cfg, layout, topo, device, seed: int, source)
         materialize(layer, cfg.model, topo.tp_group, device, seed, prefix=spec.layer_prefix(i, cfg.model.n_layer),
                     source=source)
         layer.to(dtype)  # the engine expects ZeRO-3 parameters in the training precision
-        deepspeed.zero.Init(module=layer, data_parallel_group=topo.dp_group, config_dict_or_path=ds_config,
-                            mpu=topo.mpu(), dtype=dtype)
+        dsadapter.partition_zero3(layer, data_parallel_group=topo.dp_group, config=ds_config, mpu=topo.mpu(),
+                                  dtype=dtype)
     return model
 
 

@@ -45,8 +45,9 @@ import functools
 
 import torch
 import torch.nn as nn
-from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.pipe.module import LayerSpec, TiedLayerSpec
 
+from pretrain import dsadapter
 from pretrain.model.gpt import GPT
 from pretrain.model.layers import Block, Embedding
 from pretrain.parallel import spec
@@ -126,32 +127,22 @@ class PipeLoss:
         return loss
 
 
-class GPTPipe(PipelineModule):
-    """DeepSpeed's PipelineModule on the job's one `Topology` grid, with plan-consistent partitioning."""
+class GPTPipe(dsadapter.pipeline_module_base()):
+    """DeepSpeed's PipelineModule on the job's one `Topology` grid, with plan-consistent partitioning
+    (each layer counted by its spec's `num_params`, see `dsadapter.pipeline_module_base`)."""
 
     def __init__(self, specs: list, topo, loss: PipeLoss, partition_method: str,
                  activation_checkpointing: bool):
-        import deepspeed.runtime.pipe.module as ds_pipe_module
-
         kwargs = {}
         if activation_checkpointing:
             kwargs = {"activation_checkpoint_interval": 1,
                       "activation_checkpoint_func": functools.partial(torch.utils.checkpoint.checkpoint,
                                                                       use_reentrant=False),
                       "checkpointable_layers": [Block.__name__]}
-        # PipelineModule builds its own PipelineParallelGrid from the topology; hand it ours
-        # instead so the TP layers, the trainer and DeepSpeed share one set of process groups.
-        original = ds_pipe_module.PipelineParallelGrid
-        ds_pipe_module.PipelineParallelGrid = lambda process_group=None, topology=None: topo.grid
-        try:
-            super().__init__(specs, topology=topo.topo, loss_fn=loss, partition_method=partition_method, **kwargs)
-        finally:
-            ds_pipe_module.PipelineParallelGrid = original
-
-    def _count_layer_params(self):
-        # DeepSpeed would build every layer to count it; the counts of the plan are the same
-        # ones `--plan` partitions with (and need no building).
-        return [spec.num_params for spec in self._layer_specs]
+        # Our grid, not one PipelineModule would build from the topology: the TP layers, the
+        # trainer and DeepSpeed share one set of process groups.
+        super().__init__(specs, grid=topo.grid, topology=topo.topo, loss_fn=loss, partition_method=partition_method,
+                         **kwargs)
 
 
 def build_pipeline(cfg, layout, topo, device=None, seed: int | None = None, source=None) -> GPTPipe:
@@ -199,13 +190,13 @@ def build_pipeline(cfg, layout, topo, device=None, seed: int | None = None, sour
     pipe = GPTPipe(specs, topo, PipeLoss(group), cfg.parallel.pipeline_partition, ckpt)
     if list(pipe.parts) != list(parts):
         raise RuntimeError(f"DeepSpeed partitioned the pipeline as {pipe.parts}, the plan says {parts}")
-    if pipe._grid is not topo.grid:
+    if dsadapter.pipeline_grid(pipe) is not topo.grid:
         raise RuntimeError("the pipeline module did not adopt the job's topology grid")
     # DeepSpeed marks *every* parameter of a non-owning tied module as a replica (skipped by
     # gradient norms); only the tied table is one. The head's own ln_f (and lm_head) count.
-    for comm in pipe.tied_comms.values():
-        shared = {id(pipe._recursive_getattr(comm["module"], a)) for a in comm["weight_attr"]}
-        for p in comm["module"].parameters():
+    for module, tied in dsadapter.pipe_tied_weights(pipe):
+        shared = {id(t) for t in tied}
+        for p in module.parameters():
             if id(p) not in shared:
-                p.ds_pipe_replicated = False
+                dsadapter.mark_pipe_replica(p, False)
     return pipe

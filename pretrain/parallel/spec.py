@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from pretrain import dsadapter
 from pretrain.config.schema import ModelConfig
 from pretrain.model import params
 from pretrain.model.params import RULES, TIED, Rule, decays, draw_seed, initial_value, rule_of  # noqa: F401 (re-exported)
@@ -186,7 +187,7 @@ def initialize(module: torch.nn.Module, m: ModelConfig, seed: Optional[int] = No
     with torch.no_grad():
         for name, p in module.named_parameters():
             plain = plain_name(prefix + name, m.n_layer)
-            local = tuple(getattr(p, "ds_shape", p.shape))
+            local = tuple(dsadapter.param_full_shape(p))  # ZeRO-3: the full shape
             piece = local_piece(plain, source(plain, full_shape(plain, local, tp)), m, tp, tp_rank)
             if tuple(piece.shape) != local:
                 raise ValueError(f"{plain}: the piece for tp rank {tp_rank} has shape {tuple(piece.shape)}, "

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from pretrain import dsadapter
 from pretrain.config.schema import Config
 from pretrain.config.validate import Layout
 from pretrain.errors import UserError, os_error_line
@@ -75,26 +76,17 @@ def _ds_error_line(e: Exception, passthrough: dict) -> str:
 
 def check_deepspeed(cfg: Config, layout: Layout) -> None:
     """Parse the generated DeepSpeed config with DeepSpeed's config model (before any process group)."""
-    import logging
-
-    from deepspeed.runtime.config import DeepSpeedConfig
-    from deepspeed.utils import logger as ds_logger
-
     from pretrain.config.deepspeed import deepspeed_config
 
     ds = _ReadKeys(deepspeed_config(cfg, layout))
     # Without a process group DeepSpeed assumes one data-parallel rank; the batch triple was
     # checked by `validate.resolve` for the real one, so give DeepSpeed its per-rank share.
     ds["train_batch_size"] = layout.micro_batch_size * layout.grad_accum
-    level = ds_logger.level
-    ds_logger.setLevel(logging.WARNING)
     try:
-        DeepSpeedConfig(ds)
+        dsadapter.parse_config(ds)
     except Exception as e:  # pydantic ValidationError, AssertionError, ValueError, TypeError ...
         raise UserError(f"{_ds_error_line(e, cfg.deepspeed)}; DeepSpeed's config model refuses the deepspeed: section "
                         "(see DeepSpeed's config-json docs for the key and its type)") from None
-    finally:
-        ds_logger.setLevel(level)
     _check_top_level(cfg.deepspeed or {}, ds.read)
 
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-import sys
 
 import torch
 import torch.distributed as dist
-import torch.distributed.distributed_c10d as c10d
 
+from pretrain import dsadapter
 from pretrain.config.deepspeed import deepspeed_config
 from pretrain.config.schema import Config
 from pretrain.config.validate import Layout
@@ -150,11 +149,7 @@ class GuardedAdamW(torch.optim.AdamW):
         """Whether this rank counts p's gradient in the global norm (replicated gradients)."""
         from pretrain.parallel.tensor import param_is_tensor_parallel
 
-        return not (_pipe_copy(p) or (self.tp_rank > 0 and not param_is_tensor_parallel(p)))
-
-
-def _pipe_copy(p) -> bool:
-    return bool(getattr(p, "ds_pipe_replicated", False))
+        return not (dsadapter.is_pipe_replica(p) or (self.tp_rank > 0 and not param_is_tensor_parallel(p)))
 
 
 def _comm_device() -> torch.device:
@@ -187,8 +182,7 @@ def init_distributed(cfg: Config, device: torch.device) -> tuple[int, int]:
     timeout = datetime.timedelta(minutes=cfg.parallel.timeout_minutes)
     # Groups created later (DeepSpeed's ZeRO and pipeline groups, our TP groups) take torch's
     # default timeout, not this one: set the default so a dead peer fails them in time too.
-    c10d.default_pg_timeout = timeout
-    c10d.default_pg_nccl_timeout = timeout
+    dsadapter.set_default_pg_timeout(timeout)
     quiet_third_party()  # before DeepSpeed's comm backend: it would compile an unused C++ op on CPU
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                auto_mpi_discovery=False, timeout=timeout)
@@ -261,51 +255,25 @@ def build_engine(cfg: Config, layout: Layout, model: torch.nn.Module, topo=None)
     mpu = None if pipe or topo is None else topo.mpu()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
     if layout.zero_stage == 0 and layout.dp == 1 and not pipe:
-        # One data-parallel replica: DeepSpeed would still flatten every gradient into buckets,
-        # all-reduce them over a group of one and copy them back, each step (docs/PERFORMANCE.md).
-        engine.enable_backward_allreduce = False
+        dsadapter.disable_backward_allreduce(engine)  # one replica: no all-reduce over a group of one
     if pipe:
         # The NaN guard also needs the loss, which only the last stage has, at step time.
         def last_stage_loss_bad() -> torch.Tensor:
-            if engine.is_last_stage() and engine.total_loss is not None:
-                return ~torch.isfinite(engine.total_loss.detach()).all()
+            loss = dsadapter.last_stage_loss(engine)
+            if loss is not None:
+                return ~torch.isfinite(loss.detach()).all()
             return torch.zeros((), dtype=torch.bool)
 
         optimizer.bad_loss_fn = last_stage_loss_bad
     if layout.zero_stage > 0 and cfg.train.precision != "fp16":
-        _norm_check_on_device(engine.optimizer)
+        # ZeRO's host read of the norm is left to our guard's verdict on the device (not fp16:
+        # its loss scaler needs DeepSpeed's own verdict).
+        dsadapter.device_side_invalid_grad_norm(engine.optimizer)
     if layout.zero_stage > 0 or (engine.optimizer is not optimizer and not own_clip):
         # DeepSpeed's wrapper (ZeRO 1-3, bf16/fp16) computes the global norm over every group
         # and rank before it calls step() (per group / sub-group under ZeRO 1-3): use it.
-        optimizer.norm_source = lambda: getattr(engine.optimizer, "_global_grad_norm", None)
+        optimizer.norm_source = lambda: dsadapter.global_grad_norm(engine.optimizer)
     return engine, optimizer
-
-
-def _norm_check_on_device(zero_optimizer) -> None:
-    """DeepSpeed's ZeRO step() reads its global gradient norm on the host to skip a non-finite
-    step (`is_invalid_grad_norm`: a device-to-host copy every step; always at ZeRO-3, at ZeRO-1/2
-    unless bf16). GuardedAdamW takes the same verdict from the same norm on the device, so while
-    this optimizer's step() runs, a tensor norm is reported valid to it: the step goes on and
-    the fused kernel leaves weights and moments as they were. Not with fp16, whose loss scaler
-    needs DeepSpeed's own verdict."""
-    module = sys.modules[type(zero_optimizer).__module__]  # zero/stage3.py or zero/stage_1_and_2.py
-    host_check = getattr(module, "is_invalid_grad_norm", None)
-    if host_check is None:  # another DeepSpeed: keep its check
-        return
-
-    def device_kept(norm) -> bool:
-        return False if torch.is_tensor(norm) else host_check(norm)
-
-    inner = zero_optimizer.step
-
-    def step(*args, **kwargs):
-        module.is_invalid_grad_norm = device_kept
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            module.is_invalid_grad_norm = host_check
-
-    zero_optimizer.step = step
 
 
 def compile_blocks(model: torch.nn.Module) -> int:

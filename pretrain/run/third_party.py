@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import warnings
 
+from pretrain import dsadapter
+
 # DeepSpeed's messages we drop, and why each is harmless for this project.
 _DEEPSPEED_HARMLESS = (
     # engine._do_optimizer_sanity_check: ZeRO checks `type(optimizer)` against a list that has
@@ -46,24 +48,6 @@ _WARNINGS_HARMLESS = (
 )
 
 
-def skip_shm_comm_build() -> None:
-    """Stop DeepSpeed from compiling its C++ shared-memory all-reduce on a CPU run.
-
-    DeepSpeed's TorchBackend (comm/torch.py, `build_shm_op`) JIT-compiles `deepspeed_shm_comm`
-    whenever the accelerator is the CPU: 60-90 s with a C++ compiler on the first launch (and
-    on every launch when another venv shares the extension cache), an error without one. The op
-    only serves `inference_all_reduce` (DeepSpeed-Inference tensor parallelism), which training
-    never calls; our all-reduces go through torch.distributed (gloo). DeepSpeed consults its
-    `deepspeed.ops.__compatible_ops__` dict (probed once, and documented to keep edits) before
-    building, so marking the op incompatible there skips the build and nothing else.
-    """
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
-
-    if get_accelerator().device_name() == "cpu":  # (GPU accelerators have no such op: no probe needed)
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
 def quiet_third_party() -> None:
     """Drop the known-harmless third-party messages listed in this module (idempotent)."""
     ds_logger = logging.getLogger("DeepSpeed")
@@ -71,4 +55,4 @@ def quiet_third_party() -> None:
         ds_logger.addFilter(_FILTER)
     for category, message in _WARNINGS_HARMLESS:
         warnings.filterwarnings("ignore", message=message, category=category)
-    skip_shm_comm_build()
+    dsadapter.skip_cpu_shm_comm_build()  # DeepSpeed's unused C++ shared-memory op on CPU

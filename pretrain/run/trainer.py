@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pretrain import faults
+from pretrain import dsadapter, faults
 from pretrain.checkpoint import store
 from pretrain.plan import preflight
 from pretrain.run import lock, stop
@@ -128,8 +128,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def _state(self) -> dict:
-        import deepspeed
-
         return {"format": 2, "step": self.step, "consumed_samples": self.consumed,
                 "consumed_tokens": self.consumed * self.cfg.model.seq_len,
                 "skipped_steps": self.skipped_total, "config": resolved_config(self.cfg),
@@ -139,7 +137,7 @@ class Trainer:
                 "layout": {"dp": self.layout.dp, "tp": self.layout.tp, "pp": self.layout.pp,
                            "zero_stage": self.layout.zero_stage},
                 "optimizer_groups": self.optim_groups,
-                "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__}}
+                "versions": {"torch": torch.__version__, "deepspeed": dsadapter.version()}}
 
     def _model_shape(self) -> dict:
         m = to_dict(self.cfg.model)

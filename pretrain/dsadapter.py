@@ -1,0 +1,363 @@
+"""Everything we rely on in DeepSpeed beyond its documented API, in one place.
+
+Each function below wraps one private attribute, monkeypatch or version-dependent behaviour of
+DeepSpeed (and one of torch.distributed), says why we need it, and is checked by a test of
+tests/test_deepspeed_internals.py that names the function when a new DeepSpeed changes the
+internal. docs/DEEPSPEED.md lists them. The tested range is pinned in pyproject.toml.
+
+Apart from this module only `pretrain.run.engine` (deepspeed.initialize), `pretrain.parallel.pipeline`
+(LayerSpec, TiedLayerSpec) and `pretrain.parallel.topology` (the topology classes) import
+deepspeed, and only its public API. DeepSpeed is imported inside the functions: importing it
+costs seconds that `--print-config` and `--plan` need not pay (so is torch, imported likewise).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import functools
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "version", "set_default_pg_timeout", "skip_cpu_shm_comm_build", "parse_config",
+    "disable_backward_allreduce", "global_grad_norm", "device_side_invalid_grad_norm", "last_stage_loss",
+    "checkpoint_engine_base", "swap_checkpoint_engine", "defer_recovery_scripts", "recovery_script_files",
+    "universal_checkpoint_load", "convert_to_universal", "universal_args", "zero_fp32_state_dict",
+    "base_optimizer", "stepped_params", "is_zero3_partitioned", "param_full_shape", "has_zero_fp32_views",
+    "link_hp_optimizer_states", "set_full_fp32_param", "set_full_optimizer_state", "gathered_for_write",
+    "set_progress", "partition_zero3", "pipeline_grid_patch", "pipeline_module_base", "pipeline_grid",
+    "pipe_tied_weights", "is_pipe_replica", "mark_pipe_replica",
+]
+
+
+def version() -> str:
+    """The installed DeepSpeed's version (recorded in every checkpoint's state.json)."""
+    import deepspeed
+
+    return deepspeed.__version__
+
+
+# ---------------------------------------------------------------------- start-up
+def set_default_pg_timeout(timeout: datetime.timedelta) -> None:
+    """Make `timeout` torch's default for process groups created later without one (DeepSpeed's
+    ZeRO and pipeline groups, our TP groups), so a dead peer fails them in time too: torch reads
+    these module globals of `distributed_c10d` whenever a group gets no explicit timeout."""
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
+
+
+def skip_cpu_shm_comm_build() -> None:
+    """Stop DeepSpeed from compiling its C++ shared-memory all-reduce on a CPU run.
+
+    DeepSpeed's TorchBackend (comm/torch.py, `build_shm_op`) JIT-compiles `deepspeed_shm_comm`
+    whenever the accelerator is the CPU: 60-90 s with a C++ compiler on the first launch (and
+    on every launch when another venv shares the extension cache), an error without one. The op
+    only serves `inference_all_reduce` (DeepSpeed-Inference tensor parallelism), which training
+    never calls; our all-reduces go through torch.distributed (gloo). DeepSpeed consults its
+    `deepspeed.ops.__compatible_ops__` dict (probed once, and documented to keep edits) before
+    building, so marking the op incompatible there skips the build and nothing else.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":  # (GPU accelerators have no such op: no probe needed)
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def parse_config(ds_config: dict):
+    """DeepSpeed's config model on `ds_config` (no process group needed), its info logging quiet.
+    Raises what DeepSpeed raises for a bad config; the model reads the keys through the dict it
+    is given (`--plan`'s check for unread keys relies on that)."""
+    import logging
+
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.utils import logger as ds_logger
+
+    level = ds_logger.level
+    ds_logger.setLevel(logging.WARNING)
+    try:
+        return DeepSpeedConfig(ds_config)
+    finally:
+        ds_logger.setLevel(level)
+
+
+# ---------------------------------------------------------------------- the training step
+def disable_backward_allreduce(engine) -> None:
+    """One data-parallel replica: DeepSpeed would still flatten every gradient into buckets,
+    all-reduce them over a group of one and copy them back, each step (docs/PERFORMANCE.md);
+    its engine skips that when this attribute is False."""
+    engine.enable_backward_allreduce = False
+
+
+def global_grad_norm(zero_optimizer):
+    """The global gradient norm DeepSpeed's optimizer wrapper (ZeRO 1-3, bf16/fp16) computed over
+    every group and rank in this step, before it calls our optimizer's step(); None if it has none."""
+    return getattr(zero_optimizer, "_global_grad_norm", None)
+
+
+def device_side_invalid_grad_norm(zero_optimizer) -> None:
+    """Let `zero_optimizer.step()` accept a tensor norm without reading it on the host.
+
+    DeepSpeed's ZeRO step() reads its global gradient norm on the host to skip a non-finite
+    step (`is_invalid_grad_norm`: a device-to-host copy every step; always at ZeRO-3, at
+    ZeRO-1/2 unless bf16). GuardedAdamW takes the same verdict from the same norm on the device,
+    so while this optimizer's step() runs, a tensor norm is reported valid to it: the step goes
+    on and the fused kernel leaves weights and moments as they were. Not for fp16, whose loss
+    scaler needs DeepSpeed's own verdict. Another DeepSpeed without the function keeps its check."""
+    import torch
+
+    module = sys.modules[type(zero_optimizer).__module__]  # zero/stage3.py or zero/stage_1_and_2.py
+    host_check = getattr(module, "is_invalid_grad_norm", None)
+    if host_check is None:
+        return
+
+    def device_kept(norm) -> bool:
+        return False if torch.is_tensor(norm) else host_check(norm)
+
+    inner = zero_optimizer.step
+
+    def step(*args, **kwargs):
+        module.is_invalid_grad_norm = device_kept
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            module.is_invalid_grad_norm = host_check
+
+    zero_optimizer.step = step
+
+
+def last_stage_loss(engine):
+    """The pipeline engine's loss of the current batch on the last stage (the NaN guard needs it at
+    step time, before train_batch returns), else None."""
+    return engine.total_loss if engine.is_last_stage() else None
+
+
+# ---------------------------------------------------------------------- checkpoint engines
+def checkpoint_engine_base() -> type:
+    """DeepSpeed's checkpoint-engine base class: `save_checkpoint` / `load_checkpoint` hand every
+    file to the engine's create/save/load/commit, and ask `preserves_storage_sharing()` whether
+    to clone tensors before saving. Our recorder and reader subclass it."""
+    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+
+    return CheckpointEngine
+
+
+@contextlib.contextmanager
+def swap_checkpoint_engine(engine, ours):
+    """While inside, `engine` saves and loads through `ours` instead of its own checkpoint engine."""
+    own = engine.checkpoint_engine
+    engine.checkpoint_engine = ours
+    try:
+        yield ours
+    finally:
+        engine.checkpoint_engine = own
+
+
+@contextlib.contextmanager
+def defer_recovery_scripts(engine, record):
+    """While inside, `engine.save_checkpoint` calls `record(save_path)` instead of copying its
+    recovery scripts (zero_to_fp32.py ...) itself: the writer copies and hashes them later."""
+    engine._copy_recovery_script = record
+    try:
+        yield
+    finally:
+        del engine._copy_recovery_script
+
+
+def recovery_script_files() -> list[Path]:
+    """The recovery scripts DeepSpeed puts next to a ZeRO checkpoint, those that exist."""
+    import deepspeed
+
+    utils = Path(deepspeed.__file__).parent / "utils"
+    return [utils / name for name in ("zero_to_fp32.py", "zero_to_torch.py") if (utils / name).is_file()]
+
+
+@contextlib.contextmanager
+def universal_checkpoint_load(engine):
+    """While inside, `engine.load_checkpoint` reads a universal checkpoint (DeepSpeed reads the
+    flag from its config only inside load_checkpoint, so it is set for this load alone).
+
+    After a successful load two DeepSpeed behaviours are undone: ZeRO-3's universal load copies
+    group 0's hyperparameters onto every group (which would give the no-decay group the weight
+    decay), so every group gets this run's back; and it gives every flat group the *same* `step`
+    tensor, which torch's AdamW increments in place once per group (advancing the bias
+    correction twice per step), so each state gets its own, as a fresh optimizer has."""
+    import torch
+
+    cfg = engine._config
+    before = cfg.load_universal_checkpoint
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    cfg.load_universal_checkpoint = True
+    try:
+        yield
+    finally:
+        cfg.load_universal_checkpoint = before
+    if len(groups) == len(engine.optimizer.param_groups):
+        for g, hyper in zip(engine.optimizer.param_groups, groups):
+            g.update(hyper)
+    for st in base_optimizer(engine.optimizer).state.values():
+        if torch.is_tensor(st.get("step")):
+            st["step"] = st["step"].clone()
+
+
+def convert_to_universal(src: Path, dst: Path) -> None:
+    """DeepSpeed's ds_to_universal of checkpoint directory `src` into `dst` (its command line's
+    options, as a namespace: it has no function API). Its pointer file `latest_universal`, which
+    it leaves next to `src`, is removed: we do not use it."""
+    from deepspeed.checkpoint.ds_to_universal import main
+
+    main(universal_args(src, dst))
+    stray = Path(src) / "latest_universal"
+    if stray.is_file():
+        stray.unlink()
+
+
+def universal_args(src: Path, dst: Path) -> argparse.Namespace:
+    """The options `convert_to_universal` hands ds_to_universal's `main` (one worker each: the
+    conversion runs inside a training process or the converter's; strict; Adam's missing state
+    injected)."""
+    return argparse.Namespace(input_folder=str(src), output_folder=str(dst), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+
+
+def zero_fp32_state_dict(checkpoint_dir: str, tag: str) -> dict:
+    """DeepSpeed's zero_to_fp32: the full fp32 weights merged from a ZeRO checkpoint's shards."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+
+
+# ---------------------------------------------------------------------- optimizer state
+def base_optimizer(opt):
+    """The torch optimizer inside DeepSpeed's wrapper (ZeRO, bf16/fp16), or `opt` itself."""
+    return getattr(opt, "optimizer", opt)
+
+
+def stepped_params(opt) -> list:
+    """[(tensor the torch optimizer steps, its param group)] of the engine's optimizer. ZeRO-3
+    lists its flat fp32 partitions in param_groups only while it steps, so they come from it."""
+    base = base_optimizer(opt)
+    if hasattr(opt, "fp32_partitioned_groups_flat"):
+        return [(f, base.param_groups[opt.sub_group_to_group_id[i]])
+                for i, f in enumerate(opt.fp32_partitioned_groups_flat)]
+    return [(p, g) for g in base.param_groups for p in g["params"]]
+
+
+def is_zero3_partitioned(module: torch.nn.Module) -> bool:
+    """Whether `module`'s parameters are ZeRO-3 partitioned (each carries a `ds_id`)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def param_full_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's full shape: ZeRO-3 keeps it in `ds_shape` (the tensor itself is empty)."""
+    return getattr(p, "ds_shape", p.shape)
+
+
+def has_zero_fp32_views(module: torch.nn.Module) -> bool:
+    """ZeRO-1/2 (and bf16): each parameter maps to a fragment of the fp32 partition (`_hp_mapping`),
+    through which `set_full_fp32_param` / `set_full_optimizer_state` write."""
+    return any(hasattr(p, "_hp_mapping") for p in module.parameters())
+
+
+def link_hp_optimizer_states(opt) -> None:
+    """Make DeepSpeed's per-parameter views of the Adam moments now: ZeRO-1/2 makes them lazily at
+    the first step, and `set_full_optimizer_state` needs them (after we created the moments)."""
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
+def set_full_fp32_param(p, value: torch.Tensor) -> None:
+    """Write this rank's part of `p`'s fp32 master weight from the full tensor (ZeRO 1-3)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    safe_set_full_fp32_param(p, value)
+
+
+def set_full_optimizer_state(p, value: torch.Tensor, key: str) -> None:
+    """Write this rank's part of `p`'s optimizer state `key` (exp_avg ...) from the full tensor."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    safe_set_full_optimizer_state(p, value, key)
+
+
+def gathered_for_write(params: list, enabled: bool = True):
+    """Context: ZeRO-3 parameters whole on every rank; rank 0's changes are re-partitioned on exit."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=enabled)
+
+
+def set_progress(engine, steps: int, samples: int) -> None:
+    """The engine's step and sample counters, as a load_checkpoint would set them."""
+    engine.global_steps, engine.global_samples = steps, samples
+
+
+def partition_zero3(module: torch.nn.Module, *, data_parallel_group, config: dict, mpu, dtype) -> None:
+    """Partition `module`'s (allocated, filled) parameters over the data-parallel group (ZeRO-3)."""
+    import deepspeed
+
+    deepspeed.zero.Init(module=module, data_parallel_group=data_parallel_group, config_dict_or_path=config,
+                        mpu=mpu, dtype=dtype)
+
+
+# ---------------------------------------------------------------------- pipeline
+@contextlib.contextmanager
+def pipeline_grid_patch(grid):
+    """While inside, a PipelineModule being constructed adopts `grid` instead of building its own
+    PipelineParallelGrid, so the TP layers, the trainer and DeepSpeed share one set of groups
+    (PipelineModule takes no grid argument)."""
+    import deepspeed.runtime.pipe.module as ds_pipe_module
+
+    original = ds_pipe_module.PipelineParallelGrid
+    ds_pipe_module.PipelineParallelGrid = lambda process_group=None, topology=None: grid
+    try:
+        yield
+    finally:
+        ds_pipe_module.PipelineParallelGrid = original
+
+
+@functools.cache
+def pipeline_module_base() -> type:
+    """DeepSpeed's PipelineModule, taking `grid=` (adopted through `pipeline_grid_patch`), and
+    counting each layer's parameters by its spec's `num_params`: DeepSpeed would build every layer
+    to count it; ours are the counts `--plan` partitions with (and need no building)."""
+    from deepspeed.runtime.pipe.module import PipelineModule
+
+    class PresizedPipelineModule(PipelineModule):
+        def __init__(self, layers, *, grid, **kwargs):
+            with pipeline_grid_patch(grid):
+                super().__init__(layers, **kwargs)
+
+        def _count_layer_params(self):
+            return [spec.num_params for spec in self._layer_specs]
+
+    return PresizedPipelineModule
+
+
+def pipeline_grid(pipe):
+    """The PipelineParallelGrid the pipeline module runs on."""
+    return pipe._grid
+
+
+def pipe_tied_weights(pipe) -> list[tuple[torch.nn.Module, list[torch.Tensor]]]:
+    """[(module holding a copy of a tied layer, its tied tensors)] for this rank's tied layers."""
+    return [(comm["module"], [pipe._recursive_getattr(comm["module"], a) for a in comm["weight_attr"]])
+            for comm in pipe.tied_comms.values()]
+
+
+def is_pipe_replica(p) -> bool:
+    """Whether DeepSpeed marked `p` a pipeline-tied copy (counted once, elsewhere, in gradient norms)."""
+    return bool(getattr(p, "ds_pipe_replicated", False))
+
+
+def mark_pipe_replica(p, replica: bool) -> None:
+    """Mark `p` a pipeline-tied copy or not, for DeepSpeed's gradient norms and ours."""
+    p.ds_pipe_replicated = replica
