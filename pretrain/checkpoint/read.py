@@ -63,8 +63,9 @@ def structure_problem(path: Path) -> str | None:
                 for _ in pickletools.genops(_stored_record(f, pkl[0], size)):
                     pass
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, IndexError, UnicodeDecodeError) as e:
-        what = "JSON" if path.suffix == ".json" else "torch checkpoint"
-        return f"is not a readable {what} ({type(e).__name__}: {e})"
+        if path.suffix == ".json":
+            return f"cannot read checkpoint state: not JSON ({type(e).__name__}: {e})"
+        return f"is not a readable torch checkpoint ({type(e).__name__}: {e})"
     return None
 
 
