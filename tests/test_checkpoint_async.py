@@ -1,5 +1,7 @@
 """Asynchronous saves keep every crash-safety guarantee: kill -9 at 10 moments of a background save
-(CPU, ZeRO-1, DP=2) leaves the previous committed checkpoint, and the resume is bitwise exact."""
+(CPU, ZeRO-1, DP=2), 5 of them inside the periodic saves of steps 2 and 4 while training goes on,
+5 in the final save of step 6, leaves the previous committed checkpoint, and the resume is bitwise
+exact."""
 from __future__ import annotations
 
 import pytest
@@ -9,20 +11,21 @@ from pretrain.checkpoint import store
 from pretrain.interop.ds_reader import load_model_weights
 from train_util import check, losses, run_train
 
-# checkpoints at steps 2 and 4 (the last): every kill lands in the save of step 4 or in the step after
-# the periodic save of step 2, while that save is still being written in the background
-RUN = ["train.max_steps=4", "checkpoint.interval=2", "logging.tensorboard=false", "model.dropout=0.1"]
+# checkpoints at steps 2, 4 (periodic: written in the background while steps 3 and 5 train) and 6
+RUN = ["train.max_steps=6", "checkpoint.interval=2", "logging.tensorboard=false", "model.dropout=0.1"]
 MOMENTS = [
-    "save_point0@4:0",   # training thread, right after the snapshot, before any byte is written
-    "save_point1@4:1",   # rank 1 wrote its first file, no digest yet
-    "save_point2@4:0",   # rank 0 in the middle of writing its first file
-    "save_point2@4:1",   # rank 1 in the middle of writing its first file
-    "save_point3@4:1",   # rank 1 wrote all its files, not its digests
-    "save_point4@4:1",   # rank 1 published its digests, rank 0 has not committed
-    "kill_in_save@4:0",  # rank 0 gathered every digest, no manifest yet
-    "save_point6@4:0",   # manifest written, `latest` not moved
-    "save_point7@4:0",   # committed, before pruning
-    "save_point1@2:0",   # rank 0 inside the periodic save of step 2 (training goes on meanwhile)
+    # inside a periodic save, in the background, while the next steps train
+    "save_point1@2:1",   # rank 1 wrote its first file of step 2, no digest yet
+    "save_point2@2:0",   # rank 0 in the middle of writing its first file of step 2
+    "save_point3@4:1",   # rank 1 wrote all its files of step 4, not its digests
+    "kill_in_save@4:0",  # rank 0 gathered every digest of step 4, no manifest yet
+    "save_point6@2:0",   # step 2's manifest written, `latest` not moved
+    # inside the final save (the run waits for it)
+    "save_point0@6:0",   # training thread, right after the snapshot, before any byte is written
+    "save_point2@6:1",   # rank 1 in the middle of writing its first file
+    "save_point4@6:1",   # rank 1 published its digests, rank 0 has not committed
+    "save_point6@6:0",   # manifest written, `latest` not moved
+    "save_point7@6:0",   # committed, before pruning
 ]
 
 
@@ -47,11 +50,12 @@ def test_kill9_during_async_save_resumes_exactly(straight, tmp_path, fault):
     latest = (ckpts / "latest").read_text().strip() if (ckpts / "latest").exists() else None
     if latest:  # whatever `latest` names is a complete, committed checkpoint
         assert store.verify(ckpts / latest) is None
-    committed_4 = fault.startswith(("save_point6", "save_point7"))
-    if not fault.startswith("save_point4@4:1"):  # rank 1 died with its files complete: rank 0 may commit them
-        assert (store.verify(ckpts / "step_00000004") is None) == committed_4
+    step = int(fault.split("@")[1].split(":")[0])  # the save the kill lands in
+    committed = fault.startswith(("save_point6", "save_point7"))
+    if not fault.startswith("save_point4"):  # rank 1 died with its files complete: rank 0 may commit them
+        assert (store.verify(ckpts / store.tag_for(step)) is None) == committed
     log = check(run_train(out, [*RUN, "checkpoint.verify=full"], nproc=2))  # the checksums split over both ranks
-    if latest or committed_4:
+    if latest or committed:
         assert "resumed from" in log
     assert losses(out) == losses(straight)
     mine, ref = _weights(out), _weights(straight)

@@ -56,3 +56,19 @@ def test_init_optimizer_loads_the_adam_state(source, tmp_path):
     a, b = losses(weights_only), losses(with_adam)
     assert a[1] == pytest.approx(b[1], rel=1e-6)  # the same weights on the same batch
     assert a[2] != b[2]  # the first update differs: Adam's moments (and step count) came along
+
+
+@pytest.mark.slow
+# TP=2 keeps the source's padded vocabulary (384 rows) with vocab_multiple 64 x 2: padding rows take
+# part in the softmax, so more of them would change the loss (resume_check says so at resume).
+@pytest.mark.parametrize("layout", [["parallel.tensor=2", "model.vocab_multiple=64"], ["parallel.pipeline=2"]],
+                         ids=["tp2", "pp2"])
+def test_init_from_gives_the_same_first_loss_under_tensor_and_pipeline_parallelism(source, tmp_path, layout):
+    """DP=2 ZeRO-1 -> TP=2 and -> PP=2 (with the test above, DP=2 -> one process: three layout
+    pairs): the continued run's first loss is the source weights' loss on the new data."""
+    out = tmp_path / "continued"
+    log = check(run_train(out, [f"checkpoint.init_from={source}", *layout, "parallel.zero_stage=1", "data.seed=77",
+                                "model.dropout=0.0", "schedule.kind=constant", "optim.lr=0.0001",
+                                "schedule.warmup_steps=0", "train.max_steps=2", "checkpoint.interval=0", *FAST], nproc=2))
+    assert "initialised from" in log and "weights only" in log
+    assert losses(out)[1] == pytest.approx(_source_loss_on_new_data(source, 77), rel=1e-5, abs=1e-5)
