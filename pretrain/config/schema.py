@@ -15,6 +15,14 @@ from typing import Any, Optional
 # (pretrain.plan.estimate) and the loss read the same number.
 LOSS_CHUNK_ELEMENTS = 2**25
 
+# The model-section fields that fix the shapes of the parameters (with the padded vocabulary, and
+# seq_len for learned positions): what a checkpoint records as its model shape, and what an
+# imported model must match.
+SHAPE_KEYS = ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "position", "norm", "mlp", "bias", "tie_embeddings")
+
+# train.precision -> the torch dtype's name (torch-free here: the planner and validation run without torch).
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
 
 @dataclass
 class ModelConfig:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from pretrain.config.schema import Config
+from pretrain.config.schema import PRECISION_DTYPES, Config
 from pretrain.errors import UserError
 
 __all__ = ["Layout", "resolve", "padded_vocab", "tokens_per_step", "ENUMS", "DEEPSPEED_OWNED_KEYS"]
@@ -22,7 +22,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "model.mlp": ("gelu", "swiglu"),
     "parallel.pipeline_partition": ("parameters", "uniform"),
     "schedule.kind": ("cosine", "linear", "constant", "wsd"),
-    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.precision": tuple(PRECISION_DTYPES),
     "train.device": ("auto", "cpu", "cuda"),
     "checkpoint.verify": ("full", "sizes"),
 }

@@ -26,15 +26,13 @@ from pathlib import Path
 
 import torch
 
+from pretrain.config.schema import PRECISION_DTYPES
 from pretrain.checkpoint import store
 from pretrain.errors import UserError
 from pretrain.interop import names
 from pretrain.interop.ds_reader import load_model_weights
 from pretrain.interop.init_weights import META as INIT_META
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def parse_size(text) -> int:
@@ -183,7 +181,8 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 def export_hf(run: str, out: str, step: int | None = None, dtype: str = "float32", max_shard_size="5GB",
               vocab_size: int | None = None, overwrite: bool = False, log=print, no_tokenizer: bool = False) -> Path:
     """Write the transformers directory `out` from a run / checkpoint / import-hf init dir."""
-    if dtype not in DTYPES:
+    dtype = PRECISION_DTYPES.get(dtype, dtype)  # bf16 -> bfloat16 ...: torch's names in the output
+    if dtype not in PRECISION_DTYPES.values():
         raise UserError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
     max_bytes = parse_size(max_shard_size)
     src = Path(run)
@@ -220,7 +219,7 @@ def export_hf(run: str, out: str, step: int | None = None, dtype: str = "float32
     if rows is not None and vocab > rows:
         raise UserError(f"vocabulary {vocab} (from {vocab_from}) exceeds the {rows} embedding rows")
     hf = names.to_hf(sd, m, vocab)
-    tdt = DTYPES[dtype]
+    tdt = getattr(torch, dtype)
     hf = {k: v.to(tdt).contiguous() for k, v in hf.items()}
 
     out_dir = Path(out)
@@ -232,13 +231,13 @@ def export_hf(run: str, out: str, step: int | None = None, dtype: str = "float32
         for f in meta.get("tokenizer_files", []):
             shutil.copyfile(init_dir / f, out_dir / f)
             tok_spec = "copied from the imported model"
-    config = names.hf_config(m, vocab, bos, eos, DTYPE_NAMES[tdt])
+    config = names.hf_config(m, vocab, bos, eos, dtype)
     files = save_safetensors(hf, out_dir, max_bytes)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     gen = {"bos_token_id": bos, "eos_token_id": eos}
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     prov = {"source": str(Path(tag_dir).resolve()), "step": step_no, "architecture": names.ARCHITECTURES[arch],
-            "vocab_size": vocab, "vocab_from": vocab_from, "padded_rows": rows, "dtype": DTYPE_NAMES[tdt],
+            "vocab_size": vocab, "vocab_from": vocab_from, "padded_rows": rows, "dtype": dtype,
             "tokenizer": tok_spec, "model": m,
             "consumed_tokens": None if state is None else state.get("consumed_tokens")}
     (out_dir / "pretrain_export.json").write_text(json.dumps(prov, indent=1, sort_keys=True) + "\n")

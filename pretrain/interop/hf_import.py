@@ -24,6 +24,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from pretrain.config.schema import SHAPE_KEYS
 from pretrain.errors import UserError
 from pretrain.interop import names
 from pretrain.interop.init_weights import mismatches, write_init
@@ -168,8 +169,7 @@ def import_hf(model_dir: str, config: str | None, out: str, overrides=(), allow_
     derived = derive_model(cfg, want, hf_vocab)
     bad = mismatches(asdict(cfg.model), want)
     if bad:
-        keys = ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "position", "norm", "mlp", "bias",
-                "tie_embeddings", "norm_eps", "rope_theta")
+        keys = (*SHAPE_KEYS, "norm_eps", "rope_theta")
         wanted = " ".join(f"model.{k}={want[k] if isinstance(want[k], str) else json.dumps(want[k])}"
                           for k in keys if k in want)
         raise UserError(f"{config or 'the config'}: the model section does not match {src}/config.json: "

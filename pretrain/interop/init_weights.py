@@ -21,6 +21,7 @@ import torch
 
 from pretrain import digest
 from pretrain.checkpoint import store
+from pretrain.config.schema import SHAPE_KEYS
 from pretrain.errors import UserError
 from pretrain.interop import names
 
@@ -81,7 +82,7 @@ def mismatches(model_cfg: dict, want: dict) -> list[str]:
     (a model section derived from the imported model)."""
     out = []
     m = dict(model_cfg)
-    for key in ("n_layer", "n_head", "d_model", "position", "norm", "mlp", "bias", "tie_embeddings"):
+    for key in (k for k in SHAPE_KEYS if k not in ("n_kv_head", "d_ff")):  # those two: by value below
         if m.get(key) != want.get(key):
             out.append(f"model.{key} is {m.get(key)!r}, the imported model has {want.get(key)!r}")
     if names.n_kv_of(m) != names.n_kv_of(want):

@@ -194,17 +194,21 @@ def shard_block(block: Block, group, sequence_parallel: bool = False) -> Block:
         return RowParallelLinear(lin.in_features, lin.out_features, lin.bias is not None, group,
                                  input_is_parallel=True, sequence_parallel=sp, init_method=None, **_like(lin))
 
+    def split(lin: nn.Linear, plain: str) -> nn.Module:
+        """Column- or row-parallel as the spec's split dimension of the weight says (0: output rows)."""
+        dim = spec.rule_of(plain).tp_dim
+        layer = column(lin) if dim == 0 else row(lin)
+        assert layer.weight.partition_dim == dim, plain  # the layer type agrees with the spec
+        return layer
+
     attn, mlp = block.attn, block.mlp
     spec.qkv_permutation(attn.n_head, attn.n_kv_head, attn.head_dim, tp)  # checks the head counts divide
-    attn.qkv, attn.proj = column(attn.qkv), row(attn.proj)
+    attn.qkv, attn.proj = split(attn.qkv, "blocks.0.attn.qkv.weight"), split(attn.proj, "blocks.0.attn.proj.weight")
     attn.n_head //= tp
     attn.n_kv_head //= tp
-    for name in ("fc", "gate", "up"):
+    for name in ("fc", "gate", "up", "proj", "down"):
         if hasattr(mlp, name):
-            setattr(mlp, name, column(getattr(mlp, name)))
-    for name in ("proj", "down"):
-        if hasattr(mlp, name):
-            setattr(mlp, name, row(getattr(mlp, name)))
+            setattr(mlp, name, split(getattr(mlp, name), f"blocks.0.mlp.{name}.weight"))
     if sp:
         _sp_norm(block.ln_1, group)
         _sp_norm(block.ln_2, group)

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from pretrain import dsadapter
+from pretrain.config.schema import PRECISION_DTYPES
 from pretrain.model.gpt import GPT
 from pretrain.parallel import spec
 from pretrain.parallel.apply import ParallelGPT, materialize
@@ -32,7 +33,6 @@ from pretrain.parallel.pipeline import build_pipeline
 
 __all__ = ["build_model", "memory_line", "optimizer_group_names"]
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def build_model(cfg, layout, topo, device=None, source: Optional[spec.Source] = None) -> nn.Module:
@@ -58,7 +58,7 @@ def _partitioned(model: nn.Module, cfg, layout, topo, device, seed: int, source)
     from pretrain.config.deepspeed import deepspeed_config
 
     ds_config = deepspeed_config(cfg, layout)
-    dtype = _DTYPES[cfg.train.precision]
+    dtype = getattr(torch, PRECISION_DTYPES[cfg.train.precision])
     for i, layer in enumerate(model.layers()):
         if not any(True for _ in layer.parameters()):
             continue  # a tied head owns no parameter

@@ -104,7 +104,7 @@ class GuardedAdamW(torch.optim.AdamW):
         return grads, keep
 
     def _decide(self, grads, keep) -> None:
-        dev = _comm_device() if dist.is_initialized() else (grads[0].device if grads else torch.device("cpu"))
+        dev = comm_device() if dist.is_initialized() else (grads[0].device if grads else torch.device("cpu"))
         flag = self.bad_loss if self.bad_loss is not None else torch.zeros((), dtype=torch.bool, device=dev)
         if self.bad_loss_fn is not None:
             flag = flag | self.bad_loss_fn().to(dev)
@@ -152,7 +152,8 @@ class GuardedAdamW(torch.optim.AdamW):
         return not (dsadapter.is_pipe_replica(p) or (self.tp_rank > 0 and not param_is_tensor_parallel(p)))
 
 
-def _comm_device() -> torch.device:
+def comm_device() -> torch.device:
+    """Where a tensor for a collective of the default group must live: the current GPU under NCCL."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -189,6 +190,12 @@ def init_distributed(cfg: Config, device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def _unfused(cfg: Config, layout: Layout) -> bool:
+    """Whether DeepSpeed wraps our optimizer in its unfused mixed-precision optimizer (ZeRO-0
+    bf16/fp16, not pipelined)."""
+    return cfg.train.precision != "fp32" and layout.pp == 1
+
+
 def _own_clip(cfg: Config, layout: Layout) -> bool:
     """Whether GuardedAdamW clips (and reports the norm) instead of DeepSpeed.
 
@@ -196,7 +203,7 @@ def _own_clip(cfg: Config, layout: Layout) -> bool:
     gradients first and so cannot tell TP-sharded from replicated ones: with TP we clip instead.
     DeepSpeed clips fp32 ZeRO-0 without reporting the norm, and ZeRO 1/2 clip each group after
     reading the norm on the host (`is_invalid_grad_norm`): we clip on the device instead."""
-    unfused = cfg.train.precision != "fp32" and layout.pp == 1
+    unfused = _unfused(cfg, layout)
     return layout.zero_stage in (1, 2) or (
         layout.zero_stage == 0 and (cfg.train.precision == "fp32" or (unfused and layout.tp > 1)))
 
@@ -235,7 +242,7 @@ def build_engine(cfg: Config, layout: Layout, model: torch.nn.Module, topo=None)
 
     ds_config = engine_ds_config(cfg, layout)
     pipe = layout.pp > 1
-    unfused = cfg.train.precision != "fp32" and layout.pp == 1
+    unfused = _unfused(cfg, layout)
     own_clip = _own_clip(cfg, layout)
     if cfg.train.compile:
         compile_blocks(model)

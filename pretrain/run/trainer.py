@@ -15,7 +15,7 @@ from pretrain.checkpoint import store
 from pretrain.plan import preflight
 from pretrain.run import lock, stop
 from pretrain.config.load import config_to_yaml
-from pretrain.config.schema import Config, to_dict
+from pretrain.config.schema import SHAPE_KEYS, Config, to_dict
 from pretrain.config.validate import Layout
 from pretrain.errors import UserError
 from pretrain.checkpoint.resume_check import resolved_config
@@ -141,9 +141,7 @@ class Trainer:
 
     def _model_shape(self) -> dict:
         m = to_dict(self.cfg.model)
-        keys = ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "position", "norm", "mlp",
-                "bias", "tie_embeddings")
-        shape = {k: m[k] for k in keys}
+        shape = {k: m[k] for k in SHAPE_KEYS}
         shape["padded_vocab_size"] = self.layout.padded_vocab_size
         if m["position"] == "learned":
             shape["seq_len"] = m["seq_len"]
@@ -329,17 +327,18 @@ class Trainer:
 
     def _agree(self, flag: bool) -> bool:
         """True on every rank when any rank has `flag` (signals reach ranks at different times)."""
-        t = torch.tensor([float(flag)], device=self._comm_device())
+        from pretrain.run.engine import comm_device
+
+        t = torch.tensor([float(flag)], device=comm_device())
         dist.all_reduce(t)
         return bool(t.item() > 0)
-
-    def _comm_device(self) -> torch.device:
-        return self.device if self.device.type == "cuda" else torch.device("cpu")
 
     def _mean_over_dp(self, value: float) -> float:
         """Mean over the data-parallel replicas. Tensor-parallel peers hold the same loss, and a
         pipeline's `train_batch`/`eval_batch` give every stage the last stage's DP-mean loss."""
-        t = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
+        from pretrain.run.engine import comm_device
+
+        t = torch.tensor([value], dtype=torch.float64, device=comm_device())
         dist.all_reduce(t, group=self.topo.dp_group)
         return float(t.item()) / self.layout.dp
 
