@@ -263,15 +263,31 @@ def resolve(cfg: Config, world_size: int, data_vocab_size: int | None = None, *,
         raise UserError(f"world size must be a positive integer, got {world_size}")
     _check_fields(cfg)
     _check_model(cfg)
+    _check_wandb(cfg)
+    device = _device(cfg, cuda_available)
+    dp, tp, pp = _degrees(cfg, world_size)
+    global_batch, accum = _batch_plan(cfg, dp)
+    _check_schedule(cfg)
+    vocab = _check_data(cfg, data_vocab_size)
+    padded = padded_vocab(max(vocab, cfg.model.vocab_size or 0), cfg.model.vocab_multiple, tp)
+    _check_deepspeed_passthrough(cfg)
+    return Layout(world_size=world_size, dp=dp, tp=tp, pp=pp, micro_batch_size=cfg.train.micro_batch_size,
+                  grad_accum=accum, global_batch_size=global_batch, vocab_size=vocab,
+                  padded_vocab_size=padded, zero_stage=cfg.parallel.zero_stage, device=device)
+
+
+def _check_wandb(cfg: Config) -> None:
     if cfg.logging.wandb:
         import importlib.util
 
         if importlib.util.find_spec("wandb") is None:
             raise UserError("logging.wandb is true but wandb is not installed; pip install 'pretrain[wandb]' "
                             "(or wandb), or set logging.wandb false")
-    m, p, t = cfg.model, cfg.parallel, cfg.train
 
-    # ---------------------------------------------------------------- device and precision
+
+def _device(cfg: Config, cuda_available: bool | None) -> str:
+    """'cpu' or 'cuda' for train.device (auto: cuda when there is one); fp16 needs a GPU."""
+    t = cfg.train
     if t.device == "cpu":
         device = "cpu"
     else:
@@ -283,8 +299,12 @@ def resolve(cfg: Config, world_size: int, data_vocab_size: int | None = None, *,
     if t.precision == "fp16" and device == "cpu":
         why = "train.device is 'cpu'" if t.device == "cpu" else "no CUDA device is available"
         raise UserError(f"train.precision 'fp16' needs a GPU ({why}); use train.precision bf16 or fp32")
+    return device
 
-    # ---------------------------------------------------------------- parallel degrees
+
+def _degrees(cfg: Config, world_size: int) -> tuple[int, int, int]:
+    """(data, tensor, pipeline) degrees for `world_size`, checked against the model and ZeRO."""
+    m, p = cfg.model, cfg.parallel
     tp, pp = p.tensor, p.pipeline
     if p.data is None:
         if world_size % (tp * pp):
@@ -298,6 +318,22 @@ def resolve(cfg: Config, world_size: int, data_vocab_size: int | None = None, *,
             raise UserError(f"parallel.data ({dp}) x parallel.tensor ({tp}) x parallel.pipeline ({pp}) = "
                             f"{dp * tp * pp}, but the world size is {world_size}; launch {dp * tp * pp} "
                             f"processes or set parallel.data null to derive it")
+    _check_tensor(cfg, tp)
+    if m.n_layer < pp:
+        raise UserError(f"model.n_layer ({m.n_layer}) must be >= parallel.pipeline ({pp}): every stage "
+                        f"needs at least one block; lower parallel.pipeline")
+    if pp > 1 and p.zero_stage >= 2:
+        raise UserError("ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism; "
+                        "use parallel.zero_stage 0 or 1 (or parallel.pipeline 1)")
+    if p.offload_optimizer and p.zero_stage < 2:
+        raise UserError(f"parallel.offload_optimizer needs parallel.zero_stage 2 or 3 "
+                        f"(got {p.zero_stage}); raise the stage or set offload_optimizer false")
+    return dp, tp, pp
+
+
+def _check_tensor(cfg: Config, tp: int) -> None:
+    """Heads, kv heads, MLP width and (sequence parallelism) seq_len must split over `tp` ranks."""
+    m = cfg.model
     kv = m.n_kv_head if m.n_kv_head is not None else m.n_head
     if tp > 1:
         if m.n_head % tp:
@@ -309,56 +345,37 @@ def resolve(cfg: Config, world_size: int, data_vocab_size: int | None = None, *,
         if m.ffn_dim() % tp:  # the same d_ff default the model uses
             raise UserError(f"the MLP width ({m.ffn_dim()}, model.d_ff) must be divisible by "
                             f"parallel.tensor ({tp}); set model.d_ff to a multiple of {tp}")
-    if p.sequence_parallel:
+    if cfg.parallel.sequence_parallel:
         if tp == 1:
             raise UserError("parallel.sequence_parallel needs parallel.tensor > 1; "
                             "set sequence_parallel false or raise the tensor-parallel degree")
         if m.seq_len % tp:
             raise UserError(f"parallel.sequence_parallel splits model.seq_len ({m.seq_len}) over "
                             f"parallel.tensor ({tp}); use a seq_len divisible by {tp}")
-    if m.n_layer < pp:
-        raise UserError(f"model.n_layer ({m.n_layer}) must be >= parallel.pipeline ({pp}): every stage "
-                        f"needs at least one block; lower parallel.pipeline")
-    if pp > 1 and p.zero_stage >= 2:
-        raise UserError("ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism; "
-                        "use parallel.zero_stage 0 or 1 (or parallel.pipeline 1)")
-    if p.offload_optimizer and p.zero_stage < 2:
-        raise UserError(f"parallel.offload_optimizer needs parallel.zero_stage 2 or 3 "
-                        f"(got {p.zero_stage}); raise the stage or set offload_optimizer false")
 
-    # ---------------------------------------------------------------- batch plan
-    micro = t.micro_batch_size
-    if t.global_batch_size is None:
-        global_batch, accum = micro * dp, 1
-    else:
-        global_batch = t.global_batch_size
-        if global_batch % (micro * dp):
-            step = micro * dp
-            lo, hi = (global_batch // step) * step, (global_batch // step + 1) * step
-            near = f"{lo} or {hi}" if lo else f"{hi}"
-            raise UserError(f"train.global_batch_size ({global_batch}) must be a multiple of "
-                            f"train.micro_batch_size ({micro}) x data-parallel size ({dp}) = {step}; "
-                            f"use e.g. {near}, or change train.micro_batch_size")
-        accum = global_batch // (micro * dp)
 
-    # ---------------------------------------------------------------- schedule
-    s = cfg.schedule
+def _batch_plan(cfg: Config, dp: int) -> tuple[int, int]:
+    """(global batch, gradient accumulation) from train.micro_batch_size / global_batch_size."""
+    micro, global_batch = cfg.train.micro_batch_size, cfg.train.global_batch_size
+    if global_batch is None:
+        return micro * dp, 1
+    if global_batch % (micro * dp):
+        step = micro * dp
+        lo, hi = (global_batch // step) * step, (global_batch // step + 1) * step
+        near = f"{lo} or {hi}" if lo else f"{hi}"
+        raise UserError(f"train.global_batch_size ({global_batch}) must be a multiple of "
+                        f"train.micro_batch_size ({micro}) x data-parallel size ({dp}) = {step}; "
+                        f"use e.g. {near}, or change train.micro_batch_size")
+    return global_batch, global_batch // (micro * dp)
+
+
+def _check_schedule(cfg: Config) -> None:
+    s, t = cfg.schedule, cfg.train
     if s.warmup_steps > t.max_steps:
         raise UserError(f"schedule.warmup_steps ({s.warmup_steps}) must be <= train.max_steps "
                         f"({t.max_steps}); shorten the warmup")
     if s.min_lr > cfg.optim.lr:
         raise UserError(f"schedule.min_lr ({s.min_lr}) must be <= optim.lr ({cfg.optim.lr})")
-
-    # ---------------------------------------------------------------- data and vocabulary
-    vocab = _check_data(cfg, data_vocab_size)
-    rows = max(vocab, m.vocab_size or 0)
-    padded = padded_vocab(rows, m.vocab_multiple, tp)
-
-    _check_deepspeed_passthrough(cfg)
-
-    return Layout(world_size=world_size, dp=dp, tp=tp, pp=pp, micro_batch_size=micro,
-                  grad_accum=accum, global_batch_size=global_batch, vocab_size=vocab,
-                  padded_vocab_size=padded, zero_stage=p.zero_stage, device=device)
 
 
 def tokens_per_step(cfg: Config, layout: Layout) -> int:
