@@ -154,19 +154,34 @@ def import_hf(model_dir: str, config: str | None, out: str, overrides=(), allow_
     `config`, with the same overrides. Prepared data is optional: without it the vocabulary and
     tokenizer checks are left to the data (`pretrain-prep --tokenizer hf:MODEL_DIR/tokenizer.json`).
     """
-    import copy
     import shlex
 
-    import yaml
-
     from pretrain.config.load import load_config
-    from pretrain.config.validate import padded_vocab, resolve
 
     src = Path(model_dir)
     hf_cfg = read_hf_config(src)
     arch, want, hf_vocab = names.model_from_hf_config(hf_cfg)
     cfg = load_config(config, list(overrides))
     derived = derive_model(cfg, want, hf_vocab)
+    _check_model_section(cfg, want, src, config)
+    padded = _check_run(cfg, hf_vocab, derived, src, allow_tokenizer_mismatch, log)
+    run = Path(out)
+    init = _fresh_init_dir(run, force)
+    model_yaml = _write_import(src, init, cfg, arch, want, hf_cfg, hf_vocab, log)
+    if derived:
+        log(f"model section from {src}/config.json: {' '.join(derived)} (in {model_yaml})")
+    if padded > hf_vocab:
+        log(f"note: the run pads the vocabulary to {padded}: {padded - hf_vocab} zero rows whose logits (0) join the "
+            "softmax, so the first loss is close to, not equal to, transformers'. For exact equality choose "
+            f"model.vocab_multiple so that the padded vocabulary is {hf_vocab}.")
+    cmd = ["pretrain-train", *(["--config", config] if config else []), "--config", str(model_yaml),
+           *overrides, f"train.out_dir={run}", f"checkpoint.init_from={init}"]
+    log("next: " + shlex.join(cmd))
+    return init
+
+
+def _check_model_section(cfg, want: dict, src: Path, config: str | None) -> None:
+    """The config's model section must be the imported model's (fields it sets itself)."""
     bad = mismatches(asdict(cfg.model), want)
     if bad:
         keys = (*SHAPE_KEYS, "norm_eps", "rope_theta")
@@ -176,7 +191,14 @@ def import_hf(model_dir: str, config: str | None, out: str, overrides=(), allow_
                         + "; ".join(bad) + f" (the imported model is: {wanted}; or leave these fields out: "
                         "import-hf derives them)")
 
-    # Vocabulary: every data token id must have a row, and every imported row must fit.
+
+def _check_run(cfg, hf_vocab: int, derived: list, src: Path, allow_tokenizer_mismatch: bool, log) -> int:
+    """Vocabulary (every data token id has a row, every imported row fits), the rest of the config
+    for its own run, and the data's tokenizer when the data is there; returns the padded vocabulary."""
+    import copy
+
+    from pretrain.config.validate import padded_vocab, resolve
+
     ready, data_vocab = _data_ready(cfg)
     if data_vocab is not None and data_vocab > hf_vocab:
         raise UserError(f"the data's vocabulary ({data_vocab}) is larger than the imported model's ({hf_vocab}); "
@@ -190,23 +212,24 @@ def import_hf(model_dir: str, config: str | None, out: str, overrides=(), allow_
                         f"{data_vocab}) is smaller than the imported model's {hf_vocab} rows; set "
                         f"model.vocab_size: {hf_vocab}")
     par = cfg.parallel
-    world = (par.data or 1) * par.tensor * par.pipeline
     probe = cfg
     if not ready:  # the rest of the config must be valid for its own run; the data comes later
         probe = copy.deepcopy(cfg)
         probe.data.synthetic = True
-    resolve(probe, world, data_vocab)
-    padded = padded_vocab(rows, cfg.model.vocab_multiple, par.tensor)
+    resolve(probe, (par.data or 1) * par.tensor * par.pipeline, data_vocab)
     if ready:
         _check_tokenizer(src, cfg, allow_tokenizer_mismatch, log)
     else:
         tok = f" --tokenizer hf:{src / 'tokenizer.json'}" if (src / "tokenizer.json").is_file() else ""
         log(f"note: no prepared data at data.paths {cfg.data.paths} yet: prepare it with pretrain-prep{tok}, "
             "so that its token ids are the model's")
+    return padded_vocab(rows, cfg.model.vocab_multiple, par.tensor)
 
-    run = Path(out)
-    init = run / "init"
-    ckpts = run / "checkpoints"
+
+def _fresh_init_dir(run: Path, force: bool) -> Path:
+    """`<run>/init`, refused where the run has checkpoints (resume would ignore the import) or an
+    earlier import, unless `force`."""
+    init, ckpts = run / "init", run / "checkpoints"
     if ckpts.is_dir() and any(ckpts.glob("step_*/manifest.json")) and not force:
         raise UserError(f"{run} already has checkpoints: checkpoint.resume=auto would resume them and ignore the "
                         "imported weights; choose a new --out (or --force)")
@@ -214,6 +237,12 @@ def import_hf(model_dir: str, config: str | None, out: str, overrides=(), allow_
         raise UserError(f"{init} exists (an earlier import); choose a new --out or pass --force to replace it")
     if init.exists():
         shutil.rmtree(init)
+    return init
+
+
+def _write_import(src: Path, init: Path, cfg, arch: str, want: dict, hf_cfg: dict, hf_vocab: int, log) -> Path:
+    """The weights, tokenizer files, init.json and model.yaml of the import; returns model.yaml."""
+    import yaml
 
     sd = names.from_hf(read_hf_weights(src), arch, want)
     tok_files = []
@@ -231,13 +260,4 @@ def import_hf(model_dir: str, config: str | None, out: str, overrides=(), allow_
                           + yaml.safe_dump({"model": asdict(cfg.model)}, sort_keys=False))
     n = sum(t.numel() for t in sd.values())
     log(f"imported {names.ARCHITECTURES[arch]} ({n:,} parameters, vocabulary {hf_vocab}) from {src} into {init}")
-    if derived:
-        log(f"model section from {src}/config.json: {' '.join(derived)} (in {model_yaml})")
-    if padded > hf_vocab:
-        log(f"note: the run pads the vocabulary to {padded}: {padded - hf_vocab} zero rows whose logits (0) join the "
-            "softmax, so the first loss is close to, not equal to, transformers'. For exact equality choose "
-            f"model.vocab_multiple so that the padded vocabulary is {hf_vocab}.")
-    cmd = ["pretrain-train", *(["--config", config] if config else []), "--config", str(model_yaml),
-           *overrides, f"train.out_dir={run}", f"checkpoint.init_from={init}"]
-    log("next: " + shlex.join(cmd))
-    return init
+    return model_yaml
