@@ -8,7 +8,6 @@ re-run with the same arguments resumes there. manifest.json is written last.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import hashlib
 import json
@@ -27,78 +26,12 @@ from pretrain.data.manifest import FORMAT, FORMAT_VERSION, MANIFEST, write_json_
 from pretrain.data.shards import Outputs, RestoreFailed, clean_outputs
 from pretrain.data.sources import check_extras, expand_inputs, iter_chunks, source_info
 from pretrain.data.tokenizer import load_tokenizer, parse_bpe_spec, train_bpe
-from pretrain.errors import HelpFormatter, UserError, cli_entry, known_io_errors, os_error_line
+from pretrain.data.prep_args import build_parser, options, parse_size, split_warnings
+from pretrain.errors import UserError, cli_entry, known_io_errors, os_error_line
 
 JOURNAL = ".prep_state.json"
 CHUNK_DOCS = 2048
 CHECKPOINT_SECONDS = 60.0
-
-
-def parse_size(s: str, what: str) -> int:
-    mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30}
-    t = s.strip().upper().rstrip("B")
-    num = t.rstrip("KMGTI")
-    try:
-        v = int(float(num) * mult[t[len(num):]])
-    except (KeyError, ValueError):
-        raise UserError(f"{what} {s!r}: expected a number with an optional K/M/G (or Ki/Mi/Gi) suffix") from None
-    if v < 1:
-        raise UserError(f"{what} must be positive, got {s!r}")
-    return v
-
-
-def parse_split(s: str) -> list[float]:
-    try:
-        fr = [float(x) for x in s.split(",")]
-    except ValueError:
-        raise UserError(f"--split {s!r}: expected 1-3 comma-separated fractions, e.g. 0.98,0.02") from None
-    if not 1 <= len(fr) <= 3 or any(f < 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6 or fr[0] <= 0:
-        raise UserError(f"--split {s!r}: 1-3 non-negative fractions (train,valid,test) summing to 1, train > 0")
-    return fr
-
-
-def split_warnings(splits: dict, documents: int) -> list[str]:
-    """A split asked for (fraction > 0) that received no document: documents are assigned by a
-    hash, so a small corpus can leave a 2% validation split empty, and validation would be off."""
-    out = []
-    for name, s in splits.items():
-        if s["fraction"] > 0 and not s["source_documents"]:
-            out.append(f"warning: the {name!r} split got 0 of {documents:,} documents (--split gives it "
-                       f"{s['fraction']:g}; documents are assigned by hash). Raise its fraction (e.g. --split "
-                       f"0.9,0.1) or give the trainer separate data (data.{name}_paths)")
-    return out
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pretrain-prep", description="Tokenize raw text into Megatron shards.",
-                                formatter_class=HelpFormatter)
-    p.add_argument("inputs", nargs="+", help="files, globs or directories: .txt .jsonl .jsonl.gz .jsonl.zst "
-                   ".parquet, or a Hugging Face dataset directory (save_to_disk)")
-    p.add_argument("-o", "--output", required=True, help="output directory")
-    p.add_argument("--tokenizer", required=True, help="byte | hf:PATH | tiktoken:PATH | bpe:VOCAB_SIZE")
-    p.add_argument("--text-key", default="text", help="JSON/parquet/dataset field holding the text (default text)")
-    p.add_argument("--txt-mode", choices=["doc", "line"], default="doc",
-                   help="a .txt file is one document (doc) or each non-blank line is one (line)")
-    p.add_argument("--no-eos", dest="eos", action="store_false", help="do not append EOS after each document")
-    p.add_argument("--bos", action="store_true", help="prepend BOS to each document")
-    p.add_argument("--split", default="0.98,0.02", help="train,valid[,test] fractions of documents (default 0.98,0.02)")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the split hash (default 1234)")
-    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
-    p.add_argument("--shard-size", default="256M",
-                   help="maximum tokens per shard, e.g. 50M (default 256M; a single larger document gets its own)")
-    p.add_argument("--max-doc-bytes", default="16Mi",
-                   help="documents longer than this (UTF-8 bytes) are split into consecutive sequences "
-                        "(EOS only after the last); default 16Mi")
-    p.add_argument("--chunk-bytes", default="256Ki", help="input bytes per work unit (default 256Ki)")
-    p.add_argument("--on-bad-record", choices=["skip", "fail"], default="skip",
-                   help="skip (count in the manifest) or fail at the first bad record (default skip)")
-    p.add_argument("--max-bad-fraction", type=float, default=0.05,
-                   help="fail when more than this fraction of the records were skipped as malformed or "
-                        "unreadable (empty documents and invalid UTF-8, which is kept, do not count); "
-                        "default 0.05")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing finished dataset in --output")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    return p
 
 
 def _fingerprint(cfg: dict, sources: list[dict], tok_sha: str | None) -> str:
@@ -238,15 +171,7 @@ def _io_error(e: OSError) -> str:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.time()
-    fractions = parse_split(args.split)
-    shard_size = parse_size(args.shard_size, "--shard-size")
-    max_doc = parse_size(args.max_doc_bytes, "--max-doc-bytes")
-    chunk_bytes = parse_size(args.chunk_bytes, "--chunk-bytes")
-    workers = args.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    if args.workers is not None and args.workers < 1:
-        raise UserError("--workers must be at least 1")
-    if not 0 <= args.max_bad_fraction <= 1:
-        raise UserError(f"--max-bad-fraction {args.max_bad_fraction}: expected a fraction from 0 to 1")
+    fractions, shard_size, max_doc, chunk_bytes, workers = options(args)
     sources = expand_inputs(args.inputs)
     check_extras(sources)
     out = _OUTPUT["out"] = os.path.abspath(args.output)
@@ -286,21 +211,7 @@ def main(argv=None) -> int:
     worker_spec = f"hf:{os.path.join(out, tok_name)}" if args.tokenizer.startswith("bpe:") else args.tokenizer
     settings = encode.Settings(worker_spec, args.text_key, args.eos, args.bos, encode.split_thresholds(fractions),
                                args.seed, max_doc, dtype.name)
-    outputs = Outputs(out, fractions, dtype, shard_size)
-    start = 0
-    if journal is not None:
-        try:
-            outputs.restore(journal)
-            start = int(journal["chunks_done"])
-            if not args.quiet:
-                print(f"pretrain-prep: resuming after {sum(len(w.done) for w in outputs.writers.values())} "
-                      f"completed shards (input chunk {start})", file=sys.stderr, flush=True)
-        except (RestoreFailed, KeyError, ValueError) as e:
-            if not args.quiet:
-                print(f"pretrain-prep: cannot resume ({e}); starting over", file=sys.stderr, flush=True)
-            outputs.close_files()
-            clean_outputs(out, keep_tokenizer=True)
-            outputs, start = Outputs(out, fractions, dtype, shard_size), 0
+    outputs, start = _outputs(out, journal, fractions, dtype, shard_size, args.quiet)
     tok_sha = _sha(os.path.join(out, tok_name)) if tok_name else None
 
     def checkpoint(done_chunks):
@@ -320,6 +231,27 @@ def main(argv=None) -> int:
     if not args.quiet:
         _summary(out, m, outputs.stats, time.time() - t0)
     return 0
+
+
+def _outputs(out: str, journal, fractions, dtype, shard_size: int, quiet: bool):
+    """(the shard writers, the input chunk to start from): restored from the journal of an
+    interrupted run, else fresh (also when the journal cannot be restored)."""
+    outputs = Outputs(out, fractions, dtype, shard_size)
+    if journal is None:
+        return outputs, 0
+    try:
+        outputs.restore(journal)
+        start = int(journal["chunks_done"])
+        if not quiet:
+            print(f"pretrain-prep: resuming after {sum(len(w.done) for w in outputs.writers.values())} "
+                  f"completed shards (input chunk {start})", file=sys.stderr, flush=True)
+        return outputs, start
+    except (RestoreFailed, KeyError, ValueError) as e:
+        if not quiet:
+            print(f"pretrain-prep: cannot resume ({e}); starting over", file=sys.stderr, flush=True)
+        outputs.close_files()
+        clean_outputs(out, keep_tokenizer=True)
+        return Outputs(out, fractions, dtype, shard_size), 0
 
 
 def _run(args, sources, settings, outputs, start, workers, total_in, checkpoint, sizes):
