@@ -61,12 +61,10 @@ def _batch(cfg: Config, layout: Any) -> list[str]:
     t = cfg.train
     tokens_step = layout.global_batch_size * cfg.model.seq_len
     total_tokens = tokens_step * t.max_steps
-    fpt = flops_per_token(cfg.model, layout.padded_vocab_size)
-    return ["Batch",
-            f"  micro {layout.micro_batch_size} x accumulation {layout.grad_accum} x data-parallel {layout.dp} "
-            f"= global {layout.global_batch_size} sequences = {tokens_step:,} tokens per step",
-            f"  {t.max_steps:,} steps = {total_tokens:,} tokens ({_si(total_tokens)}), "
-            f"{total_tokens * fpt:.3g} FLOPs"]
+    flops = total_tokens * flops_per_token(cfg.model, layout.padded_vocab_size)
+    per_step = (f"  micro {layout.micro_batch_size} x accumulation {layout.grad_accum} x data-parallel "
+                f"{layout.dp} = global {layout.global_batch_size} sequences = {tokens_step:,} tokens per step")
+    return ["Batch", per_step, f"  {t.max_steps:,} steps = {total_tokens:,} tokens ({_si(total_tokens)}), {flops:.3g} FLOPs"]
 
 
 def _layout(cfg: Config, layout: Any) -> list[str]:
