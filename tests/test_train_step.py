@@ -207,6 +207,22 @@ def test_compiled_blocks_train_like_eager(tmp_path):
         assert b[step] == pytest.approx(a[step], abs=1e-5), step
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["parallel.tensor=2"], ["parallel.pipeline=2"]], ids=["tp2", "pp2"])
+def test_compiled_blocks_train_like_eager_under_tensor_and_pipeline_parallelism(tmp_path, layout):
+    """train.compile=true on 2 ranks, TP=2 and PP=2 (ZeRO-1): fp32 losses equal eager's within 1e-5."""
+    common = ["train.max_steps=4", "checkpoint.interval=0", "model.dropout=0.0", "parallel.zero_stage=1",
+              "train.eval_interval=0", *layout]
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    check(run_train(eager, common, nproc=2))
+    log = check(run_train(compiled, common + ["train.compile=true"], nproc=2, timeout=900))
+    assert re.search(r"train.compile: [1-9]\d* graph\(s\) compiled", log), log[-2000:]
+    a, b = losses(eager), losses(compiled)
+    assert sorted(a) == [1, 2, 3, 4] and a.keys() == b.keys()
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-5), step
+
+
 def test_compile_with_zero3_is_refused(tmp_path):
     proc = run_train(tmp_path / "run", ["train.compile=true", "parallel.zero_stage=3"])
     log = check(proc, rc=2)
