@@ -110,10 +110,15 @@ def _enum(cfg: Config) -> None:
 
 
 def _check_fields(cfg: Config) -> None:
-    """Single-field rules."""
-    m, d, p, o, s, t, c, lg = (cfg.model, cfg.data, cfg.parallel, cfg.optim, cfg.schedule,
-                               cfg.train, cfg.checkpoint, cfg.logging)
+    """Single-field rules, section by section."""
     _enum(cfg)
+    for check in (_model_fields, _data_fields, _parallel_fields, _optim_fields, _schedule_fields, _train_fields,
+                  _checkpoint_fields, _logging_fields):
+        check(cfg)
+
+
+def _model_fields(cfg: Config) -> None:
+    m = cfg.model
     for key in ("n_layer", "n_head", "d_model", "seq_len", "vocab_multiple"):
         _positive(getattr(m, key), f"model.{key}")
     for key in ("n_kv_head", "d_ff", "vocab_size"):
@@ -124,6 +129,9 @@ def _check_fields(cfg: Config) -> None:
     if not 0.0 <= m.dropout < 1.0:
         raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
 
+
+def _data_fields(cfg: Config) -> None:
+    d = cfg.data
     if not all(isinstance(x, str) and x for x in d.paths):
         raise UserError(f"data.paths must be a list of non-empty path strings, got {d.paths!r}")
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in d.weights):
@@ -133,6 +141,9 @@ def _check_fields(cfg: Config) -> None:
     if not d.valid_split:
         raise UserError("data.valid_split must not be empty (e.g. 'valid')")
 
+
+def _parallel_fields(cfg: Config) -> None:
+    p = cfg.parallel
     _positive(p.tensor, "parallel.tensor")
     _positive(p.pipeline, "parallel.pipeline")
     if p.data is not None:
@@ -145,6 +156,9 @@ def _check_fields(cfg: Config) -> None:
                         "train.compile=false or use parallel.zero_stage 0-2")
     _positive(p.timeout_minutes, "parallel.timeout_minutes", "> 0")
 
+
+def _optim_fields(cfg: Config) -> None:
+    o = cfg.optim
     _positive(o.lr, "optim.lr", "> 0")
     _non_negative(o.weight_decay, "optim.weight_decay")
     for key in ("beta1", "beta2"):
@@ -154,6 +168,9 @@ def _check_fields(cfg: Config) -> None:
     if o.grad_clip < 0:
         raise UserError(f"optim.grad_clip must be >= 0 (0 disables clipping), got {o.grad_clip}")
 
+
+def _schedule_fields(cfg: Config) -> None:
+    s = cfg.schedule
     _non_negative(s.warmup_steps, "schedule.warmup_steps")
     if s.decay_steps is not None:
         _non_negative(s.decay_steps, "schedule.decay_steps")
@@ -161,6 +178,9 @@ def _check_fields(cfg: Config) -> None:
     if not 0.0 < s.wsd_decay_fraction <= 1.0:
         raise UserError(f"schedule.wsd_decay_fraction must be in (0, 1], got {s.wsd_decay_fraction}")
 
+
+def _train_fields(cfg: Config) -> None:
+    t = cfg.train
     if not t.out_dir:
         raise UserError("train.out_dir must not be empty (e.g. runs/my-run)")
     for key in ("max_steps", "micro_batch_size", "eval_steps", "max_consecutive_skips"):
@@ -169,6 +189,9 @@ def _check_fields(cfg: Config) -> None:
         _positive(t.global_batch_size, "train.global_batch_size", "a positive integer or null")
     _non_negative(t.eval_interval, "train.eval_interval")
 
+
+def _checkpoint_fields(cfg: Config) -> None:
+    c = cfg.checkpoint
     _non_negative(c.interval, "checkpoint.interval")
     _positive(c.keep_last, "checkpoint.keep_last")
     if not c.resume:
@@ -185,6 +208,9 @@ def _check_fields(cfg: Config) -> None:
     if c.dir is not None and not c.dir:
         raise UserError("checkpoint.dir must be a directory or null (= <train.out_dir>/checkpoints)")
 
+
+def _logging_fields(cfg: Config) -> None:
+    lg = cfg.logging
     _positive(lg.interval, "logging.interval")
     if lg.peak_flops is not None:
         _positive(lg.peak_flops, "logging.peak_flops", "> 0 FLOP/s or null")
@@ -223,7 +249,7 @@ def _check_data(cfg: Config, data_vocab_size: int | None) -> int:
         if any(w < 0 for w in d.weights):
             raise UserError(f"data.weights must be >= 0, got {d.weights}")
         if not any(w > 0 for w in d.weights):
-            raise UserError(f"data.weights are all 0; give at least one source a positive weight")
+            raise UserError("data.weights are all 0; give at least one source a positive weight")
     if data_vocab_size is not None:
         if data_vocab_size <= 0:
             raise UserError(f"the data's vocabulary size must be positive, got {data_vocab_size}")
