@@ -101,7 +101,7 @@ def test_resume_skips_a_flipped_byte_and_matches_the_uninterrupted_run(six, tmp_
 
 
 def _commands(run: Path, tmp_path: Path) -> dict:
-    """Each loading command on `run`: name -> (returncode, stderr) via `call(capfd)`."""
+    """Each loading command on `run`, in-process: name -> a call returning its exit status."""
     return {
         "generate": lambda: generate_main(["--checkpoint", str(run), "--prompt", "a", "--tokenizer", "byte",
                                            "--max-new-tokens", "2"]),

@@ -58,9 +58,9 @@ def structure_problem(path: Path) -> str | None:
                 return "is not a torch checkpoint (no stored data.pkl record in its zip archive)"
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
-                for info in records:
-                    _record_start(f, info, size)
-                for _ in pickletools.genops(_stored_record(f, pkl[0], size)):
+                starts = {info.filename: _record_start(f, info, size) for info in records}
+                f.seek(starts[pkl[0].filename])  # stored, so read past zipfile's CRC32 check (the writer leaves it 0)
+                for _ in pickletools.genops(f.read(pkl[0].compress_size)):
                     pass
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, IndexError, UnicodeDecodeError) as e:
         if path.suffix == ".json":
@@ -83,13 +83,6 @@ def _record_start(f, info: zipfile.ZipInfo, size: int) -> int:
     if start + info.compress_size > size:
         raise zipfile.BadZipFile(f"{info.filename} runs past the end of the file")
     return start
-
-
-def _stored_record(f, info: zipfile.ZipInfo, size: int) -> bytes:
-    """The bytes of a stored (uncompressed) zip record. zipfile's own reader would check the
-    record's CRC32, which the checkpoint writer leaves at 0 (the digest covers the bytes instead)."""
-    f.seek(_record_start(f, info, size))
-    return f.read(info.compress_size)
 
 
 def file_problem(tag_dir: Path, name: str, entry: dict, mode: str) -> str | None:

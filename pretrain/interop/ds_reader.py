@@ -60,7 +60,7 @@ def _model_weights(tag_dir: Path) -> dict:
             for s in range(pp):
                 local.update(_stage_weights(tag_dir, cfg, s, t, pp, int(state["model_shape"]["padded_vocab_size"])))
         elif zero == 0:
-            local = _load(tag_dir / f"mp_rank_{t:02d}_model_states.pt")["module"]
+            local = load_pt(tag_dir / f"mp_rank_{t:02d}_model_states.pt")["module"]
         else:
             local = _zero_fp32_weights(tag_dir, t, tp)
         plain = {}
@@ -137,10 +137,6 @@ def _full_state(tag_dir: Path, state: dict) -> tuple[dict, float]:
 
 
 # ----------------------------------------------------------------------------- readers
-def _load(path: Path):
-    return load_pt(path)  # a missing, damaged or foreign file: one line naming it
-
-
 def _steps(st) -> set:
     return {float(st["step"])} if "step" in st else set()
 
@@ -148,7 +144,7 @@ def _steps(st) -> set:
 def _zero0(tag_dir: Path, state: dict, cfg, mp: int, stage: int, tp_rank: int, pp: int, padded: int) -> dict:
     """ZeRO-0: the module's weights and torch AdamW's state_dict, whose state is numbered group
     by group: the checkpoint's record of each group's parameter names names it."""
-    sd = _load(tag_dir / f"mp_rank_{mp:02d}_model_states.pt")
+    sd = load_pt(tag_dir / f"mp_rank_{mp:02d}_model_states.pt")
     weights = sd["module"] if pp == 1 else _stage_weights(tag_dir, cfg, stage, tp_rank, pp, padded)
     optim = sd.get("optimizer") or {}
     groups = (state.get("optimizer_groups") or {}).get(f"mp_rank_{mp:02d}")
@@ -188,7 +184,7 @@ def _stage_weights(tag_dir: Path, cfg, stage: int, tp_rank: int, pp: int, padded
     L = cfg.model.n_layer
     tied, rest = {}, {}
     for idx in range(parts[stage], parts[stage + 1]):
-        layer = _load(tag_dir / f"layer_{idx:02d}-model_{tp_rank:02d}-model_states.pt")
+        layer = load_pt(tag_dir / f"layer_{idx:02d}-model_{tp_rank:02d}-model_states.pt")
         is_tied = cfg.model.tie_embeddings and idx in (0, L + 1)
         for k, v in layer.items():
             if is_tied:
@@ -200,8 +196,8 @@ def _stage_weights(tag_dir: Path, cfg, stage: int, tp_rank: int, pp: int, padded
 
 def _zero12(tag_dir: Path, mp: int, dp: int) -> dict:
     """ZeRO-1/2: each parameter's slices of the ranks' flat fp32 partitions and moments."""
-    shapes = _load(tag_dir / f"mp_rank_{mp:02d}_model_states.pt").get("param_shapes")
-    ranks = [_load(tag_dir / f"zero_pp_rank_{r}_mp_rank_{mp:02d}_optim_states.pt")["optimizer_state_dict"]
+    shapes = load_pt(tag_dir / f"mp_rank_{mp:02d}_model_states.pt").get("param_shapes")
+    ranks = [load_pt(tag_dir / f"zero_pp_rank_{r}_mp_rank_{mp:02d}_optim_states.pt")["optimizer_state_dict"]
              for r in range(dp)]
     if not shapes or any("param_slice_mappings" not in o for o in ranks):
         raise UserError(f"{tag_dir}: mp_rank_{mp:02d} has no parameter map (param_shapes / param_slice_mappings); "
@@ -237,10 +233,10 @@ def _zero12(tag_dir: Path, mp: int, dp: int) -> dict:
 
 def _zero3(tag_dir: Path, mp: int, dp: int) -> dict:
     """ZeRO-3: pieces of ceil(numel / dp) per parameter, end to end in each rank's flat groups."""
-    shapes = _load(tag_dir / f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt").get("param_shapes")
+    shapes = load_pt(tag_dir / f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt").get("param_shapes")
     streams, steps = [], set()
     for r in range(dp):
-        o = _load(tag_dir / f"zero_pp_rank_{r}_mp_rank_{mp:02d}_optim_states.pt")["optimizer_state_dict"]
+        o = load_pt(tag_dir / f"zero_pp_rank_{r}_mp_rank_{mp:02d}_optim_states.pt")["optimizer_state_dict"]
         flat = o["fp32_flat_groups"]
         state = o["optimizer_state_dict"]["state"]
         st = [state.get(i, {}) for i in range(len(flat))]
