@@ -283,7 +283,7 @@ def test_param_groups(opts):
             by_wd.setdefault(g["weight_decay"], set()).update(names[id(p)] for p in g["params"])
         return by_wd.get(0.1, set()), by_wd.get(0.0, set())
 
-    decay, no_decay = split(param_groups(model, 0.1))
+    decay, no_decay = split(param_groups(model.named_parameters(), 0.1))
     for n in no_decay:
         assert n.endswith(".bias") or "ln_" in n or n.startswith("embed."), n
     for n in decay:
@@ -292,13 +292,13 @@ def test_param_groups(opts):
     assert ("head.lm_head.weight" in decay) == (not cfg.tie_embeddings)
     assert any("attn.qkv.weight" in n for n in decay) and any("ln_1" in n for n in no_decay)
 
-    decay, no_decay = split(param_groups(model, 0.1, decay_embeddings=True))
+    decay, no_decay = split(param_groups(model.named_parameters(), 0.1, decay_embeddings=True))
     assert {n for n in decay if n.startswith("embed.")} == {n for n in names.values() if n.startswith("embed.")}
     assert all(not n.startswith("embed.") for n in no_decay)
-    groups = param_groups(model, 0.1, decay_norms_and_biases=True, decay_embeddings=True)
+    groups = param_groups(model.named_parameters(), 0.1, decay_norms_and_biases=True, decay_embeddings=True)
     assert len(groups) == 1 and groups[0]["weight_decay"] == 0.1  # empty no-decay group dropped
     split(groups)
-    torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3)  # accepted by AdamW
+    torch.optim.AdamW(param_groups(model.named_parameters(), 0.1), lr=1e-3)  # accepted by AdamW
 
 
 def test_model_imports_no_deepspeed_or_distributed():

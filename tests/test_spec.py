@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from pretrain.config.schema import ModelConfig
-from pretrain.model.gpt import GPT, param_groups
+from pretrain.model import params
+from pretrain.model.gpt import GPT
 from pretrain.parallel import spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,14 +92,13 @@ def test_vocab_parallel_table_is_grouped_as_an_embedding(weight_decay):
     model = GPT(m, V, device="meta")
     model.embed.wte = VocabParallelEmbedding(V, m.d_model, None, init_method=None, device="meta")
     optim = SimpleNamespace(weight_decay=weight_decay, decay_norms_and_biases=False, decay_embeddings=False)
-    groups = spec._model_groups(model, optim, m.n_layer)
+    groups = spec.optimizer_groups(model, optim, m.n_layer)
     assert len(groups) == 2 and groups[1]["weight_decay"] == 0.0  # [decayed (by wd), not decayed]
     assert "embed.wte.weight" in groups[1]["names"] and "embed.wpe.weight" in groups[1]["names"]
     assert "embed.wte.weight" not in groups[0]["names"] and "blocks.0.attn.qkv.weight" in groups[0]["names"]
-    assert spec.group_names(model, optim, m.n_layer) == [g["names"] for g in groups]
     stage = [("tied_modules.embed.wte.weight", model.embed.wte.weight), ("1.attn.qkv.weight",
                                                                         model.blocks[0].attn.qkv.weight)]
-    by_wd = {g["weight_decay"]: g["names"] for g in spec.param_groups(stage, 0.1, n_layer=m.n_layer)}
+    by_wd = {g["weight_decay"]: g["names"] for g in params.param_groups(stage, 0.1, plain=lambda n: spec.plain_name(n, m.n_layer))}
     assert by_wd == {0.1: ["1.attn.qkv.weight"], 0.0: ["tied_modules.embed.wte.weight"]}
 
 
@@ -106,8 +106,9 @@ def test_plain_param_groups_are_the_specs():
     m = VARIANTS["llama-gqa-untied"]
     model = GPT(m, V, device="meta")
     for kw in ({}, {"decay_embeddings": True}, {"decay_norms_and_biases": True}):
-        ours = param_groups(model, 0.1, **kw)
-        theirs = spec.param_groups(model.named_parameters(), 0.1, **kw)
+        ours = params.param_groups(model.named_parameters(), 0.1, **kw)
+        optim = SimpleNamespace(weight_decay=0.1, **{"decay_embeddings": False, "decay_norms_and_biases": False, **kw})
+        theirs = spec.optimizer_groups(model, optim, m.n_layer)
         assert [[id(p) for p in g["params"]] for g in ours] == [[id(p) for p in g["params"]] for g in theirs]
 
 

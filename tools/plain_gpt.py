@@ -26,7 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from pretrain.config.schema import ModelConfig  # noqa: E402
 from pretrain.model import GPT  # noqa: E402
-from pretrain.model.gpt import param_groups  # noqa: E402
+from pretrain.model import param_groups  # noqa: E402
 from pretrain.run.monitor import peak_flops  # noqa: E402
 from pretrain.model.size import flops_per_token  # noqa: E402
 
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     cfg = ModelConfig(**{**json.loads(a.model_json), "dropout": 0.0})
     model = GPT(cfg, a.vocab).to(dev)
     run = torch.compile(model) if a.mode == "compile" else model
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, betas=(0.9, 0.95), fused=cuda)
+    opt = torch.optim.AdamW(param_groups(model.named_parameters(), 0.1), lr=3e-4, betas=(0.9, 0.95), fused=cuda)
 
     def step(x, y):
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):

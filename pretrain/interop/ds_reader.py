@@ -8,7 +8,7 @@ Any saved layout (data, tensor, pipeline degree, ZeRO stage) of a committed chec
 * `read_full_state(tag_dir, state)` -- weights and Adam moments of an fp32 run:
   - ZeRO-0: torch AdamW's state_dict in `mp_rank_XX_model_states.pt`, its state numbered
     group by group; the parameter of each number is *named* by the checkpoint's own record
-    (state.json 'optimizer_groups', written by the trainer from `spec.group_names`), never
+    (state.json 'optimizer_groups', written by the trainer from `spec.optimizer_groups`), never
     re-derived from a grouping rule;
   - ZeRO-1/2: each data-parallel rank's flat fp32 partition and flat moments of every
     group; DeepSpeed's `param_slice_mappings` say by name where each parameter's slice lies;

@@ -5,7 +5,7 @@ Kept import-light, like ``pretrain.parallel``: `size` needs no torch (the planne
 before torch exists), so the public names below resolve on first access."""
 from __future__ import annotations
 
-_NAMES = {"GPT": "gpt", "loss_fn": "gpt", "param_groups": "gpt", "Block": "layers", "Embedding": "layers",
+_NAMES = {"GPT": "gpt", "loss_fn": "gpt", "param_groups": "params", "Block": "layers", "Embedding": "layers",
           "Head": "layers", "KVCache": "layers", "resolve_d_ff": "layers", "generate": "sampling",
           "sample_logits": "sampling"}
 __all__ = list(_NAMES)

@@ -121,17 +121,3 @@ class GPT(nn.Module):
             if not self.cfg.tie_embeddings:
                 n -= self.embed.wte.weight.numel()
         return n
-
-
-def param_groups(model: nn.Module, weight_decay: float, decay_norms_and_biases: bool = False,
-                 decay_embeddings: bool = False) -> list[dict]:
-    """AdamW parameter groups: [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0}].
-
-    Decayed: weight matrices, except the embedding tables unless decay_embeddings; biases and
-    norm gains only if decay_norms_and_biases (the rule of each name: `pretrain.model.params`).
-    Every trainable parameter lands in exactly one group, a shared (tied) parameter once.
-    Empty groups are dropped.
-    """
-    groups = params.param_groups(model.named_parameters(), weight_decay, decay_embeddings=decay_embeddings,
-                                 decay_norms_and_biases=decay_norms_and_biases)
-    return [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups]

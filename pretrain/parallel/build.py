@@ -72,12 +72,12 @@ def _partitioned(model: nn.Module, cfg, layout, topo, device, seed: int, source)
 
 def optimizer_group_names(model: nn.Module, cfg, topo) -> dict[str, list[list[str]]]:
     """{'mp_rank_XX': the module names of each optimizer group of that model-parallel rank}
-    (`spec.group_names`, the groups `engine.build_engine` gives the optimizer), for every
+    (the names of `spec.optimizer_groups`, the groups `engine.build_engine` gives the optimizer), for every
     model-parallel rank: what a checkpoint records so that readers match optimizer state
     by name. Collective (every rank calls it)."""
     import torch.distributed as dist
 
-    names = spec.group_names(model, cfg.optim, cfg.model.n_layer)
+    names = [g["names"] for g in spec.optimizer_groups(model, cfg.optim, cfg.model.n_layer)]
     mine = (topo.pp_rank * topo.tp + topo.tp_rank, topo.dp_rank, names)
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)

@@ -15,7 +15,7 @@ layer is its prefix (`layer_of`, `layer_prefix`). Ties: with model.tie_embedding
 
 Everything that shards, merges, groups, names or initialises parameters derives from the
 table: `local_piece` (sharding, loading imported or consolidated weights), `merge_state`
-(export, consolidation, checkpoint reading), `param_groups` (the optimizer, the plain GPT
+(export, consolidation, checkpoint reading), `optimizer_groups` (the optimizer, the plain GPT
 and every parallel layout alike), `plain_name` (pipeline stage names), `initialize` (each
 rank's piece of the initial values: drawn full size, then sliced, so building holds at most
 one full parameter beyond this rank's own pieces).
@@ -34,7 +34,7 @@ from pretrain.model import params
 from pretrain.model.params import RULES, TIED, Rule, decays, draw_seed, initial_value, rule_of  # noqa: F401 (re-exported)
 
 __all__ = ["Rule", "RULES", "TIED", "rule_of", "qkv_permutation", "layer_of", "layer_prefix", "plain_name",
-           "full_shape", "local_piece", "merge_state", "decays", "param_groups", "optimizer_groups", "group_names", "draw_seed",
+           "full_shape", "local_piece", "merge_state", "decays", "optimizer_groups", "draw_seed",
            "initial_value", "initialize"]
 
 
@@ -144,29 +144,13 @@ def merge_state(shards: list[dict], m: ModelConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------- optimizer groups
-def param_groups(named: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float, *,
-                 decay_norms_and_biases: bool = False, decay_embeddings: bool = False,
-                 n_layer: int = 0) -> list[dict]:
-    """`params.param_groups` for any built model's names: pass `n_layer` for a pipeline
-    stage's index-named layers (`plain_name`)."""
-    return params.param_groups(named, weight_decay, decay_norms_and_biases=decay_norms_and_biases,
-                               decay_embeddings=decay_embeddings, plain=lambda name: plain_name(name, n_layer))
-
-
-def _model_groups(model: torch.nn.Module, optim, n_layer: int) -> list[dict]:
-    return param_groups(model.named_parameters(), optim.weight_decay, n_layer=n_layer,
-                        decay_norms_and_biases=optim.decay_norms_and_biases, decay_embeddings=optim.decay_embeddings)
-
-
 def optimizer_groups(model: torch.nn.Module, optim, n_layer: int) -> list[dict]:
-    """The AdamW parameter groups of any built model (plain, tensor-parallel, pipeline stage)
-    under the config's `optim` section."""
-    return [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in _model_groups(model, optim, n_layer)]
-
-
-def group_names(model: torch.nn.Module, optim, n_layer: int) -> list[list[str]]:
-    """The module names of each of `optimizer_groups`' groups (what checkpoints record)."""
-    return [g["names"] for g in _model_groups(model, optim, n_layer)]
+    """`params.param_groups` of any built model (plain, tensor-parallel, pipeline stage: its
+    index-named layers are looked up by `plain_name`) under the config's `optim` section:
+    [{'params', 'names', 'weight_decay'}, ...]; the names are what checkpoints record."""
+    return params.param_groups(model.named_parameters(), optim.weight_decay,
+                               decay_norms_and_biases=optim.decay_norms_and_biases,
+                               decay_embeddings=optim.decay_embeddings, plain=lambda name: plain_name(name, n_layer))
 
 
 Source = Callable[[str, tuple], torch.Tensor]  # (plain name, full shape) -> full tensor

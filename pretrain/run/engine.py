@@ -246,7 +246,9 @@ def build_engine(cfg: Config, layout: Layout, model: torch.nn.Module, topo=None)
     own_clip = _own_clip(cfg, layout)
     if cfg.train.compile:
         compile_blocks(model)
-    groups = spec.optimizer_groups(model, cfg.optim, cfg.model.n_layer)  # by each parameter's name
+    # Grouped by each parameter's name; the names go to checkpoints (build.optimizer_group_names),
+    # not into the optimizer's state.
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in spec.optimizer_groups(model, cfg.optim, cfg.model.n_layer)]
     # torch's fused AdamW (one kernel over all tensors, on CUDA and CPU) instead of the default
     # per-tensor loop on CPU / foreach on CUDA: on the 2-core CPU it steps 30M fp32 parameters in
     # ~47 ms of CPU time against ~310 ms (docs/PERFORMANCE.md, "Training throughput").
