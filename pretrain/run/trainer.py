@@ -216,72 +216,26 @@ class Trainer:
         with the stop-request agreement, at the boundaries."""
         from pretrain.run.steplog import StepLedger, SkipCount
 
-        cfg, lay, engine, opt = self.cfg, self.layout, self.engine, self.opt
+        cfg, lay = self.cfg, self.layout
         batches = self.data.train_batches(self.consumed)
         if self.pipe:  # DeepSpeed reads (inputs, labels) on the first and last stages only
-            pairs = ((b[:, :-1], b[:, 1:]) for b in batches)
+            batches = ((b[:, :-1], b[:, 1:]) for b in batches)
         self.ledger, self.skips = StepLedger(), SkipCount(self.skipped_total)
-        self.window_loss, self.window_good = 0.0, 0
-        self.window_start, self.excluded = self.step, 0.0  # first step and eval/checkpoint seconds of the window
+        self._open_window()
         self._first_step = self.step
-        t_window = time.perf_counter()
-        fp16 = cfg.train.precision == "fp16"
         while self.step < cfg.train.max_steps:
             lr = lr_at(self.step, cfg.optim, cfg.schedule, cfg.train.max_steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            engine.train()
-            faults.poison_grad(engine.module, self.step, self.rank)
-            bad = torch.zeros((), dtype=torch.bool, device=self.device)
-            loss_sum = torch.zeros((), device=self.device)
-            if self.pipe:  # 1F1B over grad_accum micro-batches; the loss comes from the last stage
-                engine.module.loss_fn.poison = faults.active("nan", self.step, self.rank)
-                opt.begin_step()  # the loss flag is read at step time (GuardedAdamW.bad_loss_fn)
-                loss_sum += engine.train_batch(data_iter=pairs).detach().float() * lay.grad_accum
-            for micro in range(0 if self.pipe else lay.grad_accum):
-                batch = next(batches).to(self.device, non_blocking=True)
-                loss = engine(batch[:, :-1], batch[:, 1:])
-                if faults.active("nan", self.step, self.rank):
-                    loss = loss * float("nan")
-                bad |= ~torch.isfinite(loss.detach())
-                loss_sum += loss.detach().float()
-                engine.backward(loss)
-                if micro == lay.grad_accum - 1:  # the boundary: DeepSpeed calls opt.step() now
-                    opt.begin_step(bad)
-                engine.step()
+            loss_sum = self._train_step(batches, lr)
             self.step += 1
             self.consumed += lay.global_batch_size
             if cfg.train.compile and self.step == self._first_step + 1:
                 self._report_compile()
             # opt.calls == 0: DeepSpeed skipped the step itself (fp16 loss scaler, or its norm check)
-            self.ledger.add(self.step, loss_sum / lay.grad_accum, opt.verdict if opt.calls else None, fp16)
-            log_now = self.step % cfg.logging.interval == 0 or self.step == cfg.train.max_steps
-            save_now = bool(cfg.checkpoint.interval) and self.step % cfg.checkpoint.interval == 0
-            eval_now = bool(cfg.train.eval_interval) and self.step % cfg.train.eval_interval == 0
-            stop = too_many = False
-            if log_now or save_now or eval_now:
-                too_many = self._settle()
-            if log_now or save_now:  # signals reach ranks at different times: agree at boundaries
-                stop = self._agree(self.stop.requested)
-            if log_now:
-                elapsed = time.perf_counter() - t_window - self.excluded
-                self._log(self.window_loss, self.window_good, self.step - self.window_start, elapsed, lr,
-                          opt.grad_norm)
-                self.window_loss, self.window_good, t_window = 0.0, 0, time.perf_counter()
-                self.window_start, self.excluded = self.step, 0.0
-            if too_many:
-                path = self._timed("checkpoint", self._save)
-                self.monitor.print(f"error: {self.skips.worst_run} consecutive non-finite steps; stopped. The last "
-                                   f"good weights are in {path}. Lower optim.lr, raise warmup, or check the data.")
-                return EXIT_NONFINITE
-            if eval_now:
-                self._timed("validation", self._validate)
-            if stop:
-                path = self._timed("checkpoint", self._save)
-                self.monitor.print(f"stop requested (SIGTERM/SIGUSR1): saved {path} at step {self.step}; exiting")
-                return 0
-            if save_now:
-                self._timed("checkpoint", self._save)
+            self.ledger.add(self.step, loss_sum / lay.grad_accum, self.opt.verdict if self.opt.calls else None,
+                            cfg.train.precision == "fp16")
+            rc = self._boundary(lr)
+            if rc is not None:
+                return rc
             faults.kill_if("kill", self.step, self.rank)
             faults.after_step()
         if not cfg.train.eval_interval or self.step % cfg.train.eval_interval:
@@ -290,6 +244,73 @@ class Trainer:
         path = self._timed("checkpoint", self._save)
         self.monitor.print(f"done: step {self.step}, checkpoint {path}")
         return 0
+
+    def _train_step(self, batches, lr: float) -> torch.Tensor:
+        """One optimizer step over grad_accum micro-batches at learning rate `lr`; the summed
+        micro-batch losses, on the device. A non-finite loss is skipped by every rank alike
+        (GuardedAdamW: the verdict is agreed on the device, at step time)."""
+        lay, engine, opt = self.layout, self.engine, self.opt
+        for group in opt.param_groups:
+            group["lr"] = lr
+        engine.train()
+        faults.poison_grad(engine.module, self.step, self.rank)
+        loss_sum = torch.zeros((), device=self.device)
+        if self.pipe:  # 1F1B over grad_accum micro-batches; the loss comes from the last stage
+            engine.module.loss_fn.poison = faults.active("nan", self.step, self.rank)
+            opt.begin_step()  # the loss flag is read at step time (GuardedAdamW.bad_loss_fn)
+            return loss_sum + engine.train_batch(data_iter=batches).detach().float() * lay.grad_accum
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        for micro in range(lay.grad_accum):
+            batch = next(batches).to(self.device, non_blocking=True)
+            loss = engine(batch[:, :-1], batch[:, 1:])
+            if faults.active("nan", self.step, self.rank):
+                loss = loss * float("nan")
+            bad |= ~torch.isfinite(loss.detach())
+            loss_sum += loss.detach().float()
+            engine.backward(loss)
+            if micro == lay.grad_accum - 1:  # the boundary: DeepSpeed calls opt.step() now
+                opt.begin_step(bad)
+            engine.step()
+        return loss_sum
+
+    def _open_window(self) -> None:
+        """Start a throughput window at this step: its stepped losses, and the seconds of
+        validation and checkpoints it excludes."""
+        self.window_loss, self.window_good = 0.0, 0
+        self.window_start, self.excluded = self.step, 0.0
+        self.t_window = time.perf_counter()
+
+    def _boundary(self, lr: float):
+        """After a step: log, stop, validate or save where this step is such a boundary. An
+        exit code when the run ends here, else None."""
+        cfg = self.cfg
+        log_now = self.step % cfg.logging.interval == 0 or self.step == cfg.train.max_steps
+        save_now = bool(cfg.checkpoint.interval) and self.step % cfg.checkpoint.interval == 0
+        eval_now = bool(cfg.train.eval_interval) and self.step % cfg.train.eval_interval == 0
+        if not (log_now or save_now or eval_now):
+            return None
+        too_many = self._settle()
+        # Signals reach ranks at different times: agree at boundaries.
+        stop = self._agree(self.stop.requested) if log_now or save_now else False
+        if log_now:
+            elapsed = time.perf_counter() - self.t_window - self.excluded
+            self._log(self.window_loss, self.window_good, self.step - self.window_start, elapsed, lr,
+                      self.opt.grad_norm)
+            self._open_window()
+        if too_many:
+            path = self._timed("checkpoint", self._save)
+            self.monitor.print(f"error: {self.skips.worst_run} consecutive non-finite steps; stopped. The last "
+                               f"good weights are in {path}. Lower optim.lr, raise warmup, or check the data.")
+            return EXIT_NONFINITE
+        if eval_now:
+            self._timed("validation", self._validate)
+        if stop:
+            path = self._timed("checkpoint", self._save)
+            self.monitor.print(f"stop requested (SIGTERM/SIGUSR1): saved {path} at step {self.step}; exiting")
+            return 0
+        if save_now:
+            self._timed("checkpoint", self._save)
+        return None
 
     def _report_compile(self) -> None:
         from torch._dynamo.utils import counters
