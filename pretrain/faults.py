@@ -9,6 +9,13 @@ Comma-separated events, STEP counted as completed optimizer steps:
     kill_in_save@STEP  rank 0 SIGKILLs itself inside the save of STEP, after DeepSpeed
                        wrote its shards and before the commit (manifest, latest)
     sleep=SECONDS      sleep after every step (makes signal tests deterministic)
+    spike@STEP:RANK    that rank's loss (and so its gradient) is multiplied by 100 in the step
+                       after STEP: a finite spike for guard.spike_sigma
+    hang@STEP:RANK     that rank sleeps forever inside the step after STEP (guard.step_timeout)
+    slow=SECONDS:RANK  that rank busy-works SECONDS more in every step (a straggler)
+    bad_data@FROM-TO   the samples that steps FROM..TO read in a run that skips nothing are
+                       poisoned: a step reading any of them has a NaN loss on every rank. By
+                       sample, so a rollback that skips them trains on cleanly.
     slow_checkpoint=SECONDS, slow_validation=SECONDS
                        sleep that long at the start of every checkpoint save / validation
                        (tests that throughput windows leave that time out)
@@ -26,9 +33,14 @@ def _parse(spec: str) -> dict:
     for item in filter(None, (s.strip() for s in spec.split(","))):
         if "=" in item:
             key, value = item.split("=", 1)
-            events[key] = float(value)
+            seconds, _, rank = value.partition(":")
+            events[key] = (float(seconds), int(rank)) if rank else float(seconds)
             continue
         name, _, where = item.partition("@")
+        if "-" in where:  # a step range
+            first, _, last = where.partition("-")
+            events[name] = (int(first), int(last))
+            continue
         step, _, rank = where.partition(":")
         events[(name, int(step), int(rank or 0))] = True
     return events
@@ -71,3 +83,40 @@ def pause(what: str) -> None:
     """Sleep for slow_<what>=SECONDS (what: checkpoint, validation) when set."""
     if f"slow_{what}" in EVENTS:
         time.sleep(EVENTS[f"slow_{what}"])
+
+
+def _hang_forever() -> None:
+    """hang@STEP:RANK: what a rank stuck in a kernel or a lost collective looks like from Python."""
+    while True:
+        time.sleep(1.0)
+
+
+def in_step(step: int, rank: int) -> None:
+    """Inside the step after `step` completed steps: hang@ and slow= faults of this rank."""
+    if active("hang", step, rank):
+        _hang_forever()
+    slow = EVENTS.get("slow")
+    if slow and slow[1] == rank:
+        end = time.thread_time() + slow[0]
+        while time.thread_time() < end:  # busy (CPU) work, as a slow node's compute is
+            pass
+
+
+def loss_factor(step: int, rank: int, first_sample: int, global_batch: int) -> float:
+    """The factor on this rank's loss in the step after `step` completed steps, which reads global
+    samples from `first_sample` on: NaN for nan@ and bad_data@, 100 for spike@, else 1."""
+    if active("nan", step, rank) or bad_samples(first_sample, global_batch, global_batch):
+        return float("nan")
+    if active("spike", step, rank):
+        return 100.0
+    return 1.0
+
+
+def bad_samples(first: int, count: int, global_batch: int) -> bool:
+    """bad_data@FROM-TO: whether global samples [first, first + count) meet the samples that
+    steps FROM..TO (1-based) read in a run that skips nothing (global_batch samples a step)."""
+    bad = EVENTS.get("bad_data")
+    if not bad:
+        return False
+    lo, hi = (bad[0] - 1) * global_batch, bad[1] * global_batch
+    return first < hi and lo < first + count

@@ -187,8 +187,9 @@ class TrainConfig:
     """Validate every this many steps (0 = only at the end)."""
     eval_steps: int = 10
     """Micro-batches per rank in a validation pass."""
-    max_consecutive_skips: int = 5
-    """Stop with a checkpoint of the last good state after this many non-finite steps in a row."""
+    max_consecutive_skips: Optional[int] = None
+    """Stop with a checkpoint of the last good state after this many skipped steps in a row.
+    null = streaks are left to guard.rollback_after (and stop after guard.max_rollbacks)."""
     compile: bool = False
     """torch.compile each transformer block (plain, tensor- and pipeline-parallel models; refused with ZeRO-3)."""
 
@@ -253,6 +254,40 @@ class LoggingConfig:
 
 
 @dataclass
+class GuardConfig:
+    """A long run looking after itself (docs/GUARD.md): spiking updates skipped, streaks of skipped
+    steps rolled back past their data, hangs and slow ranks named. The equivalent settings of
+    Megatron, OLMo-core and torchtitan are in docs/GUARD.md."""
+
+    spike_sigma: float = 6.0
+    """Skip an update whose loss or global gradient norm is more than this many standard deviations
+    above the mean of the rolling window (decided on the device, by every rank alike). 0 = off.
+    OLMo-core: SkipStepAdamW sigma_factor; Megatron: --check-for-spiky-loss."""
+    spike_window: int = 128
+    """Steps in the rolling window; no spike is called until half of it is filled, and skipped
+    steps stay out of it. OLMo-core: rolling_interval_length."""
+    rollback_after: int = 8
+    """After this many skipped steps in a row (spikes or non-finite), every rank reloads the last
+    committed checkpoint and skips the samples read since it (recorded in
+    <train.out_dir>/guard/skipped_samples.json, honoured by every later resume). 0 = never.
+    BigScience: --skip-train-iteration-range (by hand); Megatron: --iterations-to-skip."""
+    max_rollbacks: int = 3
+    """Stop with a non-zero exit, instead of rolling back, once the run has rolled back this many times."""
+    step_timeout: float = 900.0
+    """Seconds without a completed step (saves and validation excluded) before every rank writes
+    its stacks to <train.out_dir>/hang/rank<N>.txt and exits non-zero. 0 = off.
+    torchtitan: comm.train_timeout_seconds; Megatron: --distributed-timeout-minutes."""
+    startup_timeout: float = 3600.0
+    """The same allowance for the first step after a start or resume (model build, compile).
+    torchtitan: comm.init_timeout_seconds."""
+    straggler_threshold: float = 0.2
+    """Name a rank on the console when its busy time per step is the slowest and more than this
+    fraction above the median for straggler_windows logging windows running. Megatron: --log-straggler."""
+    straggler_windows: int = 3
+    """Logging windows in a row a rank must be the straggler before it is named."""
+
+
+@dataclass
 class Config:
     """A whole run. Every section is optional in YAML; omitted keys take these defaults."""
 
@@ -264,6 +299,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     deepspeed: dict = field(default_factory=dict)
     """Extra DeepSpeed config keys merged over the generated config (for keys we do not model)."""
 

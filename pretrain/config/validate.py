@@ -113,7 +113,7 @@ def _check_fields(cfg: Config) -> None:
     """Single-field rules, section by section."""
     _enum(cfg)
     for check in (_model_fields, _data_fields, _parallel_fields, _optim_fields, _schedule_fields, _train_fields,
-                  _checkpoint_fields, _logging_fields):
+                  _checkpoint_fields, _logging_fields, _guard_fields):
         check(cfg)
 
 
@@ -183,8 +183,10 @@ def _train_fields(cfg: Config) -> None:
     t = cfg.train
     if not t.out_dir:
         raise UserError("train.out_dir must not be empty (e.g. runs/my-run)")
-    for key in ("max_steps", "micro_batch_size", "eval_steps", "max_consecutive_skips"):
+    for key in ("max_steps", "micro_batch_size", "eval_steps"):
         _positive(getattr(t, key), f"train.{key}")
+    if t.max_consecutive_skips is not None:
+        _positive(t.max_consecutive_skips, "train.max_consecutive_skips", "a positive integer or null")
     if t.global_batch_size is not None:
         _positive(t.global_batch_size, "train.global_batch_size", "a positive integer or null")
     _non_negative(t.eval_interval, "train.eval_interval")
@@ -207,6 +209,16 @@ def _checkpoint_fields(cfg: Config) -> None:
                         "state to load)")
     if c.dir is not None and not c.dir:
         raise UserError("checkpoint.dir must be a directory or null (= <train.out_dir>/checkpoints)")
+
+
+def _guard_fields(cfg: Config) -> None:
+    g = cfg.guard
+    for key in ("spike_sigma", "rollback_after", "max_rollbacks", "step_timeout", "straggler_threshold"):
+        _non_negative(getattr(g, key), f"guard.{key}")
+    for key in ("spike_window", "startup_timeout", "straggler_windows"):
+        _positive(getattr(g, key), f"guard.{key}")
+    if g.spike_sigma and g.spike_window < 2:
+        raise UserError(f"guard.spike_window must be >= 2 to measure a spread, got {g.spike_window}")
 
 
 def _logging_fields(cfg: Config) -> None:

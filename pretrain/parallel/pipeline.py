@@ -113,17 +113,18 @@ class _RemoteTied(TiedLayerSpec):
 class PipeLoss:
     """The last stage's loss: fp32 mean cross entropy (vocab-parallel with TP).
 
-    `poison` (set by the trainer's fault injection) turns the loss into NaN for one step."""
+    `factor` (set by the trainer's fault injection, `pretrain.faults.loss_factor`) multiplies the
+    loss for one step: NaN, or a spike."""
 
     def __init__(self, group):
         self.group = group
-        self.poison = False
+        self.factor = 1.0
         self.__name__ = "PipeLoss"
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = parallel_loss(logits, labels, self.group)
-        if self.poison:
-            loss = loss * float("nan")
+        if self.factor != 1.0:
+            loss = loss * self.factor
         return loss
 
 

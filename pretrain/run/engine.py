@@ -26,11 +26,13 @@ class GuardedAdamW(torch.optim.AdamW):
     """AdamW that skips a whole optimizer step when any rank saw a non-finite loss or gradient,
     deciding on the device (no device-to-host copy).
 
-    The trainer calls `begin_step(bad_loss)` before each optimizer step. DeepSpeed then calls
+    The trainer calls `begin_step(loss)` before each optimizer step. DeepSpeed then calls
     `step()` once (ZeRO-0) or once per parameter group / sub-group with `param_groups` narrowed
     to it (ZeRO 1-3). The first call takes the one verdict of the step, for every group and
     rank: a 0-d float tensor (1 = skip) handed to torch's fused AdamW as `found_inf`, so the
-    kernel leaves weights, moments and step counts as they were; later calls reuse it.
+    kernel leaves weights, moments and step counts as they were; later calls reuse it. With
+    `spikes` (guard.spike_sigma) a finite loss or norm far above its rolling window skips too;
+    `reason` says why (pretrain.run.guard).
 
     The verdict reads the global gradient norm: under ZeRO 1-3 DeepSpeed's own
     (`norm_source`, computed over every group and rank before its first call); otherwise this
@@ -53,18 +55,21 @@ class GuardedAdamW(torch.optim.AdamW):
         self.tp_rank, self.dp_size = tp_rank, dp_size
         self.model_parallel = model_parallel  # tensor or pipeline parallel: the norm spans ranks
         self.norm_source = None  # ZeRO 1-3: callable -> DeepSpeed's global grad norm (set by build_engine)
-        self.bad_loss_fn = None  # pipeline: callable -> this rank's loss flag at step time (last stage)
+        self.loss_source = None  # pipeline: callable -> this rank's step loss at step time (last stage), or None
+        self.spikes = None  # guard.spike_sigma: a pretrain.run.guard.SpikeWindow (set by build_engine)
         # Which parameters this rank counts in the norm, by position: DeepSpeed's unfused
         # bf16/fp16 wrapper later swaps in fp32 copies (same order) that lack the attributes.
         self._count_mask = [[self._counts(p) for p in g["params"]] for g in self.param_groups]
         self._keep_cache: dict = {}
         self.begin_step()
 
-    def begin_step(self, bad_loss: torch.Tensor | None = None) -> None:
-        """Before each optimizer step: `bad_loss`, this rank's non-finite-loss flag (a bool tensor)."""
-        self.bad_loss = bad_loss
+    def begin_step(self, loss: torch.Tensor | None = None) -> None:
+        """Before each optimizer step: `loss`, this rank's loss of the step (0-d, on the device;
+        a non-finite one skips the step), or None (a pipeline reads `loss_source` at step time)."""
+        self.loss = loss
         self.calls = 0  # step() calls in this optimizer step; 0 after it = DeepSpeed skipped it itself
         self.verdict: torch.Tensor | None = None  # 0-d float, 1 = skipped
+        self.reason: torch.Tensor | None = None  # 0-d float: pretrain.run.guard.OK, NONFINITE or SPIKE
         self.norm: torch.Tensor | None = None  # pre-clip global grad norm, NaN when skipped
 
     @property
@@ -105,17 +110,22 @@ class GuardedAdamW(torch.optim.AdamW):
 
     def _decide(self, grads, keep) -> None:
         dev = comm_device() if dist.is_initialized() else (grads[0].device if grads else torch.device("cpu"))
-        flag = self.bad_loss if self.bad_loss is not None else torch.zeros((), dtype=torch.bool, device=dev)
-        if self.bad_loss_fn is not None:
-            flag = flag | self.bad_loss_fn().to(dev)
+        loss = self.loss if self.loss is not None else (self.loss_source() if self.loss_source else None)
+        has = torch.ones((), dtype=torch.float64, device=dev)
+        if loss is None:  # a pipeline stage before the last: no loss of its own
+            loss, has = torch.zeros((), dtype=torch.float64, device=dev), has * 0
+        loss = loss.detach().to(device=dev, dtype=torch.float64).reshape(())
+        flag = (~torch.isfinite(loss)).to(torch.float64)
         world = dist.get_world_size() if dist.is_initialized() else 1
         source = self.norm_source() if self.norm_source is not None else None
         if source is not None:  # ZeRO 1-3: DeepSpeed's norm already spans groups and ranks
             norm = torch.as_tensor(source, dtype=torch.float64, device=dev)
-            flag = flag.to(device=dev, dtype=torch.float64).reshape(1)
+            # [non-finite flag, loss, has a loss]: summed over the world
+            stats = torch.stack([flag, loss * has, has])
             if world > 1:
-                dist.all_reduce(flag)
-            bad = (flag[0] > 0) | ~torch.isfinite(norm)
+                dist.all_reduce(stats)
+            bad = (stats[0] > 0) | ~torch.isfinite(norm)
+            mean_loss = stats[1] / stats[2].clamp(min=1)
         else:
             sq = sq_counted = torch.zeros((), dtype=torch.float64, device=dev)
             if grads:
@@ -123,9 +133,9 @@ class GuardedAdamW(torch.optim.AdamW):
                 sq = sq_counted = norms.sum()
                 if not self.partitioned and not all(keep):
                     sq_counted = (norms * self._keep_tensor(keep, dev)).sum()
-            # [non-finite flag, sum of counted squares]: SUM over the world is right for both
-            # (replicated ZeRO-0 gradients: divided by the data-parallel size below).
-            stats = torch.stack([flag.to(device=dev, dtype=torch.float64).reshape(()), sq_counted])
+            # [non-finite flag, sum of counted squares, loss, has a loss]: SUM over the world is
+            # right for all (replicated ZeRO-0 gradients: divided by the data-parallel size below).
+            stats = torch.stack([flag, sq_counted, loss * has, has])
             if world > 1:
                 dist.all_reduce(stats)
             if self.partitioned:
@@ -134,7 +144,17 @@ class GuardedAdamW(torch.optim.AdamW):
                 total_sq = stats[1] / self.dp_size if self.model_parallel else sq
             norm = total_sq.sqrt()
             bad = (stats[0] > 0) | ~torch.isfinite(norm)
-        self.verdict = bad.float()
+            mean_loss = stats[2] / stats[3].clamp(min=1)
+        # The mean loss over the ranks that hold one (every data-parallel replica alike) and the
+        # global norm are the same numbers on every rank, so the spike verdict is agreed too.
+        reason = bad.to(torch.float64)
+        if self.spikes is not None:
+            x = torch.stack([mean_loss, norm])
+            spike = self.spikes.spiking(x) & ~bad
+            self.spikes.add(x, ~(bad | spike))
+            reason = torch.where(spike, torch.full_like(reason, 2.0), reason)
+        self.reason = reason
+        self.verdict = (reason > 0).float()
         self.norm = torch.where(bad, torch.full_like(norm, float("nan")), norm)
 
     def _keep_tensor(self, keep: list[bool], dev: torch.device) -> torch.Tensor:
@@ -266,14 +286,18 @@ def build_engine(cfg: Config, layout: Layout, model: torch.nn.Module, topo=None)
     if layout.zero_stage == 0 and layout.dp == 1 and not pipe:
         dsadapter.disable_backward_allreduce(engine)  # one replica: no all-reduce over a group of one
     if pipe:
-        # The NaN guard also needs the loss, which only the last stage has, at step time.
-        def last_stage_loss_bad() -> torch.Tensor:
+        # The guard also needs the loss, which only the last stage has, at step time: there the
+        # sum of the micro-batches' losses so far (all of them, at the optimizer step).
+        def last_stage_loss():
             loss = dsadapter.last_stage_loss(engine)
-            if loss is not None:
-                return ~torch.isfinite(loss.detach()).all()
-            return torch.zeros((), dtype=torch.bool)
+            return None if loss is None else loss.detach().float().sum() / layout.grad_accum
 
-        optimizer.bad_loss_fn = last_stage_loss_bad
+        optimizer.loss_source = last_stage_loss
+    if cfg.guard.spike_sigma > 0:
+        from pretrain.run.guard import SpikeWindow
+
+        optimizer.spikes = SpikeWindow(cfg.guard.spike_window, cfg.guard.spike_sigma,
+                                       comm_device() if dist.is_initialized() else torch.device("cpu"))
     if layout.zero_stage > 0 and cfg.train.precision != "fp16":
         # ZeRO's host read of the norm is left to our guard's verdict on the device (not fp16:
         # its loss scaler needs DeepSpeed's own verdict).

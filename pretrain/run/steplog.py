@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import torch
 
-OK, SKIP, LOSS_SCALE = "ok", "skip", "loss_scale"
+OK, SKIP, SPIKE, LOSS_SCALE = "ok", "skip", "spike", "loss_scale"
 
 
 class SkipCount:
-    def __init__(self, total: int = 0):
+    def __init__(self, total: int = 0, spikes: int = 0):
         self.total = total  # our guard's skips over the whole run (saved in checkpoints)
+        self.spikes = spikes  # of which spikes (guard.spike_sigma)
         self.in_a_row = 0
         self.worst_run = 0  # the longest run of skips since the last reset_worst()
         self.loss_scale_events = 0  # DeepSpeed's fp16 overflow skips, this process
@@ -24,8 +25,9 @@ class SkipCount:
         if outcome == LOSS_SCALE:
             self.loss_scale_events += 1
             return
-        if outcome == SKIP:
+        if outcome in (SKIP, SPIKE):
             self.total += 1
+            self.spikes += outcome == SPIKE
             self.in_a_row += 1
             self.worst_run = max(self.worst_run, self.in_a_row)
         else:
@@ -42,7 +44,7 @@ class StepLedger:
         self.steps: list[tuple[int, torch.Tensor, torch.Tensor | None, str]] = []
 
     def add(self, step: int, loss: torch.Tensor, verdict: torch.Tensor | None, fp16: bool) -> None:
-        """`verdict`: our guard's (0-d, 1 = skipped), or None when DeepSpeed skipped the step
+        """`verdict`: our guard's reason (0-d: 0 stepped, 1 non-finite, 2 spike), or None when DeepSpeed skipped the step
         without calling the optimizer: with fp16 its loss scaler's overflow skip (a loss-scale
         event), otherwise its own non-finite gradient-norm check (a skip)."""
         known = OK if verdict is not None else (LOSS_SCALE if fp16 else SKIP)
@@ -57,7 +59,7 @@ class StepLedger:
         zero = torch.zeros((), device=dev)
         values = torch.stack([torch.stack([loss, zero if v is None else v.to(dev)])
                               for _, loss, v, _ in self.steps]).tolist()
-        out = [(step, loss, SKIP if verdict > 0 else known)
+        out = [(step, loss, SPIKE if verdict == 2 else SKIP if verdict > 0 else known)
                for (step, _, _, known), (loss, verdict) in zip(self.steps, values)]
         self.steps = []
         return out

@@ -101,7 +101,10 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, lay.padded_vocab_size)
 
         self.step, self.consumed, self.skipped_total = 0, 0, 0
-        self.writer, self.resumed_step = None, None
+        self.writer, self.resumed_step, self.skips, self.skipped_spikes = None, None, None, 0
+        from pretrain.run.guard import SkipLedger
+
+        self.skip_ledger = SkipLedger(self.out_dir)  # the samples earlier rollbacks skipped
         # The newest checkpoint that verifies and loads (self._resume), the same on every rank.
         tag_dir = store.choose_resume(cfg.checkpoint.resume, self.ckpt_dir, self.monitor.print,
                                            cfg.checkpoint.verify, load=self._resume)
@@ -130,7 +133,9 @@ class Trainer:
     def _state(self) -> dict:
         return {"format": 2, "step": self.step, "consumed_samples": self.consumed,
                 "consumed_tokens": self.consumed * self.cfg.model.seq_len,
-                "skipped_steps": self.skipped_total, "config": resolved_config(self.cfg),
+                "skipped_steps": self.skipped_total, "skipped_spikes": self.skips.spikes if self.skips else 0,
+                "guard_window": self.opt.spikes.state() if self.opt.spikes is not None else None,
+                "config": resolved_config(self.cfg),
                 "model_shape": self._model_shape(), "data_fingerprint": self.data.fingerprint,
                 "data_sources": self.data.sources(), "vocab_size": self.data.vocab_size,
                 "tokenizer": self.data.tokenizer,
@@ -166,7 +171,13 @@ class Trainer:
             state = store.load(self.engine, tag_dir)
         self.step, self.consumed = state["step"], state["consumed_samples"]
         self.skipped_total, self.resumed_step = state.get("skipped_steps", 0), self.step
-        self.monitor.print(f"resumed from {tag_dir} at step {self.step}")
+        self.skipped_spikes = state.get("skipped_spikes", 0)
+        if self.opt.spikes is not None:
+            self.opt.spikes.load(state.get("guard_window"))
+        jumped = self.skip_ledger.jump(self.step, self.consumed)  # past the samples a rollback skipped
+        note = f" (samples {self.consumed}-{jumped - 1} skipped by a rollback)" if jumped != self.consumed else ""
+        self.consumed = jumped
+        self.monitor.print(f"resumed from {tag_dir} at step {self.step}{note}")
 
     def _shape_mismatch(self, where: str, shape: dict) -> str:
         from pretrain.checkpoint.resume_check import shape_message
@@ -217,21 +228,21 @@ class Trainer:
         from pretrain.run.steplog import StepLedger, SkipCount
 
         cfg, lay = self.cfg, self.layout
-        batches = self.data.train_batches(self.consumed)
-        if self.pipe:  # DeepSpeed reads (inputs, labels) on the first and last stages only
-            batches = ((b[:, :-1], b[:, 1:]) for b in batches)
-        self.ledger, self.skips = StepLedger(), SkipCount(self.skipped_total)
+        self.ledger, self.skips = StepLedger(), SkipCount(self.skipped_total, self.skipped_spikes)
+        self._open_data()
         self._open_window()
         self._first_step = self.step
         while self.step < cfg.train.max_steps:
             lr = lr_at(self.step, cfg.optim, cfg.schedule, cfg.train.max_steps)
-            loss_sum = self._train_step(batches, lr)
+            busy = time.thread_time()
+            loss_sum = self._train_step(self.batches, lr)
+            self.window_busy += time.thread_time() - busy
             self.step += 1
             self.consumed += lay.global_batch_size
             if cfg.train.compile and self.step == self._first_step + 1:
                 self._report_compile()
             # opt.calls == 0: DeepSpeed skipped the step itself (fp16 loss scaler, or its norm check)
-            self.ledger.add(self.step, loss_sum / lay.grad_accum, self.opt.verdict if self.opt.calls else None,
+            self.ledger.add(self.step, loss_sum / lay.grad_accum, self.opt.reason if self.opt.calls else None,
                             cfg.train.precision == "fp16")
             rc = self._boundary(lr)
             if rc is not None:
@@ -253,30 +264,36 @@ class Trainer:
         for group in opt.param_groups:
             group["lr"] = lr
         engine.train()
+        faults.in_step(self.step, self.rank)
         faults.poison_grad(engine.module, self.step, self.rank)
+        factor = faults.loss_factor(self.step, self.rank, self.consumed, lay.global_batch_size)
         loss_sum = torch.zeros((), device=self.device)
         if self.pipe:  # 1F1B over grad_accum micro-batches; the loss comes from the last stage
-            engine.module.loss_fn.poison = faults.active("nan", self.step, self.rank)
-            opt.begin_step()  # the loss flag is read at step time (GuardedAdamW.bad_loss_fn)
+            engine.module.loss_fn.factor = factor
+            opt.begin_step()  # the loss is read at step time (GuardedAdamW.loss_source)
             return loss_sum + engine.train_batch(data_iter=batches).detach().float() * lay.grad_accum
-        bad = torch.zeros((), dtype=torch.bool, device=self.device)
         for micro in range(lay.grad_accum):
             batch = next(batches).to(self.device, non_blocking=True)
             loss = engine(batch[:, :-1], batch[:, 1:])
-            if faults.active("nan", self.step, self.rank):
-                loss = loss * float("nan")
-            bad |= ~torch.isfinite(loss.detach())
+            if factor != 1.0:
+                loss = loss * factor
             loss_sum += loss.detach().float()
             engine.backward(loss)
             if micro == lay.grad_accum - 1:  # the boundary: DeepSpeed calls opt.step() now
-                opt.begin_step(bad)
+                opt.begin_step(loss_sum / lay.grad_accum)
             engine.step()
         return loss_sum
 
+    def _open_data(self) -> None:
+        """The training batches from sample `self.consumed` on."""
+        self.batches = self.data.train_batches(self.consumed)
+        if self.pipe:  # DeepSpeed reads (inputs, labels) on the first and last stages only
+            self.batches = ((b[:, :-1], b[:, 1:]) for b in self.batches)
+
     def _open_window(self) -> None:
-        """Start a throughput window at this step: its stepped losses, and the seconds of
-        validation and checkpoints it excludes."""
-        self.window_loss, self.window_good = 0.0, 0
+        """Start a throughput window at this step: its stepped losses, the seconds of validation
+        and checkpoints it excludes, and this rank's busy (CPU) seconds in its steps."""
+        self.window_loss, self.window_good, self.window_busy = 0.0, 0, 0.0
         self.window_start, self.excluded = self.step, 0.0
         self.t_window = time.perf_counter()
 
@@ -289,18 +306,21 @@ class Trainer:
         eval_now = bool(cfg.train.eval_interval) and self.step % cfg.train.eval_interval == 0
         if not (log_now or save_now or eval_now):
             return None
-        too_many = self._settle()
-        # Signals reach ranks at different times: agree at boundaries.
-        stop = self._agree(self.stop.requested) if log_now or save_now else False
+        streak = self._settle()
+        g, limit = cfg.guard, cfg.train.max_consecutive_skips
+        if g.rollback_after and streak >= g.rollback_after and not (limit and streak >= limit):
+            return self._rollback(streak)  # every rank alike: the verdicts were agreed
+        # Signals reach ranks at different times: agree at boundaries (with every rank's busy time).
+        stop, busy = self._agree(self.stop.requested) if log_now or save_now else (False, None)
         if log_now:
             elapsed = time.perf_counter() - self.t_window - self.excluded
             self._log(self.window_loss, self.window_good, self.step - self.window_start, elapsed, lr,
-                      self.opt.grad_norm)
+                      self.opt.grad_norm, busy)
             self._open_window()
-        if too_many:
+        if limit and streak >= limit:
             path = self._timed("checkpoint", self._save)
-            self.monitor.print(f"error: {self.skips.worst_run} consecutive non-finite steps; stopped. The last "
-                               f"good weights are in {path}. Lower optim.lr, raise warmup, or check the data.")
+            self.monitor.print(f"error: {streak} consecutive non-finite steps or spikes skipped (train.max_consecutive_skips); stopped. "
+                               f"The last good weights are in {path}. Lower optim.lr, raise warmup, or check the data.")
             return EXIT_NONFINITE
         if eval_now:
             self._timed("validation", self._validate)
@@ -318,23 +338,56 @@ class Trainer:
         self.monitor.print(f"train.compile: {counters['stats']['unique_graphs']} graph(s) compiled by "
                            f"torch.compile in the first step ({counters['stats']['calls_captured']} calls captured)")
 
-    def _settle(self) -> bool:
+    def _settle(self) -> int:
         """Read the steps since the last boundary (one device-to-host copy): count skips, warn, add
-        the stepped losses to the window. True when `train.max_consecutive_skips` was reached."""
-        from pretrain.run.steplog import OK, SKIP
+        the stepped losses to the window. Returns the longest run of skipped steps among them
+        (counting the run they continue)."""
+        from pretrain.run.steplog import OK, SKIP, SPIKE
 
         for step, loss, outcome in self.ledger.settle():
             self.skips.record(outcome)
-            if outcome == SKIP:
-                self.monitor.print(f"warning: step {step}: non-finite loss or gradient, step skipped "
-                                   f"({self.skips.in_a_row} in a row)")
+            if outcome in (SKIP, SPIKE):
+                what = "non-finite loss or gradient" if outcome == SKIP else \
+                    f"loss or gradient norm over {self.cfg.guard.spike_sigma:g} sigma of its window"
+                self.monitor.print(f"warning: step {step}: {what}, step skipped ({self.skips.in_a_row} in a row)")
             elif outcome == OK:
                 self.window_loss += loss
                 self.window_good += 1
         self.skipped_total = self.skips.total
-        too_many = self.skips.worst_run >= self.cfg.train.max_consecutive_skips
+        streak = self.skips.worst_run
         self.skips.reset_worst()
-        return too_many
+        return streak
+
+    def _rollback(self, streak: int):
+        """guard.rollback_after: reload the newest committed checkpoint and go on past the samples
+        read since it (recorded, so a later resume from that checkpoint skips them too). An exit
+        code when it cannot (guard.max_rollbacks reached, or nothing committed), else None."""
+        g, done = self.cfg.guard, len(self.skip_ledger.rollbacks)
+        if self.writer is not None:
+            self.writer.wait()  # a periodic save in flight is committed first: it is the newest
+        if done >= g.max_rollbacks:
+            self.monitor.print(f"error: {streak} skipped steps in a row at step {self.step} after {done} rollback(s) "
+                               f"(guard.max_rollbacks={g.max_rollbacks}); stopped. Check the data near sample "
+                               f"{self.consumed}, or lower optim.lr.")
+            return EXIT_NONFINITE
+        reached = self.consumed
+        tag_dir = store.choose_resume("auto", self.ckpt_dir, self.monitor.print, self.cfg.checkpoint.verify,
+                                      load=self._resume)
+        if tag_dir is None:
+            self.monitor.print(f"error: {streak} skipped steps in a row at step {self.step} and no committed "
+                               "checkpoint to roll back to; stopped. Set checkpoint.interval, or check the data.")
+            return EXIT_NONFINITE
+        self.skip_ledger.record(self.step, self.consumed, reached, write=self.rank == 0)
+        self.monitor.rewind(self.step)  # the steps after the checkpoint are trained again
+        self.monitor.log(self.step, {"guard/rollbacks": done + 1, "guard/skipped_samples": reached - self.consumed})
+        self.monitor.print(f"guard: {streak} skipped steps in a row; rolled back to {tag_dir.name} (step {self.step}) "
+                           f"and skipped samples {self.consumed}-{reached - 1}; rollback {done + 1} of at most "
+                           f"{g.max_rollbacks}")
+        self.consumed = reached
+        self.skips = type(self.skips)(self.skipped_total, self.skipped_spikes)
+        self._open_data()
+        self._open_window()
+        return None
 
     def _timed(self, what: str, fn):
         """Run a validation or a save outside the throughput window; its seconds get their own scalar."""
@@ -346,13 +399,19 @@ class Trainer:
         self.monitor.log(self.step, {f"perf/{what}_seconds": seconds})
         return out
 
-    def _agree(self, flag: bool) -> bool:
-        """True on every rank when any rank has `flag` (signals reach ranks at different times)."""
+    def _agree(self, flag: bool) -> tuple[bool, list[float]]:
+        """(True on every rank when any rank has `flag` (signals reach ranks at different times),
+        every rank's busy seconds per step in this window), in one all-reduce."""
         from pretrain.run.engine import comm_device
 
-        t = torch.tensor([float(flag)], device=comm_device())
+        world = dist.get_world_size()
+        t = torch.zeros(world + 1, dtype=torch.float64)
+        t[0] = float(flag)
+        t[1 + self.rank] = self.window_busy / max(self.step - self.window_start, 1)
+        t = t.to(comm_device())
         dist.all_reduce(t)
-        return bool(t.item() > 0)
+        t = t.tolist()
+        return t[0] > 0, t[1:]
 
     def _mean_over_dp(self, value: float) -> float:
         """Mean over the data-parallel replicas. Tensor-parallel peers hold the same loss, and a
@@ -363,7 +422,8 @@ class Trainer:
         dist.all_reduce(t, group=self.topo.dp_group)
         return float(t.item()) / self.layout.dp
 
-    def _log(self, loss_total: float, n: int, steps: int, elapsed: float, lr: float, gnorm: float) -> None:
+    def _log(self, loss_total: float, n: int, steps: int, elapsed: float, lr: float, gnorm: float,
+             busy: list[float]) -> None:
         """Log the window of `steps` steps that took `elapsed` training seconds (validation and
         checkpoint time excluded): `n` of them stepped, their losses summing to `loss_total`."""
         from pretrain.run.monitor import memory_gib, peak_flops
@@ -379,6 +439,9 @@ class Trainer:
                    "perf/mfu": flops_dev / peak if peak else None,
                    "perf/step_time_ms": 1e3 * elapsed / steps, "perf/window_steps": steps,
                    "train/skipped_steps": self.skipped_total,
+                   "train/skipped_steps/nonfinite": self.skipped_total - self.skips.spikes,
+                   "train/skipped_steps/spike": self.skips.spikes,
+                   **self._stragglers(busy),
                    "train/consumed_tokens": self.consumed * self.cfg.model.seq_len,
                    **memory_gib(self.device)}
         if self.cfg.train.precision == "fp16":  # DeepSpeed's overflow skips: loss-scale events, not our skips
@@ -386,6 +449,22 @@ class Trainer:
             scalars["train/loss_scale_events"] = self.skips.loss_scale_events
         self.monitor.log(self.step, scalars)
         self.monitor.train_line(self.step, scalars)
+
+    def _stragglers(self, busy: list[float]) -> dict:
+        """perf/ scalars of every rank's busy (CPU) seconds per step, which a rank waiting in a
+        collective does not spend; names a rank slowest by over guard.straggler_threshold for
+        guard.straggler_windows windows in a row."""
+        from pretrain.run.guard import stragglers
+
+        g = self.cfg.guard
+        slowest, worst, median, over = stragglers(busy, g.straggler_threshold)
+        run = getattr(self, "_straggler_run", (None, 0))
+        self._straggler_run = (slowest, run[1] + 1 if run[0] == slowest else 1) if over else (None, 0)
+        if over and self._straggler_run[1] == g.straggler_windows:
+            self.monitor.print(f"straggler: rank {slowest} is the slowest for {g.straggler_windows} logging windows "
+                               f"running ({worst * 1e3:.0f} ms of work per step against a median of "
+                               f"{median * 1e3:.0f} ms); check its node")
+        return {"perf/step_time_max": worst, "perf/step_time_min": min(busy), "perf/slowest_rank": slowest}
 
     def _validate(self, which: str = "val") -> None:
         batches = self.data.valid_batches() if which == "val" else self.data.test_batches()
