@@ -6,7 +6,7 @@
 * `SkipLedger` -- the sample ranges a rollback skipped, in <train.out_dir>/guard/skipped_samples.json:
   a resume from the checkpoint a rollback returned to jumps the same samples, so the run after
   a kill is the run without it.
-* `stragglers` -- which rank is slowest in a logging window, from every rank's busy seconds.
+* `StragglerWatch` -- which rank is slowest in a logging window, from every rank's busy seconds.
 """
 from __future__ import annotations
 
@@ -87,9 +87,23 @@ class SkipLedger:
         return consumed
 
 
-def stragglers(busy: list[float], threshold: float) -> tuple[int, float, float, bool]:
-    """(slowest rank, its seconds, the median, whether it is over the median by more than
-    `threshold`) for every rank's busy seconds per step."""
-    slowest = max(range(len(busy)), key=busy.__getitem__)
-    median = statistics.median(busy)
-    return slowest, busy[slowest], median, busy[slowest] > (1 + threshold) * median
+class StragglerWatch:
+    """Which rank is slowest in each logging window, from every rank's busy seconds per step (a
+    rank waiting in a collective does not spend them): named once it is slowest by more than
+    `threshold` over the median for `windows` windows running."""
+
+    def __init__(self, threshold: float, windows: int):
+        self.threshold, self.windows = threshold, windows
+        self.run = (None, 0)  # (the rank over the threshold, windows in a row)
+
+    def update(self, busy: list[float]) -> tuple[dict, str | None]:
+        """(perf/ scalars, a console line naming the straggler or None) for one window."""
+        slowest = max(range(len(busy)), key=busy.__getitem__)
+        worst, median = busy[slowest], statistics.median(busy)
+        over = worst > (1 + self.threshold) * median
+        self.run = (slowest, self.run[1] + 1 if self.run[0] == slowest else 1) if over else (None, 0)
+        line = None
+        if over and self.run[1] == self.windows:
+            line = (f"straggler: rank {slowest} is the slowest for {self.windows} logging windows running "
+                    f"({worst * 1e3:.0f} ms of work per step against a median of {median * 1e3:.0f} ms); check its node")
+        return {"perf/step_time_max": worst, "perf/step_time_min": min(busy), "perf/slowest_rank": slowest}, line

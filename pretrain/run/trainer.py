@@ -13,7 +13,7 @@ import torch.distributed as dist
 from pretrain import dsadapter, faults
 from pretrain.checkpoint import store
 from pretrain.plan import preflight
-from pretrain.run import lock, stop
+from pretrain.run import init_from, lock, stop
 from pretrain.config.load import config_to_yaml
 from pretrain.config.schema import SHAPE_KEYS, Config, to_dict
 from pretrain.config.validate import Layout
@@ -92,7 +92,8 @@ class Trainer:
 
         # checkpoint.init_from: imported weights (import-hf) or one of our checkpoints (continued
         # pretraining); a resume overrides them.
-        source, init_tag = self._init_source() if cfg.checkpoint.init_from else (None, None)
+        source, init_tag = (init_from.weights(cfg, lay, self._model_shape(), self.monitor.print)
+                            if cfg.checkpoint.init_from else (None, None))
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank, in every layout
         model = build_model(cfg, lay, self.topo, self.device, source)  # only this rank's piece, on its device
         print(memory_line(self.rank, self.device), flush=True)
@@ -102,16 +103,17 @@ class Trainer:
 
         self.step, self.consumed, self.skipped_total = 0, 0, 0
         self.writer, self.resumed_step, self.skips, self.skipped_spikes = None, None, None, 0
-        from pretrain.run.guard import SkipLedger
+        from pretrain.run.guard import SkipLedger, StragglerWatch
 
         self.skip_ledger = SkipLedger(self.out_dir)  # the samples earlier rollbacks skipped
+        self.straggler_watch = StragglerWatch(cfg.guard.straggler_threshold, cfg.guard.straggler_windows)
         # The newest checkpoint that verifies and loads (self._resume), the same on every rank.
         tag_dir = store.choose_resume(cfg.checkpoint.resume, self.ckpt_dir, self.monitor.print,
                                            cfg.checkpoint.verify, load=self._resume)
         if tag_dir is not None:
             self.monitor.rewind(self.step)  # drop what the stopped run logged after this checkpoint
         elif init_tag is not None and cfg.checkpoint.init_optimizer:
-            self._init_optimizer(init_tag)
+            init_from.optimizer(self.engine, init_tag, self._state()["layout"], self.monitor.print, self.topo)
         if tag_dir is not None and self.step >= cfg.train.max_steps:
             # A finished run started again (e.g. the quickstart re-run): its last checkpoint is
             # already committed, so nothing is trained, validated or saved over it.
@@ -183,42 +185,6 @@ class Trainer:
         from pretrain.checkpoint.resume_check import shape_message
 
         return shape_message(where, shape, self._model_shape(), self.layout.tp)
-
-    def _init_source(self):
-        """checkpoint.init_from: (a model-building source of the weights, our checkpoint's directory
-        or None for an import-hf directory). With checkpoint.init_optimizer the source is None: the
-        optimizer load after the engine is built brings the weights too. Step, schedule and data
-        position stay at 0 (continued pretraining)."""
-        from pretrain.interop.init_weights import META, init_source, weights_source
-
-        src, lay = self.cfg.checkpoint.init_from, self.layout
-        if (Path(src) / META).is_file() or (Path(src) / "init" / META).is_file() or src.endswith(".safetensors"):
-            return init_source(src, self.cfg, lay, self.monitor.print), None
-        from pretrain.interop.ds_reader import load_model_weights
-        from pretrain.checkpoint.resume_check import check_init
-
-        tag_dir = store.resolve_tag_dir(src, self.cfg.checkpoint.verify, split=True)
-        saved = store.read_state(tag_dir)
-        check_init(saved, self.cfg, self._model_shape(), f"checkpoint.init_from={src}")
-        source = None
-        if not self.cfg.checkpoint.init_optimizer:
-            source = weights_source(load_model_weights(tag_dir), lay.padded_vocab_size, f"checkpoint.init_from={src}")
-        self.monitor.print(f"initialised from {tag_dir} (step {saved.get('step')}, "
-                           f"{'weights and optimizer state' if self.cfg.checkpoint.init_optimizer else 'weights only'}); "
-                           "this run starts at step 0 and sample 0 of its data")
-        return source, tag_dir
-
-    def _init_optimizer(self, tag_dir: Path) -> None:
-        """checkpoint.init_optimizer: weights and optimizer state of `tag_dir`, in any layout."""
-        saved, now = store.read_state(tag_dir), self._state()["layout"]
-        if saved.get("layout") != now:
-            from pretrain.interop.reshard import load_resharded
-
-            load_resharded(self.engine, tag_dir, saved.get("layout") or {}, now, self.monitor.print, topo=self.topo)
-        else:
-            load_path, _ = store.engine_load(self.engine, tag_dir, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=False)
-            store.finish_load(load_path, tag_dir, rng=False)
 
     # ------------------------------------------------------------------ loop
     def _loop(self) -> int:
@@ -414,13 +380,9 @@ class Trainer:
         return t[0] > 0, t[1:]
 
     def _mean_over_dp(self, value: float) -> float:
-        """Mean over the data-parallel replicas. Tensor-parallel peers hold the same loss, and a
-        pipeline's `train_batch`/`eval_batch` give every stage the last stage's DP-mean loss."""
-        from pretrain.run.engine import comm_device
+        from pretrain.run.evaluation import mean_over_dp
 
-        t = torch.tensor([value], dtype=torch.float64, device=comm_device())
-        dist.all_reduce(t, group=self.topo.dp_group)
-        return float(t.item()) / self.layout.dp
+        return mean_over_dp(value, self.topo.dp_group, self.layout.dp)
 
     def _log(self, loss_total: float, n: int, steps: int, elapsed: float, lr: float, gnorm: float,
              busy: list[float]) -> None:
@@ -430,6 +392,9 @@ class Trainer:
 
         lay = self.layout
         loss = self._mean_over_dp(loss_total / n if n else float("nan"))
+        straggler_scalars, named = self.straggler_watch.update(busy)
+        if named:
+            self.monitor.print(named)
         elapsed = max(elapsed, 1e-9)
         tokens_per_sec = steps * lay.global_batch_size * self.cfg.model.seq_len / elapsed
         flops_dev = tokens_per_sec * self.flops_per_token / lay.world_size
@@ -441,7 +406,7 @@ class Trainer:
                    "train/skipped_steps": self.skipped_total,
                    "train/skipped_steps/nonfinite": self.skipped_total - self.skips.spikes,
                    "train/skipped_steps/spike": self.skips.spikes,
-                   **self._stragglers(busy),
+                   **straggler_scalars,
                    "train/consumed_tokens": self.consumed * self.cfg.model.seq_len,
                    **memory_gib(self.device)}
         if self.cfg.train.precision == "fp16":  # DeepSpeed's overflow skips: loss-scale events, not our skips
@@ -450,39 +415,14 @@ class Trainer:
         self.monitor.log(self.step, scalars)
         self.monitor.train_line(self.step, scalars)
 
-    def _stragglers(self, busy: list[float]) -> dict:
-        """perf/ scalars of every rank's busy (CPU) seconds per step, which a rank waiting in a
-        collective does not spend; names a rank slowest by over guard.straggler_threshold for
-        guard.straggler_windows windows in a row."""
-        from pretrain.run.guard import stragglers
-
-        g = self.cfg.guard
-        slowest, worst, median, over = stragglers(busy, g.straggler_threshold)
-        run = getattr(self, "_straggler_run", (None, 0))
-        self._straggler_run = (slowest, run[1] + 1 if run[0] == slowest else 1) if over else (None, 0)
-        if over and self._straggler_run[1] == g.straggler_windows:
-            self.monitor.print(f"straggler: rank {slowest} is the slowest for {g.straggler_windows} logging windows "
-                               f"running ({worst * 1e3:.0f} ms of work per step against a median of "
-                               f"{median * 1e3:.0f} ms); check its node")
-        return {"perf/step_time_max": worst, "perf/step_time_min": min(busy), "perf/slowest_rank": slowest}
-
     def _validate(self, which: str = "val") -> None:
+        from pretrain.run.evaluation import validation_loss
+
         batches = self.data.valid_batches() if which == "val" else self.data.test_batches()
         if batches is None:
             return
-        self.engine.eval()
-        total, n = 0.0, 0
-        if self.pipe:  # mean over the micro-batches and data-parallel replicas, on every stage
-            steps = self.cfg.train.eval_steps
-            total = float(self.engine.eval_batch(((b[:, :-1], b[:, 1:]) for b in batches), num_micro_batches=steps))
-            n = 1
-        with torch.no_grad():
-            for batch in ([] if self.pipe else batches):
-                batch = batch.to(self.device)
-                total += float(self.engine(batch[:, :-1], batch[:, 1:]))
-                n += 1
-        self.engine.train()
-        loss = self._mean_over_dp(total / max(n, 1))
+        loss = self._mean_over_dp(validation_loss(self.engine, batches, self.pipe, self.cfg.train.eval_steps,
+                                                  self.device))
         ppl = math.exp(loss) if loss < 50 else float("inf")
         self.monitor.log(self.step, {f"{which}/loss": loss, f"{which}/perplexity": ppl},
                          tokens=self.consumed * self.cfg.model.seq_len)
