@@ -85,3 +85,36 @@ def test_slow_rank_is_named(tmp_path):
     assert [m["step"] for m in rows] == [2, 4, 6, 8]
     assert all(m["perf/slowest_rank"] == 1 and m["perf/step_time_max"] > 0.3 > m["perf/step_time_min"]
                for m in rows)
+
+
+def test_hang_writes_stacks_and_every_rank_exits(tmp_path):
+    """hang@5:1 on 2 ranks, guard.step_timeout=15: rank 1 sleeps inside step 6, rank 0 waits for it
+    in a collective. Both exit non-zero by themselves (not killed by a launcher) within 60 s, and
+    rank 1's stacks name the hanging frame."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from dist_util import free_port
+    from train_util import TINY
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PRETRAIN_FAULTS": "hang@5:1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    cmd = [sys.executable, "-m", "pretrain.train", *TINY, f"train.out_dir={out}", "train.max_steps=20",
+           "guard.step_timeout=15", "guard.startup_timeout=120"]
+    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    t0, logs = time.monotonic(), []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=max(1.0, 120 - (time.monotonic() - t0)))[0])
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode != 0 for p in procs), [p.returncode for p in procs]
+    hang_lines = [line for line in logs[0].splitlines() if line.startswith("hang:")]
+    assert hang_lines and "did not arrive" in hang_lines[0] and "[1]" in hang_lines[0], logs[0][-3000:]
+    stacks = (out / "hang" / "rank1.txt").read_text()
+    assert "_hang_forever" in stacks and (out / "hang" / "rank0.txt").is_file()

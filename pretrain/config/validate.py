@@ -217,6 +217,9 @@ def _guard_fields(cfg: Config) -> None:
         _non_negative(getattr(g, key), f"guard.{key}")
     for key in ("spike_window", "startup_timeout", "straggler_windows"):
         _positive(getattr(g, key), f"guard.{key}")
+    if g.step_timeout and g.startup_timeout < g.step_timeout:
+        raise UserError(f"guard.startup_timeout ({g.startup_timeout:g} s) must be >= guard.step_timeout "
+                        f"({g.step_timeout:g} s): the first step is the slowest")
     if g.spike_sigma and g.spike_window < 2:
         raise UserError(f"guard.spike_window must be >= 2 to measure a spread, got {g.spike_window}")
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from pretrain import dsadapter, faults
 from pretrain.checkpoint import store
 from pretrain.plan import preflight
-from pretrain.run import init_from, lock, stop
+from pretrain.run import init_from, lock, stop, watchdog
 from pretrain.config.load import config_to_yaml
 from pretrain.config.schema import SHAPE_KEYS, Config, to_dict
 from pretrain.config.validate import Layout
@@ -39,6 +39,8 @@ class Trainer:
 
         self.stop = stop.install()
         self.device = pick_device(self.cfg)
+        if self.cfg.guard.step_timeout:
+            watchdog.enable_flight_recorder()  # before the process group: hang/ files name the collective
         Trainer.joined = True
         self.rank, _ = init_distributed(self.cfg, self.device)
         ok = False
@@ -48,6 +50,8 @@ class Trainer:
             ok = True
             return rc
         finally:
+            if getattr(self, "watchdog", None):
+                self.watchdog.stop()
             if getattr(self, "monitor", None):
                 self.monitor.close()
             if ok:
@@ -128,7 +132,8 @@ class Trainer:
             self.monitor.print(note)
         rc = self._loop()
         if self.writer is not None:
-            self.writer.wait()  # the last save is committed before the exit
+            with self.watchdog.grace("checkpoint"):
+                self.writer.wait()  # the last save is committed before the exit
         return rc
 
     # ------------------------------------------------------------------ resume
@@ -198,12 +203,18 @@ class Trainer:
         self._open_data()
         self._open_window()
         self._first_step = self.step
+        # Every rank, at the same point (it makes a process group); the start-up allowance
+        # covers the first step (compile, data warm-up).
+        g = cfg.guard
+        self.watchdog = watchdog.Watchdog(self.out_dir, self.rank, g.step_timeout, g.startup_timeout,
+                                          print_fn=print).start()
         while self.step < cfg.train.max_steps:
             lr = lr_at(self.step, cfg.optim, cfg.schedule, cfg.train.max_steps)
             busy = time.thread_time()
             loss_sum = self._train_step(self.batches, lr)
             self.window_busy += time.thread_time() - busy
             self.step += 1
+            self.watchdog.step_done(self.step)
             self.consumed += lay.global_batch_size
             if cfg.train.compile and self.step == self._first_step + 1:
                 self._report_compile()
@@ -330,15 +341,17 @@ class Trainer:
         code when it cannot (guard.max_rollbacks reached, or nothing committed), else None."""
         g, done = self.cfg.guard, len(self.skip_ledger.rollbacks)
         if self.writer is not None:
-            self.writer.wait()  # a periodic save in flight is committed first: it is the newest
+            with self.watchdog.grace("checkpoint"):
+                self.writer.wait()  # a periodic save in flight is committed first: it is the newest
         if done >= g.max_rollbacks:
             self.monitor.print(f"error: {streak} skipped steps in a row at step {self.step} after {done} rollback(s) "
                                f"(guard.max_rollbacks={g.max_rollbacks}); stopped. Check the data near sample "
                                f"{self.consumed}, or lower optim.lr.")
             return EXIT_NONFINITE
         reached = self.consumed
-        tag_dir = store.choose_resume("auto", self.ckpt_dir, self.monitor.print, self.cfg.checkpoint.verify,
-                                      load=self._resume)
+        with self.watchdog.grace("rollback"):
+            tag_dir = store.choose_resume("auto", self.ckpt_dir, self.monitor.print, self.cfg.checkpoint.verify,
+                                          load=self._resume)
         if tag_dir is None:
             self.monitor.print(f"error: {streak} skipped steps in a row at step {self.step} and no committed "
                                "checkpoint to roll back to; stopped. Set checkpoint.interval, or check the data.")
@@ -359,7 +372,8 @@ class Trainer:
         """Run a validation or a save outside the throughput window; its seconds get their own scalar."""
         t0 = time.perf_counter()
         faults.pause(what)
-        out = fn()
+        with self.watchdog.grace(what):
+            out = fn()
         seconds = time.perf_counter() - t0
         self.excluded += seconds
         self.monitor.log(self.step, {f"perf/{what}_seconds": seconds})
