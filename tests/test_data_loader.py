@@ -183,17 +183,18 @@ def test_bare_megatron_prefix(data, tmp_path):
     assert len(v.sources) == 1 and v.vocab_size == 258 and v.get(0).shape == (SEQ + 1,)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "flipped"])
 def test_damaged_index_cache_is_rebuilt_with_a_warning(data, tmp_path, capfd, damage):
     cache = str(tmp_path / "cache")
     ref = open_dataset([data], None, "train", SEQ, 3, 500, cache_dir=cache)
     want = [ref[i].copy() for i in range(0, 500, 37)]
-    files = [os.path.join(r, f) for r, _, fs in os.walk(cache) for f in fs if f.endswith(".npz")]
+    files = [os.path.join(r, f) for r, _, fs in os.walk(cache) for f in fs if f.endswith(".npy")]
     assert files
     for f in files:
         raw = open(f, "rb").read()
         with open(f, "wb") as fh:
-            fh.write({"garbage": b"not a zip at all" * 10, "truncated": raw[:len(raw) // 2], "empty": b""}[damage])
+            fh.write({"garbage": b"not a zip at all" * 10, "truncated": raw[:len(raw) // 2], "empty": b"",
+                      "flipped": raw[:-1] + bytes([raw[-1] ^ 1])}[damage])  # flipped: one bit of a value
     capfd.readouterr()
     again = open_dataset([data], None, "train", SEQ, 3, 500, cache_dir=cache)
     got = [again[i] for i in range(0, 500, 37)]

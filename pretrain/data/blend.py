@@ -65,3 +65,8 @@ class Blend:
         b, p = np.divmod(i, self.block)
         s = self.src[p]
         return s, b * self.counts[s] + self.local[p]
+
+    def taken(self, n: int) -> np.ndarray:
+        """How many samples of each source the first n global samples hold."""
+        b, r = divmod(int(n), self.block)
+        return b * self.counts + np.bincount(self.src[:r], minlength=self.n)

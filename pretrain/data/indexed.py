@@ -146,28 +146,44 @@ class IndexedReader:
             size = min(size, length)
         return toks[start:start + size]
 
-    def structure_problems(self) -> list[str]:
-        """Sizes vs `.bin` length, pointers, doc_idx; [] when consistent."""
+    def structure_problems(self, chunk: int = 1 << 22) -> list[str]:
+        """Sizes vs `.bin` length, pointers, doc_idx; [] when consistent. Reads the index in chunks
+        of `chunk` entries, so an index of a billion documents needs no int64 copy of it."""
         probs = []
-        sizes = np.asarray(self.sizes, dtype=np.int64)
-        if sizes.size and sizes.min() < 0:
+        item = self.dtype.itemsize
+        total, negative, bad = 0, False, None  # bad: (sequence, its pointer, expected) of the first wrong pointer
+        for a in range(0, self.n, chunk):
+            sizes = np.asarray(self.sizes[a:a + chunk], dtype=np.int64)
+            negative = negative or bool(sizes.min() < 0)
+            if bad is None:
+                expect = (total + np.cumsum(sizes) - sizes) * item  # pointer i = bytes before sequence i
+                got = np.asarray(self.pointers[a:a + chunk])
+                if not np.array_equal(expect, got):
+                    i = int(np.argmax(expect != got))
+                    bad = (a + i, int(got[i]), int(expect[i]))
+            total += int(sizes.sum())
+        if negative:
             probs.append(f"{self.idx_path}: negative sequence size")
-        total = int(sizes.sum()) * self.dtype.itemsize
-        if total != self.bin_bytes:
+        if total * item != self.bin_bytes:
             probs.append(
-                f"{self.bin_path}: is {self.bin_bytes} bytes but the index says {total} "
-                f"({'truncated' if self.bin_bytes < total else 'trailing data'})"
+                f"{self.bin_path}: is {self.bin_bytes} bytes but the index says {total * item} "
+                f"({'truncated' if self.bin_bytes < total * item else 'trailing data'})"
             )
-        expect = np.zeros(self.n, dtype=np.int64)
-        if self.n > 1:
-            np.cumsum(sizes[:-1] * self.dtype.itemsize, out=expect[1:])
-        if self.n and not np.array_equal(expect, np.asarray(self.pointers)):
-            bad = int(np.argmax(expect != np.asarray(self.pointers)))
-            probs.append(f"{self.idx_path}: pointer of sequence {bad} is {int(self.pointers[bad])}, expected {int(expect[bad])}")
-        di = np.asarray(self.doc_idx)
-        if di.size == 0 or di[0] != 0 or di[-1] != self.n or (di.size > 1 and np.any(np.diff(di) < 0)):
+        if bad is not None:
+            probs.append(f"{self.idx_path}: pointer of sequence {bad[0]} is {bad[1]}, expected {bad[2]}")
+        di = self.doc_idx
+        rising = di.size > 0 and di[0] == 0 and di[-1] == self.n
+        for a in range(0, di.size - 1, chunk):
+            if not rising:
+                break
+            rising = not np.any(np.diff(np.asarray(di[a:a + chunk + 1])) < 0)
+        if not rising:
             probs.append(f"{self.idx_path}: doc_idx must rise monotonically from 0 to {self.n}")
         return probs
+
+    def total_tokens(self, chunk: int = 1 << 22) -> int:
+        """Sum of the sequence sizes, read in chunks."""
+        return sum(int(np.sum(self.sizes[a:a + chunk], dtype=np.int64)) for a in range(0, self.n, chunk))
 
     def max_token(self) -> int:
         t = self.tokens
@@ -202,7 +218,7 @@ def check_prefix(prefix: str, expected: Optional[dict] = None, vocab_size: Optio
     probs += r.structure_problems()
     if probs:
         return probs
-    if expected and "tokens" in expected and int(np.asarray(r.sizes, dtype=np.int64).sum()) != int(expected["tokens"]):
+    if expected and "tokens" in expected and r.total_tokens() != int(expected["tokens"]):
         probs.append(f"{prefix}: token count differs from the manifest")
     if checksums:
         if expected:

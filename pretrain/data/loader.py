@@ -21,6 +21,7 @@ from pretrain.data.blend import Blend, normalise_weights
 from pretrain.data.indexed import IndexedReader, check_prefix, sha256_file
 from pretrain.data.manifest import MissingSplit, is_manifest_dir, read_manifest, split_shards
 from pretrain.data.sample_index import SampleIndex
+from pretrain.data.shared import Peers, load_or_build
 from pretrain.errors import UserError
 
 VERIFY_ENV = "PRETRAIN_DATA_VERIFY"
@@ -61,25 +62,47 @@ class TokenSource:
         else:
             raise UserError(f"{path}: no such data directory or Megatron prefix (PREFIX.bin/.idx)")
 
-    def open(self, checksums: bool) -> None:
-        """Validate every shard (structure always; sha256 and token range when `checksums`)."""
+    def check(self, checksums: bool) -> tuple[list[str], Optional[dict]]:
+        """Rank 0's part of opening: the problems of every shard (structure always; sha256 and
+        token range when `checksums`), and the identity (a bare prefix's is the sha256 of its .idx)."""
         problems = []
         for prefix, entry in zip(self.prefixes, self.entries):
             problems += check_prefix(prefix, expected=entry, vocab_size=self.vocab_size,
                                      checksums=checksums, dtype=self.dtype)
         if problems:
             more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-            raise UserError("corrupt or incomplete data: " + "; ".join(problems[:3]) + more +
-                            ". Re-run pretrain-prep (or `pretrain-shards verify` to list every problem)")
+            return ["corrupt or incomplete data: " + "; ".join(problems[:3]) + more +
+                    ". Re-run pretrain-prep (or `pretrain-shards verify` to list every problem)"], None
+        if self.identity is not None:
+            return [], self.identity
+        r = IndexedReader(self.prefixes[0])
+        return [], {"prefix_idx_sha256": sha256_file(r.idx_path), "bin_bytes": r.bin_bytes}
+
+    def open(self, identity: dict, cache_dir: Optional[str], verify: bool = True) -> None:
+        """Every rank's part, after `check` passed on rank 0: the readers (memory maps) and the
+        document sizes. One shard's sizes are its `.idx` map; several shards' are concatenated
+        once into the cache (pretrain.data.shared) and mapped, or held in memory without a cache."""
+        self.identity = identity
         self.readers = [IndexedReader(p) for p in self.prefixes]
-        if self.identity is None:
-            r = self.readers[0]
-            self.identity = {"prefix_idx_sha256": sha256_file(r.idx_path), "bin_bytes": r.bin_bytes}
         counts = np.array([r.n for r in self.readers], dtype=np.int64)
-        self.doc_start = np.concatenate([[0], np.cumsum(counts)])
-        self.sizes = np.concatenate([np.asarray(r.sizes, dtype=np.int64) for r in self.readers]) \
-            if self.readers else np.zeros(0, np.int64)
-        self.tokens = int(self.sizes.sum())
+        self.doc_start = np.concatenate([[0], np.cumsum(counts)])  # per shard: O(shards)
+        self.tokens = sum(r.bin_bytes // r.dtype.itemsize for r in self.readers)  # checked: = sum of sizes
+        if len(self.readers) == 1:
+            self.sizes = self.readers[0].sizes
+            return
+
+        def build() -> dict:
+            return {"sizes": np.concatenate([r.sizes for r in self.readers])}  # int32, as in the .idx
+
+        if cache_dir is None:
+            self.sizes = build()["sizes"]
+            return
+        key = hashlib.sha256(f"sizes|{json.dumps(identity, sort_keys=True)}".encode()).hexdigest()[:24]
+        n = int(self.doc_start[-1])
+        got, _ = load_or_build(os.path.join(cache_dir, "documents", key), ("sizes",), build,
+                               lambda a: a["sizes"].shape == (n,) and a["sizes"].dtype.kind == "i",
+                               f"{self.path} ({self.split}) document sizes", verify)
+        self.sizes = got["sizes"]
 
     def nbytes(self) -> int:
         return sum(os.path.getsize(p + ext) for p in self.prefixes for ext in (".bin", ".idx")
@@ -112,7 +135,7 @@ class BlendedDataset:
     """Samples of seq_len + 1 tokens (int64), blended from several sources; see module docstring."""
 
     def __init__(self, sources: list[TokenSource], weights: np.ndarray, split: str, seq_len: int, seed: int,
-                 num_samples: int, cache_dir: Optional[str]):
+                 num_samples: int, cache_dir: Optional[str], verify: bool = True):
         self.sources = sources
         self.weights = weights
         self.split = split
@@ -120,16 +143,20 @@ class BlendedDataset:
         self.seed = int(seed)
         self.blend = Blend(weights)
         self.index = [SampleIndex(s.sizes, seq_len, seed, json.dumps(s.identity, sort_keys=True), cache_dir,
-                                  name=f"{s.path} ({split})") if w > 0 else None
+                                  name=f"{s.path} ({split})", total=s.tokens, verify=verify) if w > 0 else None
                       for s, w in zip(sources, weights)]
-        for ix in self.index:  # build (and cache) the first epoch now: fail fast, and let other ranks reuse it
+        one_epoch = sum(ix.per_epoch for ix in self.index if ix is not None)
+        self.num_samples = int(num_samples) if num_samples and num_samples > 0 else one_epoch
+        # Build (and cache) now every epoch the num_samples read, at least the first: fail fast,
+        # and the other ranks map rank 0's files instead of building an epoch mid-run. Without a
+        # cache only the first (epochs are then built on use, the last two kept in memory).
+        for ix, n in zip(self.index, self.blend.taken(self.num_samples)):
             if ix is not None:
-                ix.epoch(0)
+                for e in range(max(1, -(-int(n) // ix.per_epoch)) if cache_dir else 1):
+                    ix.epoch(e)
         vocabs = {s.vocab_size for s in sources if s.vocab_size is not None}
         self.vocab_size: Optional[int] = vocabs.pop() if vocabs else None
         self.tokenizer_dir = next((s.tokenizer_dir for s in sources if s.tokenizer_dir), None)
-        one_epoch = sum(ix.per_epoch for ix in self.index if ix is not None)
-        self.num_samples = int(num_samples) if num_samples and num_samples > 0 else one_epoch
         ident = {"v": 1, "sources": [s.identity for s in sources], "weights": [round(float(w), 12) for w in weights],
                  "split": split, "seq_len": self.seq_len, "seed": self.seed}
         self.fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
@@ -156,7 +183,7 @@ class BlendedDataset:
         s, k = self.blend.map(int(i))
         src, ix = self.sources[int(s)], self.index[int(s)]
         e, j = divmod(int(k), ix.per_epoch)
-        order, pos, off, _ = ix.epoch(e)
+        order, pos, off, _ = ix.views(e)
         if out is None:
             out = np.empty(self.seq_len + 1, dtype=np.int64)
         src.window(order, int(pos[j]), int(off[j]), out)
@@ -172,7 +199,7 @@ def _verify_mode(verify: Optional[str]) -> str:
 
 def open_dataset(paths: list[str], weights: Optional[list[float]], split: str, seq_len: int, seed: int,
                  num_samples: int, cache_dir: Optional[str] = None, verify: Optional[str] = None,
-                 missing_split: str = "error") -> BlendedDataset:
+                 missing_split: str = "error", peers: Optional[Peers] = None) -> BlendedDataset:
     """Open, validate and index the data; UserError on any problem (before any training step).
 
     verify: 'structure' (headers, sizes vs .bin length, pointers, doc_idx), 'full' (also sha256 of
@@ -182,7 +209,11 @@ def open_dataset(paths: list[str], weights: Optional[list[float]], split: str, s
     missing_split: 'error' (a source without `split` is a UserError naming it) or 'skip' (drop such
     sources; UserError only if none has it).
     num_samples <= 0 means one epoch of every source.
+    peers: the ranks opening the same data together (collective; pretrain.data.shared.torch_peers()
+    for torch.distributed): rank 0 checks the shards and builds the cached index first, the
+    others get its verdict and map its files. Default: this process alone.
     """
+    peers = peers or Peers()
     if isinstance(paths, str):
         paths = [paths]
     if not paths:
@@ -205,19 +236,52 @@ def open_dataset(paths: list[str], weights: Optional[list[float]], split: str, s
     w_in = [weights[j] for j in kept_w] if weights is not None and len(weights) else None
     total_bytes = sum(s.nbytes() for s in sources)
     checksums = mode == "full" or (mode == "auto" and total_bytes <= VERIFY_AUTO_MAX_BYTES)
+    # Rank 0 checks the shards; every rank gets its verdict (the same error everywhere).
+    verdict = _check(sources, checksums) if peers.rank == 0 else None
+    error, identities = peers.share(verdict)
+    if error:
+        raise UserError(error)
+
+    def index() -> BlendedDataset:
+        for s, ident in zip(sources, identities):
+            s.open(ident, cache_dir, verify=peers.rank == 0)  # rank 0 checks the cache for all
+        vocabs = {s.vocab_size for s in sources if s.vocab_size is not None}
+        if len(vocabs) > 1:
+            raise UserError(f"data sources have different vocabulary sizes {sorted(vocabs)}: "
+                            f"blend only data made with the same tokenizer")
+        toks = {s.tokenizer_sha for s in sources if s.tokenizer_sha is not None}
+        if len(toks) > 1:
+            raise UserError("data sources were made with different tokenizers: blend only data made with the same one")
+        w = normalise_weights(w_in, len(sources), [max(s.tokens, 0) for s in sources])
+        per_path = isinstance(split, (list, tuple))  # one split per path: separate eval data (pretrain.run.data)
+        joined = "+".join(s.split for s in sources) if per_path else split
+        return BlendedDataset(sources, w, joined, seq_len, seed, num_samples, cache_dir, verify=peers.rank == 0)
+
+    # Rank 0 builds the cached arrays first; the others then map its files (pretrain.data.shared).
+    ds, failed = None, None
+    if peers.rank == 0:
+        try:
+            ds = index()
+        except UserError as e:
+            failed = e
+    message = peers.share(str(failed) if failed else None)
+    if message:
+        raise failed if failed is not None else UserError(message)
+    return ds if peers.rank == 0 else index()
+
+
+def _check(sources: list[TokenSource], checksums: bool) -> tuple[Optional[str], list]:
+    """(the first problem as one message, or None; each source's identity): rank 0's verdict."""
+    identities = []
     for s in sources:
-        s.open(checksums)
-    vocabs = {s.vocab_size for s in sources if s.vocab_size is not None}
-    if len(vocabs) > 1:
-        raise UserError(f"data sources have different vocabulary sizes {sorted(vocabs)}: "
-                        f"blend only data made with the same tokenizer")
-    toks = {s.tokenizer_sha for s in sources if s.tokenizer_sha is not None}
-    if len(toks) > 1:
-        raise UserError("data sources were made with different tokenizers: blend only data made with the same one")
-    w = normalise_weights(w_in, len(sources), [max(s.tokens, 0) for s in sources])
-    if isinstance(split, (list, tuple)):  # one split per path (pretrain.run.data: separate eval data)
-        split = "+".join(s.split for s in sources)
-    return BlendedDataset(sources, w, split, seq_len, seed, num_samples, cache_dir)
+        try:
+            problems, ident = s.check(checksums)
+        except (UserError, OSError) as e:
+            problems, ident = [f"{s.path}: {e}"], None
+        if problems:
+            return problems[0], []
+        identities.append(ident)
+    return None, identities
 
 
 def micro_batches(ds: BlendedDataset, micro_batch_size: int, dp_rank: int, dp_size: int,

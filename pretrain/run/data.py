@@ -1,8 +1,9 @@
 """The data side of a training run: which samples each rank reads, for training and validation.
 
 Wraps `pretrain.data.loader` (shards) or random tokens (`data.synthetic`), opens the
-data before the first step so a missing or corrupt shard fails fast, and builds the
-sample index on rank 0 first so other ranks reuse its cache instead of racing on it.
+data before the first step so a missing or corrupt shard fails fast (checked once, on rank 0,
+the verdict shared), and builds the sample index once, into `data.cache_dir` (default
+`<train.out_dir>/index_cache`), which every rank then memory-maps.
 Rank 0 keeps the run's own copy of the tokenizer in `<train.out_dir>/tokenizer/` (checked
 by digest), so checkpoints work after the data or the run directory moved.
 """
@@ -15,7 +16,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from pretrain.config.schema import Config
 from pretrain.config.validate import Layout
@@ -113,6 +113,7 @@ class RunData:
     def __init__(self, cfg: Config, layout: Layout, rank: int, dp_rank: int, out_dir: Path,
                  log: Callable[[str], None]):
         from pretrain.data.loader import open_dataset
+        from pretrain.data.shared import torch_peers
 
         self.cfg, self.layout, self.dp_rank, self.log = cfg, layout, dp_rank, log
         d = cfg.data
@@ -124,16 +125,16 @@ class RunData:
             self.valid = SyntheticData(cfg.model.vocab_size, cfg.model.seq_len, d.seed + 1, self.valid_samples)
             self.test = None
         else:
-            # Rank 0 builds (and caches) the index first; the others then read the cache.
-            for turn in (0, 1):
-                if (rank == 0) == (turn == 0):
-                    self.train = open_dataset(d.paths, d.weights or None, d.train_split, cfg.model.seq_len,
-                                              d.seed, train_samples, cache)
-                    self.valid = self._open_eval("validation", d.valid_paths, d.valid_split, cache)
-                    self.test = self._open_eval("test", d.test_paths, d.test_split, cache)
-                    for line in epoch_report(self.train, train_samples):
-                        log(line)
-                dist.barrier()
+            # Every rank opens the data together: rank 0 checks the shards and builds the index
+            # into the cache, the others get its verdict and map its files (pretrain.data.shared).
+            peers = torch_peers()
+            self.train = open_dataset(d.paths, d.weights or None, d.train_split, cfg.model.seq_len,
+                                      d.seed, train_samples, cache, peers=peers)
+            self.valid = self._open_eval("validation", d.valid_paths, d.valid_split, cache, peers)
+            self.test = self._open_eval("test", d.test_paths, d.test_split, cache, peers)
+            if rank == 0:
+                for line in epoch_report(self.train, train_samples):
+                    log(line)
         self.fingerprint = self.train.fingerprint
         self.tokenizer_dir = self.train.tokenizer_dir
         # the real vocabulary (rows token ids reach); the embedding is padded beyond it
@@ -154,7 +155,7 @@ class RunData:
         return {"sources": ids, "weights": [round(float(w), 6) for w in self.train.weights],
                 "train_split": d.train_split, "seed": d.seed}
 
-    def _open_eval(self, name: str, paths: list, split: str, cache: str):
+    def _open_eval(self, name: str, paths: list, split: str, cache: str, peers):
         """Validation or test data: `paths` when given (data.valid_paths / test_paths), else `split`
         of data.paths in the sources that have it (a warning names those that do not)."""
         from pretrain.data.loader import MissingSplit, open_dataset
@@ -163,9 +164,9 @@ class RunData:
         common = (self.cfg.model.seq_len, d.seed, self.valid_samples, cache)
         if paths:
             src_paths, splits = eval_sources(paths)
-            return open_dataset(src_paths, None, splits, *common)
+            return open_dataset(src_paths, None, splits, *common, peers=peers)
         try:
-            ds = open_dataset(d.paths, d.weights or None, split, *common, missing_split="skip")
+            ds = open_dataset(d.paths, d.weights or None, split, *common, missing_split="skip", peers=peers)
         except MissingSplit as e:  # a corrupt shard is still an error
             if name == "validation":
                 self.log(f"warning: no validation data ({e}); validation is skipped. Prepare the data with a "
