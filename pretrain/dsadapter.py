@@ -30,8 +30,8 @@ __all__ = [
     "universal_checkpoint_load", "convert_to_universal", "universal_args", "zero_fp32_state_dict",
     "base_optimizer", "stepped_params", "is_zero3_partitioned", "param_full_shape", "has_zero_fp32_views",
     "link_hp_optimizer_states", "set_full_fp32_param", "set_full_optimizer_state", "gathered_for_write",
-    "set_progress", "partition_zero3", "pipeline_grid_patch", "pipeline_module_base", "pipeline_grid",
-    "pipe_tied_weights", "is_pipe_replica", "mark_pipe_replica",
+    "set_progress", "partition_zero3", "zero3_partition", "pipeline_grid_patch", "pipeline_module_base",
+    "pipeline_grid", "pipe_tied_weights", "is_pipe_replica", "mark_pipe_replica",
 ]
 
 
@@ -301,11 +301,42 @@ def set_progress(engine, steps: int, samples: int) -> None:
 
 
 def partition_zero3(module: torch.nn.Module, *, data_parallel_group, config: dict, mpu, dtype) -> None:
-    """Partition `module`'s (allocated, filled) parameters over the data-parallel group (ZeRO-3)."""
+    """Partition `module`'s allocated parameters over the data-parallel group (ZeRO-3), each rank
+    keeping its own partition of what its tensors hold: the caller writes every partition
+    after (`zero3_partition`), so the values need not agree across ranks beforehand.
+
+    `deepspeed.zero.Init(module=...)` first broadcasts every full parameter from rank 0
+    (`Init._zero_init_param`), so that all ranks partition the same values: a full-size
+    message per parameter on every rank. Our ranks write their partitions themselves, so the
+    Init used here leaves the broadcast out (a DeepSpeed without that method would broadcast
+    as before: slower, same result; tests/test_init_share.py checks it is still called)."""
+    _partitioning_init()(module=module, data_parallel_group=data_parallel_group, config_dict_or_path=config,
+                         mpu=mpu, dtype=dtype)
+
+
+@functools.cache
+def _partitioning_init() -> type:
     import deepspeed
 
-    deepspeed.zero.Init(module=module, data_parallel_group=data_parallel_group, config_dict_or_path=config,
-                        mpu=mpu, dtype=dtype)
+    class PartitionInPlace(deepspeed.zero.Init):
+        def _zero_init_param(self, param):
+            self._convert_to_deepspeed_param(param)
+            param.partition()
+
+    return PartitionInPlace
+
+
+def zero3_partition(p: torch.Tensor):
+    """ZeRO-3: (this rank's partition of `p` (`ds_tensor`, flat), start, stop): it holds elements
+    [start, stop) of the flattened parameter, then padding (the last ranks' partitions); None
+    for a parameter that is not partitioned."""
+    import torch.distributed as dist
+
+    part = getattr(p, "ds_tensor", None)
+    if part is None:
+        return None
+    start = part.numel() * dist.get_rank(group=p.ds_process_group)
+    return part, min(start, p.ds_numel), min(start + part.numel(), p.ds_numel)
 
 
 # ---------------------------------------------------------------------- pipeline

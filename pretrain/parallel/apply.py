@@ -3,11 +3,11 @@
 The model code (`pretrain.model`) knows nothing about distribution. Here its layers are
 built on the meta device exactly as `GPT(cfg, vocab_size)` builds them, each layer is
 replaced by its tensor-parallel form (still on the meta device), and only then is this
-rank's piece of every parameter allocated on its device and filled: each parameter's full
-initial value is drawn from its own generator, seeded by (seed, name) (`spec.initialize`),
-and sliced by the parameter spec (`pretrain.parallel.spec`). So TP=1 and TP=k start from
-the same full weights for the same seed, and a rank holds one full parameter at most
-beyond its own pieces.
+rank's piece of every parameter allocated on its device and filled: each parameter's initial
+value is drawn in fixed tiles, each from its own generator seeded by (seed, name, tile)
+(`params`), and a rank draws only the tiles that cover its piece (`spec.initialize`, by the
+parameter spec). So TP=1 and TP=k start from the same weights for the same seed, and a rank
+draws about its own share.
 
 What becomes what (Megatron's layout; tp = tensor-parallel degree; the split dimensions
 and the qkv regrouping are the spec's):

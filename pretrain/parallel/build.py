@@ -4,15 +4,17 @@
 
 Every variant is first built on the meta device; then only this rank's piece is allocated,
 directly on `device`, and filled from the parameter spec (`pretrain.parallel.spec`): each
-parameter's full initial value is drawn from its own generator seeded by (seed, name) and
-sliced. The seed is one draw of torch's default generator, so `torch.manual_seed(s)` before
-`build_model` gives the same weights in every layout.
+parameter's initial value is a function of (seed, name), drawn in tiles from generators seeded
+by (seed, name, tile), of which a rank draws only those covering its piece. The seed is one
+draw of torch's default generator, so `torch.manual_seed(s)` before `build_model` gives the
+same weights in every layout.
 
 * tensor parallelism (`apply.ParallelGPT`): this rank's slices;
 * pipeline parallelism (`pipeline.build_pipeline`): this stage's layers only;
-* ZeRO-3 with data parallelism: the layers are allocated one at a time and handed to
-  `deepspeed.zero.Init(module=layer)`, which keeps this rank's partition of each parameter;
-  `deepspeed.initialize` then finds the model already partitioned. Host peak: one layer.
+* ZeRO-3 with data parallelism: the layers are allocated one at a time (unwritten) and
+  handed to `deepspeed.zero.Init(module=layer)`, which keeps this rank's partition of each
+  parameter; only then is the partition filled, drawing only its own values, so a rank's
+  cost is its share. `deepspeed.initialize` then finds the model already partitioned.
 
 Layering: spec <- model <- apply <- pipeline <- build (each imports only those to its left).
 """
@@ -54,7 +56,9 @@ def build_model(cfg, layout, topo, device=None, source: Optional[spec.Source] = 
 
 
 def _partitioned(model: nn.Module, cfg, layout, topo, device, seed: int, source) -> nn.Module:
-    """ZeRO-3: allocate, fill and partition one layer at a time (`deepspeed.zero.Init(module=...)`)."""
+    """ZeRO-3, one layer at a time: allocate it (values undefined), partition it
+    (`deepspeed.zero.Init(module=...)`, no broadcast), then fill this rank's partitions
+    (`spec.initialize` draws only the tiles covering them)."""
     from pretrain.config.deepspeed import deepspeed_config
 
     ds_config = deepspeed_config(cfg, layout)
@@ -62,12 +66,21 @@ def _partitioned(model: nn.Module, cfg, layout, topo, device, seed: int, source)
     for i, layer in enumerate(model.layers()):
         if not any(True for _ in layer.parameters()):
             continue  # a tied head owns no parameter
-        materialize(layer, cfg.model, topo.tp_group, device, seed, prefix=spec.layer_prefix(i, cfg.model.n_layer),
-                    source=source)
-        layer.to(dtype)  # the engine expects ZeRO-3 parameters in the training precision
+        _allocate(layer.to(dtype), device)  # the engine expects ZeRO-3 parameters in the training precision
         dsadapter.partition_zero3(layer, data_parallel_group=topo.dp_group, config=ds_config, mpu=topo.mpu(),
                                   dtype=dtype)
+        spec.initialize(layer, cfg.model, seed, tp=topo.tp, tp_rank=topo.tp_rank,
+                        prefix=spec.layer_prefix(i, cfg.model.n_layer), source=source)
     return model
+
+
+def _allocate(module: nn.Module, device) -> None:
+    """Allocate a meta-device `module` on `device` without writing it (pages a rank never
+    reads stay unmapped); its parameters' marks (tensor_model_parallel, ...) are kept."""
+    marks = {n: dict(vars(p)) for n, p in module.named_parameters()}
+    module.to_empty(device=device)  # new Parameter objects
+    for n, p in module.named_parameters():
+        vars(p).update(marks[n])
 
 
 def optimizer_group_names(model: nn.Module, cfg, topo) -> dict[str, list[list[str]]]:

@@ -13,9 +13,8 @@ built pipeline agree (checked after construction).
 
 Weights: every rank builds the plain layers on the meta device, shards its stage's layers
 (still on the meta device) and allocates and fills only those (`apply.materialize`: each
-parameter's initial value is a function of the run's seed and its name). So each stage
-starts from exactly the weights of the single-process model, holding one full parameter at
-most beyond its own.
+parameter's initial value is a function of the run's seed and its name, drawn only where this
+rank's piece lies). So each stage starts from exactly the weights of the single-process model.
 
 Tied input/output embeddings (model.tie_embeddings): the first stage's embedding and the
 last stage's head are DeepSpeed `TiedLayerSpec`s with the key 'embed' and the tied

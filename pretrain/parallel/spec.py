@@ -17,8 +17,9 @@ Everything that shards, merges, groups, names or initialises parameters derives 
 table: `local_piece` (sharding, loading imported or consolidated weights), `merge_state`
 (export, consolidation, checkpoint reading), `optimizer_groups` (the optimizer, the plain GPT
 and every parallel layout alike), `plain_name` (pipeline stage names), `initialize` (each
-rank's piece of the initial values: drawn full size, then sliced, so building holds at most
-one full parameter beyond this rank's own pieces).
+rank's piece of the initial values -- its tensor-parallel slice, or under ZeRO-3 its
+partition of that slice -- drawn by itself: `local_blocks` says which rows and columns of the
+full tensor the piece holds, `params.initial_range` draws only the tiles covering them).
 
 The names of the table are re-exported here for the parallel code (see docs/PARALLEL.md).
 """
@@ -34,8 +35,8 @@ from pretrain.model import params
 from pretrain.model.params import RULES, TIED, Rule, decays, draw_seed, initial_value, rule_of  # noqa: F401 (re-exported)
 
 __all__ = ["Rule", "RULES", "TIED", "rule_of", "qkv_permutation", "layer_of", "layer_prefix", "plain_name",
-           "full_shape", "local_piece", "merge_state", "decays", "optimizer_groups", "draw_seed",
-           "initial_value", "initialize"]
+           "full_shape", "local_piece", "local_blocks", "draw_piece", "merge_state", "decays", "optimizer_groups",
+           "draw_seed", "initial_value", "initialize"]
 
 
 PIPE_TIED_KEY = "embed"  # DeepSpeed's TiedLayerSpec key: stage names 'tied_modules.embed.*'
@@ -123,6 +124,59 @@ def local_piece(name: str, full: torch.Tensor, m: ModelConfig, tp: int, tp_rank:
     return full.chunk(tp, dim=rule.tp_dim)[tp_rank]
 
 
+Block = tuple[tuple[int, int], tuple[int, int]]  # rows [r0, r1), columns [c0, c1) of a full tensor's matrix
+
+
+def _local_region(name: str, full: tuple[int, ...], m: ModelConfig, tp: int, tp_rank: int):
+    """Where `local_piece` takes its piece from, in the full tensor seen as a matrix
+    (`params.matrix_shape`): the full-row runs [a, b) its rows are, in order, and its columns."""
+    rows, cols = params.matrix_shape(full)
+    rule = rule_of(name)
+    if rule.tp_dim is None or tp == 1:
+        return [(0, rows)], (0, cols)
+    if full[rule.tp_dim] % tp:
+        raise ValueError(f"{name}: dim {rule.tp_dim} of shape {full} does not divide by tp {tp}")
+    if rule.tp_dim == 1:
+        if len(full) != 2:
+            raise ValueError(f"{name}: a column split of a {len(full)}-d tensor is not a range of its columns")
+        per = cols // tp
+        return [(0, rows)], (tp_rank * per, (tp_rank + 1) * per)
+    per = rows // tp
+    mine = torch.arange(tp_rank * per, (tp_rank + 1) * per)
+    if rule.regroup:
+        mine = _perm(m, tp)[mine]
+    runs = []  # consecutive rows joined
+    for r in mine.tolist():
+        if runs and runs[-1][1] == r:
+            runs[-1][1] = r + 1
+        else:
+            runs.append([r, r + 1])
+    return [tuple(run) for run in runs], (0, cols)
+
+
+def local_blocks(name: str, full: Iterable[int], m: ModelConfig, tp: int, tp_rank: int,
+                 start: int = 0, stop: Optional[int] = None) -> tuple[list[Block], int]:
+    """Where elements [start, stop) of tensor-parallel rank `tp_rank`'s flattened piece of the
+    full tensor `name` (shape `full`, seen as a matrix) come from: blocks of the full tensor
+    whose flattened values, concatenated in order, hold them from offset `skip` on
+    (`local_piece(...).reshape(-1)[start:stop]`; default: the whole piece). The blocks are the
+    piece's whole rows that the range touches (a ZeRO-3 partition starts and ends inside rows):
+    a row is drawn in tiles anyway. Returns (blocks, skip)."""
+    runs, (c0, c1) = _local_region(name, tuple(full), m, tp, tp_rank)
+    width = c1 - c0
+    stop = sum(b - a for a, b in runs) * width if stop is None else stop
+    if stop <= start:
+        return [], 0
+    lo, hi = start // width, -(-stop // width)  # the piece's rows [lo, hi)
+    blocks, offset = [], 0
+    for r0, r1 in runs:  # -> the full rows of its runs
+        x, y = max(lo, offset), min(hi, offset + r1 - r0)
+        if x < y:
+            blocks.append(((r0 + x - offset, r0 + y - offset), (c0, c1)))
+        offset += r1 - r0
+    return blocks, start - lo * width
+
+
 def merge_state(shards: list[dict], m: ModelConfig) -> dict:
     """One plain state dict from the tensor-parallel ranks' state dicts of plain names (rank order)."""
     tp = len(shards)
@@ -156,24 +210,46 @@ def optimizer_groups(model: torch.nn.Module, optim, n_layer: int) -> list[dict]:
 Source = Callable[[str, tuple], torch.Tensor]  # (plain name, full shape) -> full tensor
 
 
+def draw_piece(name: str, full: tuple, m: ModelConfig, seed: int, tp: int, tp_rank: int, start: int,
+               out: torch.Tensor) -> None:
+    """Elements [start, start + out.numel()) of tensor-parallel rank `tp_rank`'s flattened piece
+    of the initial value of `name` into `out` (1-D, fp32, CPU), drawing only the tiles they touch."""
+    blocks, skip = local_blocks(name, full, m, tp, tp_rank, start, start + out.numel())
+    at = -skip  # where the next block starts in `out`
+    for rows, cols in blocks:
+        size = (rows[1] - rows[0]) * (cols[1] - cols[0])
+        a, b = max(at, 0), min(at + size, out.numel())
+        params.initial_range(name, full, m, seed, rows, cols, out[a:b], skip=a - at)
+        at += size
+
+
 def initialize(module: torch.nn.Module, m: ModelConfig, seed: Optional[int] = None, *, tp: int = 1,
                tp_rank: int = 0, prefix: str = "", source: Optional[Source] = None) -> None:
-    """Fill every parameter of `module` (materialised, any device) with its piece of the full
-    initial value: `source(plain name, full shape)` if given (imported weights), else
-    `initial_value` under `seed`. `prefix` is prepended to the module's own names (a pipeline
-    layer: its plain-name prefix). One full parameter exists at a time."""
-    if source is None:
-        if seed is None:
-            raise ValueError("initialize needs a seed or a source")
-
-        def source(name, shape):
-            return params.initial_value(name, shape, m, seed)
+    """Fill every parameter of `module` (materialised on any device, or ZeRO-3 partitioned:
+    then this rank's partition) with its piece of the full initial value: `source(plain name,
+    full shape)` if given (imported weights), else the initial value under `seed`, of which
+    only the tiles covering the piece are drawn. `prefix` is prepended to the module's own
+    names (a pipeline layer: its plain-name prefix)."""
+    if source is None and seed is None:
+        raise ValueError("initialize needs a seed or a source")
     with torch.no_grad():
         for name, p in module.named_parameters():
             plain = plain_name(prefix + name, m.n_layer)
-            local = tuple(dsadapter.param_full_shape(p))  # ZeRO-3: the full shape
-            piece = local_piece(plain, source(plain, full_shape(plain, local, tp)), m, tp, tp_rank)
-            if tuple(piece.shape) != local:
-                raise ValueError(f"{plain}: the piece for tp rank {tp_rank} has shape {tuple(piece.shape)}, "
-                                 f"the parameter {local}")
-            p.copy_(piece)
+            local = tuple(dsadapter.param_full_shape(p))  # ZeRO-3: the full (tensor-parallel) shape
+            full = full_shape(plain, local, tp)
+            held = dsadapter.zero3_partition(p)  # ZeRO-3: (this rank's partition, its range of the flat piece)
+            target, start, stop = held if held is not None else (p.view(-1), 0, p.numel())
+            n = stop - start
+            in_place = source is None and target.device.type == "cpu" and target.dtype == torch.float32
+            if source is None:
+                values = target[:n] if in_place else torch.empty(n)
+                draw_piece(plain, full, m, seed, tp, tp_rank, start, values)
+            else:
+                piece = local_piece(plain, source(plain, full), m, tp, tp_rank)
+                if tuple(piece.shape) != local:
+                    raise ValueError(f"{plain}: the piece for tp rank {tp_rank} has shape {tuple(piece.shape)}, "
+                                     f"the parameter {local}")
+                values = piece.reshape(-1)[start:stop]
+            if not in_place:
+                target[:n].copy_(values)
+            target[n:].zero_()  # ZeRO-3: DeepSpeed's padding of the last partition
