@@ -19,6 +19,8 @@ Comma-separated events, STEP counted as completed optimizer steps:
     slow_checkpoint=SECONDS, slow_validation=SECONDS
                        sleep that long at the start of every checkpoint save / validation
                        (tests that throughput windows leave that time out)
+With PRETRAIN_FAULTS_ONCE=DIR, hang@ fires once per job: the rank that hangs leaves a marker
+in DIR, so a run restarted by launch/'s auto-resume goes on past that step.
 Unset in normal runs; every check is a dictionary lookup.
 """
 from __future__ import annotations
@@ -91,9 +93,23 @@ def _hang_forever() -> None:
         time.sleep(1.0)
 
 
+def _first_time(event: str) -> bool:
+    """False when PRETRAIN_FAULTS_ONCE names a directory where `event` already fired; else
+    leaves the marker there (if set) and returns True."""
+    once = os.environ.get("PRETRAIN_FAULTS_ONCE")
+    if not once:
+        return True
+    marker = os.path.join(once, event.replace("@", "_at_").replace(":", "_rank"))
+    if os.path.exists(marker):
+        return False
+    os.makedirs(once, exist_ok=True)
+    open(marker, "w").close()
+    return True
+
+
 def in_step(step: int, rank: int) -> None:
     """Inside the step after `step` completed steps: hang@ and slow= faults of this rank."""
-    if active("hang", step, rank):
+    if active("hang", step, rank) and _first_time(f"hang@{step}:{rank}"):
         _hang_forever()
     slow = EVENTS.get("slow")
     if slow and slow[1] == rank:

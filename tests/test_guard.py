@@ -118,3 +118,25 @@ def test_hang_writes_stacks_and_every_rank_exits(tmp_path):
     assert hang_lines and "did not arrive" in hang_lines[0] and "[1]" in hang_lines[0], logs[0][-3000:]
     stacks = (out / "hang" / "rank1.txt").read_text()
     assert "_hang_forever" in stacks and (out / "hang" / "rank0.txt").is_file()
+
+
+def test_hang_under_local_sh_is_restarted_by_auto_resume_and_finishes(tmp_path):
+    """launch/local.sh under the auto-resume wrapper: rank 1 hangs in step 6 (once: the marker of
+    PRETRAIN_FAULTS_ONCE), every rank exits on guard.step_timeout, the wrapper restarts the job,
+    which resumes from the step-3 checkpoint and finishes."""
+    import sys
+
+    from launch_util import LAUNCH, launch_env, run, write_tiny_config
+    from launch_util import check as launch_check
+
+    config = write_tiny_config(tmp_path)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pretrain.launch.autoresume", "--max-restarts", "2", "--",
+           LAUNCH / "local.sh", config, f"train.out_dir={out}", "guard.step_timeout=10", "guard.startup_timeout=120"]
+    proc = run(cmd, launch_env(tmp_path / "logs", NPROC_PER_NODE=2, PRETRAIN_FAULTS="hang@5:1",
+                               PRETRAIN_FAULTS_ONCE=tmp_path / "once"), timeout=240)
+    console = launch_check(proc)
+    assert "autoresume: finished (attempt 2" in console, console[-3000:]
+    assert "resumed from" in console and "step_00000003" in console
+    assert (out / "hang" / "rank1.txt").is_file()
+    assert max(losses(out)) == 8
