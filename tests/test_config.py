@@ -302,6 +302,13 @@ INVALID = [
     (["deepspeed.zero_optimization.stage=3"], 1, None, "deepspeed.zero_optimization.stage is generated from"),
     (["deepspeed.optimizer={type: Adam}"], 1, None, "deepspeed.optimizer is generated from the optim section"),
     (["data.paths=[1]", "data.synthetic=false"], 1, 1000, "data.paths must be a list of non-empty path strings"),
+    (["guard.spike_sigma=-1"], 1, None, "guard.spike_sigma must be >= 0"),
+    (["guard.spike_window=1"], 1, None, "guard.spike_window must be >= 2"),
+    (["guard.step_timeout=60", "guard.startup_timeout=30"], 1, None, "guard.startup_timeout (30 s) must be >= guard.step_timeout"),
+    (["train.max_consecutive_skips=0"], 1, None, "train.max_consecutive_skips must be a positive integer or null"),
+    (["eval.tasks=[mmlu, '']"], 1, None, "eval.tasks must be a list of lm-eval task names"),
+    (["eval.include_path=/no/such/dir"], 1, None, "eval.include_path: '/no/such/dir' is not a directory"),
+    (["eval.limit=0"], 1, None, "eval.limit must be a positive integer or null"),
 ]
 
 

@@ -254,6 +254,23 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Downstream evaluation with lm-evaluation-harness on the live model, in any layout
+    (docs/EVAL.md; needs `pip install 'pretrain[eval]'`). Bootstrap off; every RNG is restored
+    after, so the losses are those of a run without it."""
+
+    tasks: list = field(default_factory=list)
+    """lm-eval task (or group) names; empty = none. A task that cannot load (offline, a missing
+    file) warns once and is dropped; training goes on."""
+    interval: int = 0
+    """Evaluate every this many steps, and at the end (0 = only at the end, when tasks are set)."""
+    limit: Optional[int] = None
+    """Documents per task (lm-eval's --limit); null = all."""
+    include_path: Optional[str] = None
+    """A directory of task YAMLs for tasks from local files (e.g. configs/eval, shipped offline)."""
+
+
+@dataclass
 class GuardConfig:
     """A long run looking after itself (docs/GUARD.md): spiking updates skipped, streaks of skipped
     steps rolled back past their data, hangs and slow ranks named. The equivalent settings of
@@ -300,6 +317,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: dict = field(default_factory=dict)
     """Extra DeepSpeed config keys merged over the generated config (for keys we do not model)."""
 
