@@ -163,6 +163,8 @@ def _eval_fields(cfg: Config) -> None:
         _positive(e.limit, "eval.limit", "a positive integer or null (all documents)")
     if e.include_path is not None and not os.path.isdir(e.include_path):
         raise UserError(f"eval.include_path: '{e.include_path}' is not a directory (of lm-eval task YAMLs)")
+    if e.tasks and cfg.data.synthetic:
+        raise UserError("eval.tasks needs the data's tokenizer: not with data.synthetic=true (set eval.tasks=[])")
     if e.tasks:
         import importlib.util
 

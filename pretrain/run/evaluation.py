@@ -1,4 +1,6 @@
-"""Validation loss of the live engine, in any layout, and the mean over data-parallel replicas."""
+"""Evaluation of the live engine, in any layout: the validation loss (and its mean over the
+data-parallel replicas), and the downstream tasks of eval.tasks (lm-evaluation-harness through
+pretrain.eval)."""
 from __future__ import annotations
 
 import torch
@@ -30,3 +32,23 @@ def validation_loss(engine, batches, pipe: bool, eval_steps: int, device: torch.
             n += 1
     engine.train()
     return total / max(n, 1)
+
+
+def open_tasks(cfg, layout, topo, tokenizer_dir, log):
+    """eval.tasks, loaded once (collective): a pretrain.eval.harness.LiveEval with the data's
+    tokenizer. A task that cannot load warns once and is dropped."""
+    from pretrain.data.tokenizer import tokenizer_from_manifest
+    from pretrain.eval.harness import LiveEval
+
+    e = cfg.eval
+    live = LiveEval(cfg, layout, topo, tokenizer_from_manifest(str(tokenizer_dir)), e.tasks, limit=e.limit,
+                    include_path=e.include_path, log=log)
+    loaded = live.prepare()
+    when = f"every {e.interval} steps and at the end" if e.interval else "at the end"
+    log(f"eval: {', '.join(loaded) or 'no task'} loaded (of {', '.join(e.tasks)}), evaluated {when}")
+    return live
+
+
+def task_scalars(results: dict) -> dict:
+    """{'eval/<task>/<metric>': value} of LiveEval's {task: {metric: value}}."""
+    return {f"eval/{task}/{metric}": value for task, ms in results.items() for metric, value in ms.items()}

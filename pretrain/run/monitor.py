@@ -43,6 +43,17 @@ def peak_flops(device: torch.device, precision: str, override: float | None) -> 
     return None
 
 
+def throughput(cfg, layout, device: torch.device, flops_per_token: float, steps: int, elapsed: float) -> dict:
+    """perf/ and mem/ scalars of a window of `steps` steps in `elapsed` training seconds."""
+    elapsed = max(elapsed, 1e-9)
+    tokens_per_sec = steps * layout.global_batch_size * cfg.model.seq_len / elapsed
+    flops_dev = tokens_per_sec * flops_per_token / layout.world_size
+    peak = peak_flops(device, cfg.train.precision, cfg.logging.peak_flops)
+    return {"perf/tokens_per_sec": tokens_per_sec, "perf/tflops_per_device": flops_dev / 1e12,
+            "perf/mfu": flops_dev / peak if peak else None,
+            "perf/step_time_ms": 1e3 * elapsed / steps, "perf/window_steps": steps, **memory_gib(device)}
+
+
 def memory_gib(device: torch.device) -> dict:
     if device.type == "cuda":
         return {"mem/allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,

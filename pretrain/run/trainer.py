@@ -20,12 +20,12 @@ from pretrain.config.validate import Layout
 from pretrain.errors import UserError
 from pretrain.checkpoint.resume_check import resolved_config
 from pretrain.run.data import RunData
+from pretrain.run.recovery import EXIT_NONFINITE, Recovery
 from pretrain.run.schedule import lr_at
 
-EXIT_NONFINITE = 3
 
 
-class Trainer:
+class Trainer(Recovery):
     joined = False  # this process joined a process group (see leave)
 
     def __init__(self, cfg: Config, layout: Layout):
@@ -124,6 +124,7 @@ class Trainer:
             self.monitor.print(f"nothing to train: {tag_dir} is at step {self.step}, train.max_steps is "
                                f"{cfg.train.max_steps}; raise train.max_steps to train further")
             return 0
+        self.live_eval = self._live_eval() if cfg.eval.tasks else None
         n_params = count_params(cfg.model, lay.padded_vocab_size)["total"]
         self.monitor.print(f"training {n_params:,} parameters on {lay.world_size} {self.device.type} process(es) "
                            f"(data {lay.dp} x tensor {lay.tp} x pipeline {lay.pp}) "
@@ -228,6 +229,8 @@ class Trainer:
             faults.after_step()
         if not cfg.train.eval_interval or self.step % cfg.train.eval_interval:
             self._timed("validation", self._validate)
+        if self.live_eval is not None and (not cfg.eval.interval or self.step % cfg.eval.interval):
+            self._timed("eval", self._downstream)
         self._timed("validation", lambda: self._validate("test"))  # once, at the end (data.test_paths, or a test split)
         path = self._timed("checkpoint", self._save)
         self.monitor.print(f"done: step {self.step}, checkpoint {path}")
@@ -281,7 +284,8 @@ class Trainer:
         log_now = self.step % cfg.logging.interval == 0 or self.step == cfg.train.max_steps
         save_now = bool(cfg.checkpoint.interval) and self.step % cfg.checkpoint.interval == 0
         eval_now = bool(cfg.train.eval_interval) and self.step % cfg.train.eval_interval == 0
-        if not (log_now or save_now or eval_now):
+        tasks_now = self.live_eval is not None and bool(cfg.eval.interval) and self.step % cfg.eval.interval == 0
+        if not (log_now or save_now or eval_now or tasks_now):
             return None
         streak = self._settle()
         g, limit = cfg.guard, cfg.train.max_consecutive_skips
@@ -301,6 +305,8 @@ class Trainer:
             return EXIT_NONFINITE
         if eval_now:
             self._timed("validation", self._validate)
+        if tasks_now:
+            self._timed("eval", self._downstream)
         if stop:
             path = self._timed("checkpoint", self._save)
             self.monitor.print(f"stop requested (SIGTERM/SIGUSR1): saved {path} at step {self.step}; exiting")
@@ -314,59 +320,6 @@ class Trainer:
 
         self.monitor.print(f"train.compile: {counters['stats']['unique_graphs']} graph(s) compiled by "
                            f"torch.compile in the first step ({counters['stats']['calls_captured']} calls captured)")
-
-    def _settle(self) -> int:
-        """Read the steps since the last boundary (one device-to-host copy): count skips, warn, add
-        the stepped losses to the window. Returns the longest run of skipped steps among them
-        (counting the run they continue)."""
-        from pretrain.run.steplog import OK, SKIP, SPIKE
-
-        for step, loss, outcome in self.ledger.settle():
-            self.skips.record(outcome)
-            if outcome in (SKIP, SPIKE):
-                what = "non-finite loss or gradient" if outcome == SKIP else \
-                    f"loss or gradient norm over {self.cfg.guard.spike_sigma:g} sigma of its window"
-                self.monitor.print(f"warning: step {step}: {what}, step skipped ({self.skips.in_a_row} in a row)")
-            elif outcome == OK:
-                self.window_loss += loss
-                self.window_good += 1
-        self.skipped_total = self.skips.total
-        streak = self.skips.worst_run
-        self.skips.reset_worst()
-        return streak
-
-    def _rollback(self, streak: int):
-        """guard.rollback_after: reload the newest committed checkpoint and go on past the samples
-        read since it (recorded, so a later resume from that checkpoint skips them too). An exit
-        code when it cannot (guard.max_rollbacks reached, or nothing committed), else None."""
-        g, done = self.cfg.guard, len(self.skip_ledger.rollbacks)
-        if self.writer is not None:
-            with self.watchdog.grace("checkpoint"):
-                self.writer.wait()  # a periodic save in flight is committed first: it is the newest
-        if done >= g.max_rollbacks:
-            self.monitor.print(f"error: {streak} skipped steps in a row at step {self.step} after {done} rollback(s) "
-                               f"(guard.max_rollbacks={g.max_rollbacks}); stopped. Check the data near sample "
-                               f"{self.consumed}, or lower optim.lr.")
-            return EXIT_NONFINITE
-        reached = self.consumed
-        with self.watchdog.grace("rollback"):
-            tag_dir = store.choose_resume("auto", self.ckpt_dir, self.monitor.print, self.cfg.checkpoint.verify,
-                                          load=self._resume)
-        if tag_dir is None:
-            self.monitor.print(f"error: {streak} skipped steps in a row at step {self.step} and no committed "
-                               "checkpoint to roll back to; stopped. Set checkpoint.interval, or check the data.")
-            return EXIT_NONFINITE
-        self.skip_ledger.record(self.step, self.consumed, reached, write=self.rank == 0)
-        self.monitor.rewind(self.step)  # the steps after the checkpoint are trained again
-        self.monitor.log(self.step, {"guard/rollbacks": done + 1, "guard/skipped_samples": reached - self.consumed})
-        self.monitor.print(f"guard: {streak} skipped steps in a row; rolled back to {tag_dir.name} (step {self.step}) "
-                           f"and skipped samples {self.consumed}-{reached - 1}; rollback {done + 1} of at most "
-                           f"{g.max_rollbacks}")
-        self.consumed = reached
-        self.skips = type(self.skips)(self.skipped_total, self.skipped_spikes)
-        self._open_data()
-        self._open_window()
-        return None
 
     def _timed(self, what: str, fn):
         """Run a validation or a save outside the throughput window; its seconds get their own scalar."""
@@ -402,27 +355,19 @@ class Trainer:
              busy: list[float]) -> None:
         """Log the window of `steps` steps that took `elapsed` training seconds (validation and
         checkpoint time excluded): `n` of them stepped, their losses summing to `loss_total`."""
-        from pretrain.run.monitor import memory_gib, peak_flops
+        from pretrain.run.monitor import throughput
 
-        lay = self.layout
         loss = self._mean_over_dp(loss_total / n if n else float("nan"))
         straggler_scalars, named = self.straggler_watch.update(busy)
         if named:
             self.monitor.print(named)
-        elapsed = max(elapsed, 1e-9)
-        tokens_per_sec = steps * lay.global_batch_size * self.cfg.model.seq_len / elapsed
-        flops_dev = tokens_per_sec * self.flops_per_token / lay.world_size
-        peak = peak_flops(self.device, self.cfg.train.precision, self.cfg.logging.peak_flops)
         scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": gnorm,
-                   "perf/tokens_per_sec": tokens_per_sec, "perf/tflops_per_device": flops_dev / 1e12,
-                   "perf/mfu": flops_dev / peak if peak else None,
-                   "perf/step_time_ms": 1e3 * elapsed / steps, "perf/window_steps": steps,
+                   **throughput(self.cfg, self.layout, self.device, self.flops_per_token, steps, elapsed),
                    "train/skipped_steps": self.skipped_total,
                    "train/skipped_steps/nonfinite": self.skipped_total - self.skips.spikes,
                    "train/skipped_steps/spike": self.skips.spikes,
                    **straggler_scalars,
-                   "train/consumed_tokens": self.consumed * self.cfg.model.seq_len,
-                   **memory_gib(self.device)}
+                   "train/consumed_tokens": self.consumed * self.cfg.model.seq_len}
         if self.cfg.train.precision == "fp16":  # DeepSpeed's overflow skips: loss-scale events, not our skips
             scalars["train/loss_scale"] = float(self.engine.optimizer.cur_scale)
             scalars["train/loss_scale_events"] = self.skips.loss_scale_events
@@ -442,6 +387,21 @@ class Trainer:
                          tokens=self.consumed * self.cfg.model.seq_len)
         self.monitor.print(f"{'validation' if which == 'val' else which} at step {self.step}: loss {loss:.4f} | "
                            f"perplexity {ppl:.2f}")
+
+    def _live_eval(self):
+        from pretrain.run.evaluation import open_tasks
+
+        return open_tasks(self.cfg, self.layout, self.topo, self.data.tokenizer_dir, self.monitor.print)
+
+    def _downstream(self) -> None:
+        """eval.tasks on the live model (every rank; RNG states restored, so training goes on
+        exactly as without it): eval/<task>/<metric> scalars at this step."""
+        from pretrain.run.evaluation import task_scalars
+
+        scalars = task_scalars(self.live_eval(self.engine))
+        if scalars:
+            self.monitor.log(self.step, scalars)
+            self.monitor.print(f"eval at step {self.step}: " + " | ".join(f"{k[5:]} {v:.4f}" for k, v in scalars.items()))
 
     def _save(self) -> Path:
         """Start the checkpoint of this step (committed in the background with checkpoint.async_save);
