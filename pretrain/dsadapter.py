@@ -110,7 +110,13 @@ def device_side_invalid_grad_norm(zero_optimizer) -> None:
     ZeRO-1/2 unless bf16). GuardedAdamW takes the same verdict from the same norm on the device,
     so while this optimizer's step() runs, a tensor norm is reported valid to it: the step goes
     on and the fused kernel leaves weights and moments as they were. Not for fp16, whose loss
-    scaler needs DeepSpeed's own verdict. Another DeepSpeed without the function keeps its check."""
+    scaler needs DeepSpeed's own verdict. Another DeepSpeed without the function keeps its check.
+
+    Also during step(): the norm's NaN/inf sentinel, `torch.tensor(-1.0, device=...)` -- a blocking
+    host-to-device copy (a wait for the device) every step -- is not made on the device: ZeRO 1/2's
+    mask (`mask_nan_or_inf_with_val_inplace`, a module global) fills with a scalar instead, and
+    ZeRO-3's `get_grad_norm_direct` runs with the optimizer's `device` None, so its sentinel is a
+    0-d host tensor, which its `torch.where` takes as a scalar."""
     import torch
 
     module = sys.modules[type(zero_optimizer).__module__]  # zero/stage3.py or zero/stage_1_and_2.py
@@ -118,17 +124,31 @@ def device_side_invalid_grad_norm(zero_optimizer) -> None:
     if host_check is None:
         return
 
-    def device_kept(norm) -> bool:
-        return False if torch.is_tensor(norm) else host_check(norm)
+    def device_mask(input, device=None, val=-1.0):
+        input.masked_fill_(input.isinf() | input.isnan(), val)
 
-    inner = zero_optimizer.step
+    ours = {"is_invalid_grad_norm": lambda norm: False if torch.is_tensor(norm) else host_check(norm),
+            "mask_nan_or_inf_with_val_inplace": device_mask}
+    ours = {k: v for k, v in ours.items() if hasattr(module, k)}
+    inner, norm_direct = zero_optimizer.step, getattr(zero_optimizer, "get_grad_norm_direct", None)
+
+    def host_sentinel_norm(*args, **kwargs):  # ZeRO-3 (see above): reads self.device for the sentinel only
+        device, zero_optimizer.device = zero_optimizer.device, None
+        try:
+            return norm_direct(*args, **kwargs)
+        finally:
+            zero_optimizer.device = device
+
+    if module.__name__.endswith(".stage3") and norm_direct is not None:
+        zero_optimizer.get_grad_norm_direct = host_sentinel_norm
 
     def step(*args, **kwargs):
-        module.is_invalid_grad_norm = device_kept
+        theirs = {k: getattr(module, k) for k in ours}
+        vars(module).update(ours)
         try:
             return inner(*args, **kwargs)
         finally:
-            module.is_invalid_grad_norm = host_check
+            vars(module).update(theirs)
 
     zero_optimizer.step = step
 

@@ -1,10 +1,12 @@
-"""The training step: throughput windows, one skip verdict per step, no host reads between
-logging steps, fp16 loss-scale events, train.compile.
+"""The training step: throughput windows, one skip verdict per step, no host reads, device
+synchronizations or blocking host-to-device copies between logging steps, pinned batches, fp16
+loss-scale events, train.compile.
 
 Throughput figures (tokens/s, TFLOP/s, MFU, ms/step, ETA) come from the steps actually in each
 logging window, with validation and checkpoint time left out and logged as their own scalars.
 A poisoned gradient (finite loss) skips the whole optimizer step under ZeRO 1-3, once. Host
-reads are counted by tests/sync_probe.py; where DeepSpeed itself reads, the test names the place.
+reads, synchronizations and blocking copies are counted by tests/sync_probe.py; where DeepSpeed
+itself reads, the test names the place.
 """
 from __future__ import annotations
 
@@ -109,7 +111,10 @@ def torch_equal(a, b) -> bool:
 
 # ---------------------------------------------------------------- no host reads between logs
 SYNC_RUNS = {
-    # name: (processes, overrides, DeepSpeed frames allowed to read a value per non-logging step)
+    # name: (processes, overrides, DeepSpeed frames allowed to read a value per non-logging step).
+    # Reads, synchronizations (DeepSpeed's throughput timer is off in the generated config) and
+    # blocking host-to-device copies alike (ZeRO's NaN sentinel and the pipeline's batch copy:
+    # pretrain.dsadapter.device_side_invalid_grad_norm, pretrain.run.data.to_device).
     "zero0": (1, ["parallel.zero_stage=0"], {}),
     "zero1-bf16": (1, ["parallel.zero_stage=1", "train.precision=bf16"], {}),
     # fp32 ZeRO-2 and ZeRO-3: DeepSpeed's own host check of the norm is left to our device guard
@@ -118,11 +123,15 @@ SYNC_RUNS = {
     "zero3": (1, ["parallel.zero_stage=3"], {}),
     "tp2": (2, ["parallel.tensor=2", "parallel.zero_stage=0"], {}),
     "pp2": (2, ["parallel.pipeline=2", "parallel.zero_stage=0"], {}),
+    # DeepSpeed's BF16_Optimizer under the pipeline; activation checkpointing recomputes blocks
+    "pp2-zero1-bf16-checkpointing": (2, ["parallel.pipeline=2", "parallel.zero_stage=1", "train.precision=bf16",
+                                         "model.activation_checkpointing=true"], {}),
 }
 
 
 def _probe(out, nproc, overrides):
-    """Run tests/sync_probe.py (the trainer, counting Tensor.item/__bool__/... per step) on nproc ranks."""
+    """Run tests/sync_probe.py (the trainer, counting reads, synchronizations and blocking copies per
+    step) on nproc ranks."""
     import json
     import os
     import subprocess
@@ -160,6 +169,77 @@ def test_no_device_to_host_reads_between_logging_steps(tmp_path, name):
             place = next((p for p in allowed if p in callers_caller), f"{method} {caller} <- {callers_caller}")
             by_place[place] = by_place.get(place, 0) + 1
         assert by_place == {p: 3 * n for p, n in allowed.items()}, (rank, by_place)
+
+
+def test_the_probe_counts_deepspeed_synchronizations(tmp_path):
+    """The counter works on CPU: with DeepSpeed's synchronized throughput timer switched back on
+    (the `deepspeed:` passthrough) the probe sees its accelerator synchronizations, two per
+    micro-batch (4 micro-batches a step) from the timer's third step on; the generated config's
+    timer is off (test_no_device_to_host_reads_between_logging_steps[zero0])."""
+    from pretrain.config import deepspeed_config, load_config, resolve
+    from train_util import TINY
+
+    cfg = load_config(None, TINY)
+    generated = deepspeed_config(cfg, resolve(cfg, 1, None, cuda_available=False))
+    assert generated["timers"] == {"throughput": {"enabled": False, "synchronized": False}}
+    timer = ["deepspeed.timers.throughput.enabled=true", "deepspeed.timers.throughput.synchronized=true"]
+    reads = _probe(tmp_path, 1, ["parallel.zero_stage=0", *timer])[0]
+    syncs = [r for r in reads if r[1] == "sync:accelerator" and r[0] in (1, 2, 4)]
+    assert all("deepspeed/utils/timer.py" in r[2] for r in syncs), syncs[:3]
+    assert [sum(r[0] == done for r in syncs) for done in (1, 2, 4)] == [0, 8, 8]
+
+
+def test_the_probe_counts_blocking_copies():
+    """What the probe calls a blocking host-to-device copy, in this process (CPU): a host tensor
+    (from numpy, its views and clones) moved to a named device without non_blocking, host data
+    made into a tensor on a named device, a host tensor copied into a device one."""
+    import numpy as np
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    import sync_probe
+
+    with sync_probe.counting() as events:
+        batch = torch.from_numpy(np.zeros((2, 5), dtype=np.int64))
+        batch[:, :-1].clone().to("cpu")  # DeepSpeed's pipeline copy of an input batch
+        moved = batch.to(torch.device("cpu"), non_blocking=True)  # to_device on CPU: the move, not counted
+        moved[:, 1:].clone().to("cpu")  # a device tensor already
+        torch.tensor(-1.0, device="cpu")
+        torch.tensor(-1.0)  # made on the host: no copy
+        torch.zeros(3).copy_(torch.from_numpy(np.ones(3, dtype=np.float32)))
+        torch.zeros(3).copy_(torch.ones(3))
+        get_accelerator().synchronize()
+    assert [e[1] for e in events] == ["h2d:to", "h2d:tensor", "h2d:copy_", "sync:accelerator"]
+    assert all("test_train_step.py" in e[2] for e in events)  # the calling line
+    assert not hasattr(torch.Tensor.to, "__wrapped__") and "to" not in vars(torch.Tensor)  # undone
+
+
+def test_batches_are_pinned_before_the_copy_to_a_gpu(monkeypatch):
+    """`pretrain.run.data.to_device`: on CUDA each batch is copied to pinned memory and then to the
+    device with non_blocking (recorded here with torch.Tensor's two methods stubbed: no GPU); on
+    CPU the batch itself comes back."""
+    import torch
+
+    from pretrain.run.data import to_device
+
+    calls = []
+
+    def pin_memory(self):
+        calls.append("pin")
+        out = self.clone()
+        out.pinned = True
+        return out
+
+    def to(self, device, non_blocking=False):
+        calls.append(("to", str(device), non_blocking, getattr(self, "pinned", False)))
+        return self
+
+    batch = torch.arange(6).reshape(2, 3)
+    assert next(to_device(iter([batch]), torch.device("cpu"))) is batch
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    got = list(to_device(iter([batch, batch]), torch.device("cuda", 0)))
+    assert calls == ["pin", ("to", "cuda:0", True, True)] * 2 and torch.equal(got[0], batch)
 
 
 # ---------------------------------------------------------------- skip accounting

@@ -87,7 +87,10 @@ def deepspeed_config(cfg: Config, layout: Layout) -> dict:
             "min_loss_scale": 1,
         },
         "steps_per_print": _NEVER,
+        # Both would synchronize the device: the throughput timer at every micro-step (its
+        # default), the breakdown timers when read. We time steps ourselves, at logging.
         "wall_clock_breakdown": False,
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
     if cfg.parallel.offload_optimizer:
         # The trainer's optimizer is torch.optim.AdamW (not DeepSpeedCPUAdam, which needs a

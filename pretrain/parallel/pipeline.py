@@ -23,8 +23,12 @@ from the first stage at start-up and after loading, and all-reduces the two grad
 before every optimizer step (the copy is marked `ds_pipe_replicated`, so gradient norms
 count it once). Untied: the head owns `lm_head`.
 
-Loss: on the last stage, in fp32 -- `gpt.loss_fn`, or with tensor parallelism the mean of
-`vocab_parallel_cross_entropy` over the vocab-split logits. DeepSpeed's 1F1B schedule runs
+Loss: on the last stage, in fp32, fused with the output projection as in the single-process
+model (`pretrain.model.loss`): the head (`PipeHead`) hands the final-norm hidden states, not
+logits, to `PipeLoss`, which projects them onto the vocabulary a chunk of tokens at a time
+(vocab-parallel under TP, `vocab_parallel_linear_cross_entropy`), so neither the stage's output
+that DeepSpeed keeps until the backward nor anything saved for it is tokens x vocab (issue 20:
+-76% on the last stage, docs/PERFORMANCE.md). DeepSpeed's 1F1B schedule runs
 through `engine.train_batch(data_iter)` / `engine.eval_batch(...)`, where `data_iter`
 yields (inputs, labels); DeepSpeed reads it only on the first stage (inputs) and the last
 stage (labels).
@@ -50,11 +54,13 @@ from pretrain import dsadapter
 from pretrain.model.gpt import GPT
 from pretrain.model.layers import Block, Embedding
 from pretrain.parallel import spec
-from pretrain.parallel.apply import ParallelHead, materialize, parallel_loss, shard_block, shard_embedding
-from pretrain.parallel.tensor import VocabParallelEmbedding, get_world_size
+from pretrain.parallel.apply import ParallelHead, materialize, shard_block, shard_embedding
+from pretrain.parallel.cross_entropy import vocab_parallel_linear_cross_entropy
+from pretrain.parallel.tensor import (VocabParallelEmbedding, copy_to_tensor_model_parallel_region,
+                                      gather_from_sequence_parallel_region, get_world_size)
 from pretrain.parallel.partition import partition_balanced, partition_uniform, pipeline_layer_params
 
-__all__ = ["GPTPipe", "PipeLoss", "build_pipeline", "stage_parts", "TIED_KEY"]
+__all__ = ["GPTPipe", "PipeHead", "PipeLoss", "build_pipeline", "stage_parts", "TIED_KEY"]
 
 TIED_KEY = spec.PIPE_TIED_KEY
 TIED_ATTR = "wte.weight"
@@ -109,19 +115,38 @@ class _RemoteTied(TiedLayerSpec):
         raise RuntimeError(f"{self.typename.__name__} belongs to another pipeline stage")
 
 
+class PipeHead(ParallelHead):
+    """The last stage's head: final norm and the tensor-parallel region op, without the output
+    projection. Its output, the hidden states (B, T, C) -- what DeepSpeed keeps until the
+    backward -- goes to `PipeLoss`, which calls `loss` with the labels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln_f(x)
+        if self.sequence_parallel:  # (B, T/tp, C) -> (B, T, C); backward reduce-scatters
+            return gather_from_sequence_parallel_region(h, self.group, tensor_parallel_output_grad=True)
+        return copy_to_tensor_model_parallel_region(h, self.group)  # backward: all-reduce of the gradient
+
+    def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean fp32 cross entropy of this rank's logits `h @ weight.T`, fused and chunked: the
+        (B, T, V/tp) logits are never held whole (the single-process head's loss, vocab-parallel)."""
+        return vocab_parallel_linear_cross_entropy(h, self._weight(), labels, self.group)
+
+
 class PipeLoss:
-    """The last stage's loss: fp32 mean cross entropy (vocab-parallel with TP).
+    """The last stage's loss: fp32 mean cross entropy of the head's hidden states, projected and
+    reduced by the stage's `PipeHead` (`head`, set by `build_pipeline` on the last stage).
 
     `factor` (set by the trainer's fault injection, `pretrain.faults.loss_factor`) multiplies the
     loss for one step: NaN, or a spike."""
 
     def __init__(self, group):
         self.group = group
+        self.head: PipeHead | None = None
         self.factor = 1.0
         self.__name__ = "PipeLoss"
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = parallel_loss(logits, labels, self.group)
+    def __call__(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = self.head.loss(h, labels)
         if self.factor != 1.0:
             loss = loss * self.factor
         return loss
@@ -178,8 +203,8 @@ def build_pipeline(cfg, layout, topo, device=None, seed: int | None = None, sour
                     wte = nn.Embedding(V, m.d_model, device="meta")
                 else:
                     wte = VocabParallelEmbedding(V, m.d_model, group, init_method=None, device="meta")
-            module = ParallelHead(layer, group, sp, wte=wte)
-            kind = ParallelHead
+            module = head = PipeHead(layer, group, sp, wte=wte)
+            kind = PipeHead
         is_tied = tied and (i == 0 or i == L + 1)
         if lo <= i < hi:
             materialize(module, m, group, device, seed, prefix=spec.layer_prefix(i, L), source=source)
@@ -187,7 +212,10 @@ def build_pipeline(cfg, layout, topo, device=None, seed: int | None = None, sour
         else:
             specs.append(_RemoteTied(kind, counts[i]) if is_tied else _Remote(kind, counts[i]))
 
-    pipe = GPTPipe(specs, topo, PipeLoss(group), cfg.parallel.pipeline_partition, ckpt)
+    loss = PipeLoss(group)
+    if lo <= L + 1 < hi:  # the last stage: the loss projects with its head's weight
+        loss.head = head
+    pipe = GPTPipe(specs, topo, loss, cfg.parallel.pipeline_partition, ckpt)
     if list(pipe.parts) != list(parts):
         raise RuntimeError(f"DeepSpeed partitioned the pipeline as {pipe.parts}, the plan says {parts}")
     if dsadapter.pipeline_grid(pipe) is not topo.grid:

@@ -35,9 +35,8 @@ fp32 doubles them (measured: 68 bytes per s*b*h per layer, fp32, no dropout). Th
 term is the stored attention matrix: the model's SDPA (flash / memory-efficient on GPU,
 the flash kernel on CPU) does not store it, so `total` leaves it out and
 `total_stored_attention` is the upper bound for a math-attention fallback. The loss is fused
-with the output projection and computed in chunks (`_loss_bytes`); only a pipeline's last
-stage holds all logits (12 bytes per logit /t: fp32 log-probabilities, their gradient and
-the logits' gradient). Under pipeline parallelism (1F1B) stage i keeps up to
+with the output projection and computed in chunks (`_loss_bytes`), on a pipeline's last
+stage too. Under pipeline parallelism (1F1B) stage i keeps up to
 min(pp - i, grad_accum) micro-batches in flight. Not included: CUDA context and kernels'
 workspaces (~1-3 GiB), allocator fragmentation.
 """
@@ -82,16 +81,13 @@ def _activation_bytes_per_layer(cfg: Config, micro: int, tp: int, fused: bool = 
 
 
 def _loss_bytes(cfg: Config, layout: Any) -> float:
-    """Activation bytes of the loss on the stage holding the output head. Without a pipeline the
-    loss is fused with the head's projection (`pretrain.model.loss`): it keeps the fp32 gradient
-    of the head weight (V x d / t) and of its input (s x b x d) for the backward, plus up to three
-    transient fp32 chunks of logits (the chunk, its softmax, its gradient). A pipeline's last stage
-    gets the full logits from DeepSpeed: 12 bytes per logit (fp32 log-probabilities, their
-    gradient and the logits' gradient)."""
+    """Activation bytes of the loss on the stage holding the output head. The loss is fused with
+    the head's projection (`pretrain.model.loss`; a pipeline's last stage too, its head handing
+    the loss hidden states): it keeps the fp32 gradient of the head weight (V x d / t) and of its
+    input (s x b x d) for the backward, plus up to three transient fp32 chunks of logits (the
+    chunk, its softmax, its gradient)."""
     m, tp = cfg.model, layout.tp
     n_logits = m.seq_len * layout.micro_batch_size * layout.padded_vocab_size / tp
-    if layout.pp > 1:
-        return 12 * n_logits
     return (4 * layout.padded_vocab_size * m.d_model / tp + 4 * m.seq_len * layout.micro_batch_size * m.d_model
             + 3 * 4 * min(LOSS_CHUNK_ELEMENTS, n_logits))
 

@@ -109,6 +109,18 @@ def epoch_report(ds, train_samples: int) -> list[str]:
     return lines
 
 
+def to_device(batches: Iterator[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
+    """Each batch moved to `device` without the host waiting: on a GPU it is first copied to
+    page-locked (pinned) host memory, since a copy from pageable memory (or one without
+    non_blocking) blocks the host until the device has drained its queue. The trainer's own
+    `.to(device)` and DeepSpeed's pipeline copy (`clone().to(device)`, blocking) then find the
+    batch there. The caching host allocator keeps a pinned block until the copy out of it has
+    run, so a batch's buffer can be dropped at once. On CPU the move returns the batch itself."""
+    if device.type == "cuda":
+        return (b.pin_memory().to(device, non_blocking=True) for b in batches)
+    return (b.to(device, non_blocking=True) for b in batches)
+
+
 class RunData:
     def __init__(self, cfg: Config, layout: Layout, rank: int, dp_rank: int, out_dir: Path,
                  log: Callable[[str], None]):
@@ -198,11 +210,15 @@ class RunData:
         return (next(it) for _ in range(self.cfg.train.eval_steps))
 
     def train_batches(self, consumed_samples: int) -> Iterator[torch.Tensor]:
+        """This rank's training micro-batches from sample `consumed_samples` on, on this rank's
+        device (`to_device`)."""
         from pretrain.data.loader import micro_batches
 
         lay = self.layout
-        return micro_batches(self.train, lay.micro_batch_size, self.dp_rank, lay.dp, consumed_samples,
-                             self._in_vocab(consumed_samples, "train"))
+        batches = micro_batches(self.train, lay.micro_batch_size, self.dp_rank, lay.dp, consumed_samples,
+                                self._in_vocab(consumed_samples, "train"))
+        return to_device(batches, torch.device("cuda", torch.cuda.current_device()) if lay.device == "cuda"
+                         else torch.device("cpu"))
 
     def _in_vocab(self, consumed: int, split: str):
         """A micro_batches check: UserError at the first batch holding an id outside the vocabulary.
