@@ -204,13 +204,14 @@ def load_resharded(engine, tag_dir: Path, saved_layout: dict, now_layout: dict, 
 
 def load_consolidated(engine, tag_dir: Path, topo=None) -> None:
     """Set the weights, fp32 master weights and Adam state (moments, step) of every local parameter
-    of `engine` (any layout; ZeRO 0-3; fp32) from `<tag_dir>/consolidated/`: each rank reads the
-    full tensors one at a time and keeps its piece (`spec.local_piece`)."""
+    of `engine` (any layout; ZeRO 0-3; fp32) from `<tag_dir>/consolidated/`. Each rank reads only
+    its part of each tensor (`stored.fill_piece`): its tensor-parallel piece, under ZeRO-3 only
+    its partition of that."""
     import torch
-    from safetensors import safe_open
 
     from pretrain.config.load import config_from_dict
     from pretrain.interop import consolidate as cons
+    from pretrain.interop.stored import Files, SafetensorsEntry, fill_piece
     from pretrain.parallel import spec
 
     if engine.bfloat16_enabled() or engine.fp16_enabled():
@@ -237,18 +238,41 @@ def load_consolidated(engine, tag_dir: Path, topo=None) -> None:
                 st[kind] = torch.zeros_like(p)
     if mapped:
         dsadapter.link_hp_optimizer_states(opt)  # DeepSpeed would make its views of the moments at the first step
-    src = cons.consolidated_dir(tag_dir)
-    with contextlib.ExitStack() as stack, torch.no_grad():
-        files = {k: stack.enter_context(safe_open(str(src / f"{k}.safetensors"), framework="pt")) for k in cons.STATES}
+    src, files = cons.consolidated_dir(tag_dir), Files()
+    stored = {k: {n: SafetensorsEntry(files, src / f"{k}.safetensors", n, shape) for n, shape in meta["params"].items()}
+              for k in cons.STATES}
+    with torch.no_grad():
         for name, p in module.named_parameters():
             plain = spec.plain_name(name, m.n_layer)
-            shape = tuple(dsadapter.param_full_shape(p))
-            val = {k: spec.local_piece(plain, files[k].get_tensor(plain), m, tp, tp_rank).to(p.dtype)
-                   for k in cons.STATES}
-            if tuple(val["fp32"].shape) != shape:
-                raise UserError(f"{tag_dir}: consolidated {plain} gives a piece of shape {tuple(val['fp32'].shape)}, "
-                                f"this engine's {name} is {shape}")
-            if zero3 or mapped:  # the fp32 partition and the moments (each rank keeps its part)
+            local = tuple(dsadapter.param_full_shape(p))
+            full = spec.full_shape(plain, local, tp)
+            if plain not in stored["fp32"] or tuple(stored["fp32"][plain].shape) != full:
+                have = tuple(stored["fp32"][plain].shape) if plain in stored["fp32"] else None
+                raise UserError(f"{tag_dir}: consolidated {plain} has shape {have}, this engine's {name} needs {full} "
+                                f"(tensor-parallel piece {local})")
+            held = dsadapter.zero3_partition(p)  # ZeRO-3: (this rank's partition, its range of the flat piece)
+            start, stop = held[1:] if held is not None else (0, p.numel())
+            val = {}
+            for kind in cons.STATES:
+                val[kind] = torch.empty(stop - start, dtype=p.dtype)
+                fill_piece(stored[kind][plain].block, plain, full, m, tp, tp_rank, start, val[kind])
+            files.release()
+            if zero3:
+                # DeepSpeed's setters take the whole piece and keep this rank's range of it: a buffer of
+                # that size holding the range only (pages never written are never allocated).
+                for kind in cons.STATES:
+                    whole = torch.empty(local, dtype=p.dtype)
+                    whole.view(-1)[start:stop] = val[kind]
+                    if kind == "fp32":
+                        dsadapter.set_full_fp32_param(p, whole)
+                    else:
+                        dsadapter.set_full_optimizer_state(p, whole, kind)
+                part = held[0]
+                part[:stop - start].copy_(val["fp32"])  # the module's own partition
+                part[stop - start:].zero_()
+                continue
+            val = {k: v.view(local) for k, v in val.items()}
+            if mapped:  # the fp32 partition and the moments (each rank keeps its part)
                 dsadapter.set_full_fp32_param(p, val["fp32"])
                 for kind in ("exp_avg", "exp_avg_sq"):
                     dsadapter.set_full_optimizer_state(p, val[kind], kind)
@@ -258,6 +282,5 @@ def load_consolidated(engine, tag_dir: Path, topo=None) -> None:
             else:
                 raise UserError(f"{tag_dir}: cannot place the optimizer state of {name} in this engine "
                                 f"({type(opt).__name__}); resume with the saved parallel.* settings")
-            with dsadapter.gathered_for_write([p], enabled=zero3):
-                p.data.copy_(val["fp32"])  # the module's own weights (ZeRO-3: re-partitioned on exit)
+            p.data.copy_(val["fp32"])  # the module's own weights
     dsadapter.set_progress(engine, int(state["step"]), int(state["consumed_samples"]))

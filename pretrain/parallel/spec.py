@@ -208,6 +208,9 @@ def optimizer_groups(model: torch.nn.Module, optim, n_layer: int) -> list[dict]:
 
 
 Source = Callable[[str, tuple], torch.Tensor]  # (plain name, full shape) -> full tensor
+# A source may also fill a piece itself, reading only what it holds (checkpoint.init_from):
+# `source.read_piece(name, full shape, m, tp, tp_rank, start, out)` writes elements
+# [start, start + out.numel()) of rank tp_rank's flattened piece (as `local_piece`) into `out`.
 
 
 def draw_piece(name: str, full: tuple, m: ModelConfig, seed: int, tp: int, tp_rank: int, start: int,
@@ -227,9 +230,9 @@ def initialize(module: torch.nn.Module, m: ModelConfig, seed: Optional[int] = No
                tp_rank: int = 0, prefix: str = "", source: Optional[Source] = None) -> None:
     """Fill every parameter of `module` (materialised on any device, or ZeRO-3 partitioned:
     then this rank's partition) with its piece of the full initial value: `source(plain name,
-    full shape)` if given (imported weights), else the initial value under `seed`, of which
-    only the tiles covering the piece are drawn. `prefix` is prepended to the module's own
-    names (a pipeline layer: its plain-name prefix)."""
+    full shape)` if given (imported weights; or the source's own `read_piece`), else the
+    initial value under `seed`, of which only the tiles covering the piece are drawn. `prefix`
+    is prepended to the module's own names (a pipeline layer: its plain-name prefix)."""
     if source is None and seed is None:
         raise ValueError("initialize needs a seed or a source")
     with torch.no_grad():
@@ -240,8 +243,11 @@ def initialize(module: torch.nn.Module, m: ModelConfig, seed: Optional[int] = No
             held = dsadapter.zero3_partition(p)  # ZeRO-3: (this rank's partition, its range of the flat piece)
             target, start, stop = held if held is not None else (p.view(-1), 0, p.numel())
             n = stop - start
-            in_place = source is None and target.device.type == "cpu" and target.dtype == torch.float32
-            if source is None:
+            reads = hasattr(source, "read_piece")  # reads only what the piece holds, into it
+            in_place = reads or (source is None and target.device.type == "cpu" and target.dtype == torch.float32)
+            if reads:
+                source.read_piece(plain, full, m, tp, tp_rank, start, target[:n])
+            elif source is None:
                 values = target[:n] if in_place else torch.empty(n)
                 draw_piece(plain, full, m, seed, tp, tp_rank, start, values)
             else:

@@ -12,12 +12,11 @@ def weights(cfg, layout, shape: dict, log):
     """(a model-building source of the weights, our checkpoint's directory or None for an
     import-hf directory). With checkpoint.init_optimizer the source is None: the optimizer load
     after the engine is built (`optimizer`) brings the weights too."""
-    from pretrain.interop.init_weights import META, init_source, weights_source
+    from pretrain.interop.init_weights import META, checkpoint_source, init_source
 
     src = cfg.checkpoint.init_from
     if (Path(src) / META).is_file() or (Path(src) / "init" / META).is_file() or src.endswith(".safetensors"):
         return init_source(src, cfg, layout, log), None
-    from pretrain.interop.ds_reader import load_model_weights
     from pretrain.checkpoint.resume_check import check_init
 
     tag_dir = store.resolve_tag_dir(src, cfg.checkpoint.verify, split=True)
@@ -25,7 +24,7 @@ def weights(cfg, layout, shape: dict, log):
     check_init(saved, cfg, shape, f"checkpoint.init_from={src}")
     source = None
     if not cfg.checkpoint.init_optimizer:
-        source = weights_source(load_model_weights(tag_dir), layout.padded_vocab_size, f"checkpoint.init_from={src}")
+        source = checkpoint_source(tag_dir, layout.padded_vocab_size, f"checkpoint.init_from={src}")
     log(f"initialised from {tag_dir} (step {saved.get('step')}, "
         f"{'weights and optimizer state' if cfg.checkpoint.init_optimizer else 'weights only'}); "
         "this run starts at step 0 and sample 0 of its data")
