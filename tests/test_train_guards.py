@@ -267,3 +267,29 @@ def test_lock_of_a_killed_holder_is_free(tmp_path):
     finally:
         if holder.poll() is None:
             holder.kill()
+
+
+def test_a_holder_that_has_not_written_its_name_yet_is_waited_for(tmp_path):
+    """The refused trainer's line names the holder also when the holder took the lock a moment
+    before writing its name (the window a clean run of the two-trainer test once hit)."""
+    import fcntl
+    import threading
+
+    from pretrain.errors import UserError
+    from pretrain.run.lock import LOCK_NAME, lock_dir
+
+    holder = open(tmp_path / LOCK_NAME, "a+")
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # locked, name not written yet
+
+    def write_name():
+        holder.write("host h1, pid 7, started 2026-12-06\n")
+        holder.flush()
+
+    timer = threading.Timer(0.2, write_name)
+    timer.start()
+    try:
+        with pytest.raises(UserError, match=r"in use by another trainer \(host h1, pid 7, started 2026"):
+            lock_dir(tmp_path, "train.out_dir", print)
+    finally:
+        timer.join()
+        holder.close()

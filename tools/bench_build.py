@@ -37,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/procmem.py, also in the workers
 from procmem import status_bytes  # noqa: E402
+from rankbench import launch, report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30
@@ -66,28 +67,22 @@ def _worker(args) -> None:
         host_memory = None
 
     torch.set_num_threads(1)
-    launch = float(os.environ["BENCH_LAUNCH"])
+    launched = float(os.environ["BENCH_LAUNCH"])
     cfg = load_config(args.config, args.overrides)
     lay = resolve(cfg, int(os.environ["WORLD_SIZE"]), None, cuda_available=False)
     rank, _ = init_distributed(cfg, torch.device("cpu"))
-    import torch.distributed as dist
 
     topo = Topology(lay)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, lay, topo)
-    built = {"rss_peak": status_bytes("VmHWM"), "rss": status_bytes("VmRSS"), "s": time.time() - launch}
+    built = {"rss_peak": status_bytes("VmHWM"), "rss": status_bytes("VmRSS"), "s": time.time() - launched}
     out = {"rank": rank, "build": built}
     if args.engine:
         build_engine(cfg, lay, model, topo)
-        out["engine"] = {"rss_peak": status_bytes("VmHWM"), "rss": status_bytes("VmRSS"), "s": time.time() - launch}
+        out["engine"] = {"rss_peak": status_bytes("VmHWM"), "rss": status_bytes("VmRSS"), "s": time.time() - launched}
     out["params"] = count_params(cfg.model, lay.padded_vocab_size)["total"]
     out["plan_build"] = host_memory(cfg, lay)["build"] if host_memory else None
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, out)
-    if rank == 0:
-        Path(args.result).write_text(json.dumps(every))
-    dist.barrier()
-    dist.destroy_process_group()
+    report(out, args.result)
 
 
 def _gib(n) -> str:
@@ -95,17 +90,8 @@ def _gib(n) -> str:
 
 
 def _launch(config: str, overrides: list[str], engine: bool, world: int) -> list[dict]:
-    with tempfile.TemporaryDirectory(prefix="bench_build_") as tmp:
-        result = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-               "--no-python", sys.executable, str(Path(__file__).resolve()), "--worker", "--result", str(result),
-               "--config", config, *(["--engine"] if engine else []), "--", *overrides,
-               f"train.out_dir={tmp}/run"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "BENCH_LAUNCH": repr(time.time())}
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if proc.returncode != 0 or not result.is_file():
-            raise SystemExit(f"run failed ({' '.join(overrides)}):\n{proc.stdout[-4000:]}")
-        return json.loads(result.read_text())
+    return launch(__file__, config, overrides, world, args=("--engine",) if engine else (),
+                  env={"BENCH_LAUNCH": repr(time.time())}, what=" ".join(overrides))
 
 
 def _kill_tree(pid: int) -> None:

@@ -85,7 +85,7 @@ def child(args) -> None:
                              synthetic=False),
         model=SimpleNamespace(seq_len=args.seq, vocab_size=65536),
         train=SimpleNamespace(max_steps=args.steps, eval_steps=0))
-    layout = SimpleNamespace(micro_batch_size=mb, dp=dp, global_batch_size=mb * dp, vocab_size=65536)
+    layout = SimpleNamespace(micro_batch_size=mb, dp=dp, global_batch_size=mb * dp, vocab_size=65536, device="cpu")
     peak, stop = [rss_anon()], threading.Event()
 
     def sample():

@@ -19,14 +19,13 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/procmem.py, also in the workers
 from procmem import status_bytes  # noqa: E402
+from rankbench import launch, report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30
@@ -63,25 +62,11 @@ def _worker(args) -> None:
     out = {"rank": rank, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
            "drawn": drawn() - d0 if drawn else None, "rss_peak": status_bytes("VmHWM"),
            "code": str(Path(pretrain.__file__).parent.parent)}
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, out)
-    if rank == 0:
-        Path(args.result).write_text(json.dumps(every))
-    dist.barrier()
-    dist.destroy_process_group()
+    report(out, args.result)
 
 
 def _launch(config: str, overrides: list[str], world: int) -> list[dict]:
-    with tempfile.TemporaryDirectory(prefix="bench_init_") as tmp:
-        result = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-               "--no-python", sys.executable, str(Path(__file__).resolve()), "--worker", "--result", str(result),
-               "--config", config, "--", *overrides, f"train.out_dir={tmp}/run"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if proc.returncode != 0 or not result.is_file():
-            raise SystemExit(f"run failed (world {world}):\n{proc.stdout[-4000:]}")
-        return json.loads(result.read_text())
+    return launch(__file__, config, overrides, world)
 
 
 def main(argv=None) -> int:

@@ -26,12 +26,18 @@ from pretrain.errors import UserError
 LOCK_NAME = ".pretrain.lock"
 
 
-def _holder(path: Path) -> str:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        text = ""
-    return text or "holder unknown: it has not written its name yet"
+def _holder(path: Path, wait: float = 1.0) -> str:
+    """The holder's line; a holder that has just taken the lock writes it a moment later, so an
+    empty file is read again for up to `wait` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            text = ""
+        if text or time.monotonic() >= deadline:
+            return text or "holder unknown: it has not written its name yet"
+        time.sleep(0.02)
 
 
 def lock_dir(d: Path, what: str, warn: Callable[[str], None]):
