@@ -11,6 +11,7 @@ import torch
 
 from pretrain.checkpoint import store
 from pretrain.config.load import config_from_dict
+from pretrain.data.tokenizer import checkpoint_tokenizer
 from pretrain.errors import HelpFormatter, UserError, cli_entry
 from pretrain.interop.ds_reader import load_model_weights
 from pretrain.model.gpt import GPT
@@ -29,18 +30,6 @@ def load_model(tag_dir, device: torch.device) -> tuple[GPT, dict]:
         raise UserError(f"{tag_dir}: weights do not fit the model (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}); was it written by another version?")
     return model.to(device).eval(), state
-
-
-def load_tokenizer_for(state: dict, override: str | None, tag_dir):
-    """--tokenizer SPEC, else the checkpoint's own copy of the run's tokenizer."""
-    from pretrain.data.tokenizer import load_tokenizer, tokenizer_from_manifest
-
-    if override:
-        return load_tokenizer(override)
-    tdir = store.tokenizer_dir(tag_dir, state)
-    if not tdir:
-        raise UserError(f"{tag_dir}: this run has no recorded tokenizer (synthetic data?); pass --tokenizer SPEC")
-    return tokenizer_from_manifest(tdir)
 
 
 def heal_prompt(tok, prompt: str, ids: list[int]) -> tuple[list[int], str, list[int] | None]:
@@ -68,7 +57,7 @@ def sample_texts(tag_dir, prompt: str, max_new_tokens: int = 100, temperature: f
                  tokenizer: str | None = None, device: str = "cpu", num_samples: int = 1) -> list[str]:
     """`num_samples` continuations of `prompt`, drawn as one batch (reproducible for a seed)."""
     dev = torch.device(device)
-    tok = load_tokenizer_for(store.read_state(tag_dir), tokenizer, tag_dir)  # before the weights: fail fast
+    tok = checkpoint_tokenizer(store.tokenizer_dir(tag_dir, store.read_state(tag_dir)), tokenizer, tag_dir)  # fail fast
     model, state = load_model(tag_dir, dev)
     ids = tok.encode(prompt)
     if not ids:

@@ -12,12 +12,20 @@ from train_util import check, losses, metrics, run_train
 SPIKE = ["train.max_steps=36", "checkpoint.interval=0", "guard.spike_window=20", "train.eval_steps=1"]
 
 
-def test_spike_is_skipped_like_a_nonfinite_step(tmp_path):
-    """spike@30:0 (rank 0's loss x100 in step 31) is skipped by the 6-sigma test; the run goes on
-    exactly as one whose step 31 was skipped for a NaN loss (the same batch consumed, nothing applied)."""
-    spiked = check(run_train(tmp_path / "spike", SPIKE, faults="spike@30:0"))
+# (processes, overrides, the rank whose loss is changed: a pipeline's last stage holds the loss)
+LAYOUTS = {"one": (1, [], 0), "dp2": (2, ["parallel.zero_stage=1"], 0),
+           "pp2": (2, ["parallel.pipeline=2", "parallel.zero_stage=0"], 1)}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_spike_is_skipped_like_a_nonfinite_step(tmp_path, layout):
+    """spike@30:R (rank R's loss x100 in step 31) is skipped by the 6-sigma test, every rank
+    agreeing; the run goes on exactly as one whose step 31 was skipped for a NaN loss (the same
+    batch consumed, nothing applied)."""
+    nproc, overrides, rank = LAYOUTS[layout]
+    spiked = check(run_train(tmp_path / "spike", SPIKE + overrides, nproc=nproc, faults=f"spike@30:{rank}"))
     assert "step 31: loss or gradient norm over 6 sigma of its window, step skipped" in spiked
-    nan = check(run_train(tmp_path / "nan", SPIKE, faults="nan@30:0"))
+    nan = check(run_train(tmp_path / "nan", SPIKE + overrides, nproc=nproc, faults=f"nan@30:{rank}"))
     assert "step 31: non-finite loss or gradient, step skipped" in nan
     a, b = losses(tmp_path / "spike"), losses(tmp_path / "nan")
     assert [a[s] for s in range(32, 37)] == [b[s] for s in range(32, 37)]  # exact
@@ -114,6 +122,8 @@ def test_hang_writes_stacks_and_every_rank_exits(tmp_path):
         for p in procs:
             p.kill()
     assert all(p.returncode != 0 for p in procs), [p.returncode for p in procs]
+    # Start-up and 5 steps take seconds; the ranks then exit on the 15 s deadline, well within 60 s.
+    assert time.monotonic() - t0 < 75, time.monotonic() - t0
     hang_lines = [line for line in logs[0].splitlines() if line.startswith("hang:")]
     assert hang_lines and "did not arrive" in hang_lines[0] and "[1]" in hang_lines[0], logs[0][-3000:]
     stacks = (out / "hang" / "rank1.txt").read_text()

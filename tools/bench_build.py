@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/procmem.py, also in the workers
 from procmem import status_bytes  # noqa: E402
-from rankbench import launch, report  # noqa: E402
+from rankbench import launch, report, worker_arguments  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30
@@ -149,11 +149,8 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="a tiny model (seconds)")
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--json", help="also write the results here")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
-    p.add_argument("--config", help=argparse.SUPPRESS)
+    worker_arguments(p)
     p.add_argument("--engine", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         _worker(args)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/procmem.py, also in the workers
 from procmem import status_bytes  # noqa: E402
-from rankbench import launch, report  # noqa: E402
+from rankbench import launch, report, worker_arguments  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30
@@ -75,10 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--worlds", nargs="+", type=int, default=[1, 2, 4], help="numbers of ranks")
     p.add_argument("--smoke", action="store_true", help="a tiny model on 1 and 2 ranks (seconds)")
     p.add_argument("--json", help="also write the results here")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
-    p.add_argument("--config", help=argparse.SUPPRESS)
-    p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
+    worker_arguments(p)
     args = p.parse_args(argv)
     if args.worker:
         _worker(args)

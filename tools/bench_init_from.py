@@ -36,15 +36,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/procmem.py, also in the workers
 from procmem import status_bytes  # noqa: E402
-from rankbench import launch, report  # noqa: E402
+from rankbench import launch, report, worker_arguments  # noqa: E402
+import bench_init  # noqa: E402  (the same ZeRO-3 build settings)
 
-ROOT = Path(__file__).resolve().parent.parent
-GiB = 2**30
-COMMON = ["data.synthetic=true", "train.device=cpu", "train.precision=fp32", "train.micro_batch_size=1",
-          "train.global_batch_size=2", "train.max_steps=1", "schedule.warmup_steps=0", "logging.tensorboard=false",
-          "parallel.zero_stage=3"]
-SMOKE = ["model.n_layer=2", "model.d_model=256", "model.n_head=4", "model.n_kv_head=2", "model.d_ff=null",
-         "model.vocab_size=4096"]
+ROOT, GiB = bench_init.ROOT, bench_init.GiB
+COMMON = [*bench_init.COMMON, "train.global_batch_size=2"]  # later overrides win
+SMOKE = [*bench_init.SMOKE, "model.n_kv_head=2"]
 
 
 def _worker(args) -> None:
@@ -171,11 +168,8 @@ def main(argv=None) -> int:
                    help="checkpoint.verify (--source checkpoint)")
     p.add_argument("--consolidate", action="store_true", help="time the consolidation of the checkpoint source")
     p.add_argument("--json", help="also write the results here")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
+    worker_arguments(p)
     p.add_argument("--tag", help=argparse.SUPPRESS)
-    p.add_argument("--config", help=argparse.SUPPRESS)
-    p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         _worker(args)

@@ -2,12 +2,21 @@
 bench_init_from.py): start the workers, and hand every rank's result back to the launcher."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+
+def worker_arguments(p: argparse.ArgumentParser) -> None:
+    """The hidden options `launch` starts a worker with (the overrides follow `--`)."""
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
 
 
 def launch(script: str, config: str, overrides: list[str], world: int, *, args: tuple = (),

@@ -323,3 +323,13 @@ def tokenizer_from_manifest(directory: str) -> Tokenizer:
     if t.get("vocab_size") is not None and tok.vocab_size != int(t["vocab_size"]):
         raise UserError(f"{path}: vocabulary size {tok.vocab_size} differs from the manifest's {t['vocab_size']}")
     return tok
+
+
+def checkpoint_tokenizer(tokenizer_dir, override: Optional[str], where) -> Tokenizer:
+    """`override` (a --tokenizer SPEC) when given, else the run's tokenizer copy `tokenizer_dir`
+    of checkpoint `where` (`checkpoint.store.tokenizer_dir`; pretrain-generate, pretrain-eval)."""
+    if override:
+        return load_tokenizer(override)
+    if not tokenizer_dir:
+        raise UserError(f"{where}: this run has no recorded tokenizer (synthetic data?); pass --tokenizer SPEC")
+    return tokenizer_from_manifest(tokenizer_dir)

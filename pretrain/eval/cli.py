@@ -107,14 +107,9 @@ def load_model(tag_dir: Path, state: dict, device: torch.device, dtype: torch.dt
 
 
 def load_tokenizer(tag_dir: Path, state: dict, override: str | None):
-    from pretrain.data.tokenizer import load_tokenizer as by_spec, tokenizer_from_manifest
+    from pretrain.data.tokenizer import checkpoint_tokenizer
 
-    if override:
-        return by_spec(override)
-    tdir = store.tokenizer_dir(tag_dir, state)
-    if not tdir:
-        raise UserError(f"{tag_dir}: this run has no recorded tokenizer (synthetic data?); pass --tokenizer SPEC")
-    return tokenizer_from_manifest(tdir)
+    return checkpoint_tokenizer(store.tokenizer_dir(tag_dir, state), override, tag_dir)
 
 
 def run(a, names: list[str], device: torch.device) -> dict | None:
