@@ -6,8 +6,9 @@ the same run with all of it off, alternating on/off for --repeat rounds, on the 
     python tools/bench_guard.py                       # quickstart shape, 5 + 40 steps, 3 rounds
     python tools/bench_guard.py --steps 20 --repeat 2 parallel.zero_stage=1
 
-Reported: the mean step time of each run (metrics.jsonl `perf/step_time_ms`, warm-up excluded),
-the median of each side and the median of the per-round ratios on/off.
+Reported: the mean step time of each run (metrics.jsonl `perf/step_time_ms`, warm-up excluded)
+and its CPU seconds per step (bench_train's CPU stamps), the median of each side and the median
+of the per-round ratios on/off.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def main() -> int:
           f"{a.warmup} warm-up + {a.steps} timed steps, {a.repeat} round(s); {ver['device']}, torch {ver['torch']}, "
           f"deepspeed {ver['deepspeed']}", flush=True)
     runs: dict[str, list[float]] = {"on": [], "off": []}
+    cpu: dict[str, list[float]] = {"on": [], "off": []}  # CPU seconds per step: less exposed to scheduling
     tmp = Path(tempfile.mkdtemp(prefix="bench_guard_"))
     for r in range(a.repeat):
         for side in (("on", "off") if r % 2 == 0 else ("off", "on")):
@@ -46,10 +48,15 @@ def main() -> int:
             res = bench_train.run_ours(a, ov, str(tmp / f"{side}{r}"), env, tok, None)
             a.overrides = saved
             runs[side].append(res["step_ms"])
-            print(f"  round {r + 1} guard {side:3s}: {res['step_ms']:8.2f} ms/step", flush=True)
-    ratios = [on / off for on, off in zip(runs["on"], runs["off"])]
-    print(f"guard on {statistics.median(runs['on']):.2f} ms/step, off {statistics.median(runs['off']):.2f} ms/step; "
-          f"on/off {statistics.median(ratios):.3f} (per-round ratios {[round(x, 3) for x in ratios]})")
+            cpu[side].append(res["cpu_s_per_step"] or float("nan"))
+            print(f"  round {r + 1} guard {side:3s}: {res['step_ms']:8.2f} ms/step, "
+                  f"{1e3 * cpu[side][-1]:8.2f} ms CPU/step", flush=True)
+    for what, xs, unit in (("wall", runs, 1.0), ("CPU", cpu, 1e3)):
+        ratios = [on / off for on, off in zip(xs["on"], xs["off"])]
+        print(f"{what}: guard on {unit * statistics.median(xs['on']):.2f} ms/step, off "
+              f"{unit * statistics.median(xs['off']):.2f} ms/step; median/median "
+              f"{statistics.median(xs['on']) / statistics.median(xs['off']):.3f}; per-round on/off median "
+              f"{statistics.median(ratios):.3f} ({[round(x, 3) for x in ratios]})")
     return 0
 
 
