@@ -16,6 +16,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "train.precision": tuple(PRECISION_DTYPES),
     "train.device": ("auto", "cpu", "cuda"),
     "checkpoint.verify": ("full", "sizes"),
+    "data.document_attention": ("auto", "sdpa", "flex"),
 }
 RESUME_CHANGES = ("data", "optim", "schedule")
 
@@ -70,6 +71,12 @@ def _data_fields(cfg: Config) -> None:
         raise UserError("data.train_split must not be empty (e.g. 'train')")
     if not d.valid_split:
         raise UserError("data.valid_split must not be empty (e.g. 'valid')")
+    if d.eod_token_id is not None and (isinstance(d.eod_token_id, bool) or not isinstance(d.eod_token_id, int)
+                                       or d.eod_token_id < 0):
+        raise UserError(f"data.eod_token_id must be a token id >= 0 or null, got {d.eod_token_id!r}")
+    if d.synthetic and d.eod_token_id is None and (d.reset_attention_mask or d.reset_position_ids or d.eod_mask_loss):
+        raise UserError("data.reset_attention_mask, reset_position_ids and eod_mask_loss need data.eod_token_id "
+                        "with data.synthetic (random tokens have no manifest); set it, e.g. 0")
 
 
 def _parallel_fields(cfg: Config) -> None:

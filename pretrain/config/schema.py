@@ -102,6 +102,24 @@ class DataConfig:
     """Where sample indices are cached. null = <train.out_dir>/index_cache."""
     synthetic: bool = False
     """Use random tokens instead of shards (benchmarks and smoke tests); needs model.vocab_size."""
+    reset_attention_mask: bool = False
+    """Block-causal attention: a token attends only to the tokens of its own document in a packed
+    window (EOD tokens separate documents). Megatron's --reset-attention-mask, torchtitan's
+    block_causal mask (docs/DATA.md, "Packing and documents")."""
+    reset_position_ids: bool = False
+    """Positions restart at 0 at each document of a window, for learned and RoPE positions.
+    Megatron's --reset-position-ids."""
+    eod_mask_loss: bool = False
+    """No loss where the input token is EOD (its target is the next document's first token).
+    Megatron's --eod-mask-loss, GPT-NeoX's eod_mask_loss. The training loss is then the mean over the
+    unmasked tokens of the whole global batch, the same in every layout and micro-batch split."""
+    eod_token_id: Optional[int] = None
+    """The token id that ends each document, for the three options above. null = the eos_id that
+    pretrain-prep appended to every document (from the data's manifest). Needed for Megatron
+    prefixes without a manifest and for data.synthetic; with a manifest it must equal its eos_id."""
+    document_attention: str = "auto"
+    """How block-causal attention runs: 'auto' (FlexAttention on CUDA, SDPA with a boolean mask
+    elsewhere), 'sdpa' or 'flex'. Logged once at start-up."""
 
 
 @dataclass

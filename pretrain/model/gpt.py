@@ -82,19 +82,23 @@ class GPT(nn.Module):
         return [self.embed, *self.blocks, self.head]
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                cache: Optional[list[KVCache]] = None, start_pos: int = 0) -> torch.Tensor:
+                cache: Optional[list[KVCache]] = None, start_pos: int = 0, *, doc: Optional[torch.Tensor] = None,
+                pos: Optional[torch.Tensor] = None, denominator: Optional[torch.Tensor] = None) -> torch.Tensor:
         """idx (B, T) -> logits (B, T, V), or the mean fp32 loss when targets (B, T) are given.
 
         With `cache` (from `make_cache`), idx holds the tokens at absolute positions
         start_pos..start_pos+T-1; their keys/values are appended to the cache and they
         attend to everything cached before them.
+        Packed documents (`pretrain.model.documents`): `doc` (B, T) document ids make attention
+        block-causal, `pos` (B, T) position ids restart positions; `denominator` divides the
+        summed token losses instead of their count (the trainer's global-batch mean).
         """
-        x = self.embed(idx, start_pos)  # (B, T, C)
+        x = self.embed(idx, start_pos, pos)  # (B, T, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, None if cache is None else cache[i], start_pos)  # (B, T, C)
+            x = block(x, None if cache is None else cache[i], start_pos, doc, pos)  # (B, T, C)
         if targets is None:
             return self.head(x)  # (B, T, V)
-        return self.head(x, targets=targets)  # = loss_fn(self.head(x), targets), in chunks
+        return self.head(x, targets=targets, denominator=denominator)  # = loss_fn(self.head(x), targets), in chunks
 
     def make_cache(self, batch_size: int, max_len: Optional[int] = None, dtype: Optional[torch.dtype] = None,
                    device: Optional[torch.device] = None) -> list[KVCache]:

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pretrain.config.schema import ModelConfig
 from pretrain.errors import UserError
+from pretrain.model import documents
 from pretrain.model.loss import linear_cross_entropy
 
 
@@ -73,21 +74,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 # ----------------------------------------------------------------------------- RoPE
 
 def rope_cos_sin(T: int, head_dim: int, theta: float, start_pos: int = 0,
-                 device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (T, hd) for absolute positions start_pos..start_pos+T-1, in fp32.
+                 device: Optional[torch.device] = None,
+                 pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (T, hd) for absolute positions start_pos..start_pos+T-1, in fp32; with
+    `pos` (B, T), position ids per token (documents restarting at 0), of shape (B, 1, T, hd).
 
     Computed on the fly (cheap) rather than stored as a buffer, so that casting the
     model to bf16 never degrades the angles.
     """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    pos = torch.arange(start_pos, start_pos + T, device=device, dtype=torch.float32)
-    freqs = torch.outer(pos, inv_freq)  # (T, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd)
+    if pos is None:
+        p = torch.arange(start_pos, start_pos + T, device=device, dtype=torch.float32)
+        freqs = torch.outer(p, inv_freq)  # (T, hd/2)
+    else:
+        freqs = (pos.to(torch.float32).unsqueeze(-1) * inv_freq).unsqueeze(1)  # (B, 1, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd) or (B, 1, T, hd)
     return emb.cos(), emb.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, h, T, hd) by the angles in cos/sin (T, hd).
+    """Rotate x (B, h, T, hd) by the angles in cos/sin (T, hd) or (B, 1, T, hd).
 
     "rotate_half" convention (GPT-NeoX / HF Llama): dim i is paired with dim i + hd/2,
     so HF Llama q/k weights load without permutation.
@@ -127,7 +133,13 @@ class CausalSelfAttention(nn.Module):
 
     qkv output layout: [q (nh*hd) | k (nkv*hd) | v (nkv*hd)], each head-major. With
     GQA, query head h reads key/value head h // (nh // nkv) (as HF Llama's repeat_kv).
+
+    `doc` (B, T) document ids make the attention block-causal within documents and `pos`
+    (B, T) gives per-token positions to RoPE (`pretrain.model.documents`); `doc_path` is how
+    the block-causal attention runs ('sdpa' or 'flex', set by `use_document_path`).
     """
+
+    doc_path = "sdpa"
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -139,7 +151,8 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(self.n_head * self.head_dim, cfg.d_model, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, start_pos: int = 0,
+                doc: Optional[torch.Tensor] = None, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.qkv(x)  # (B, T, (nh + 2*nkv)*hd); T from qkv: a sequence-parallel qkv gathers x's T/tp rows
         B, T = qkv.shape[:2]
@@ -148,7 +161,7 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         if self.rope_theta is not None:
-            cos, sin = rope_cos_sin(T, hd, self.rope_theta, start_pos, x.device)
+            cos, sin = rope_cos_sin(T, hd, self.rope_theta, start_pos, x.device, pos)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, start_pos)  # (B, nkv, S, hd)
@@ -156,8 +169,8 @@ class CausalSelfAttention(nn.Module):
         if nkv != nh:
             k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hd)
             v = v.repeat_interleave(nh // nkv, dim=1)
-        if S == T:  # no earlier keys: plain causal
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if S == T:  # no earlier keys: causal, or block-causal within documents
+            y = documents.attend(q, k, v, doc, self.doc_path)
         elif T == 1:  # one new token attends to everything before it
             y = F.scaled_dot_product_attention(q, k, v)
         else:  # query i sits at absolute position S - T + i: allow keys j <= S - T + i
@@ -165,6 +178,15 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, nh*hd)
         return self.dropout(self.proj(y))  # (B, T, C)
+
+
+def use_document_path(model: nn.Module, path: str) -> int:
+    """Set how every attention layer of `model` (plain, tensor-parallel or a pipeline stage) runs
+    block-causal attention ('sdpa' or 'flex', `documents.attend`); returns how many layers."""
+    layers = [m for m in model.modules() if isinstance(m, CausalSelfAttention)]
+    for layer in layers:
+        layer.doc_path = path
+    return len(layers)
 
 
 class MLP(nn.Module):
@@ -208,18 +230,21 @@ class Embedding(nn.Module):
         self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.position == "learned" else None
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def positions(self, start_pos: int, T: int, device) -> Optional[torch.Tensor]:
-        """The learned position embeddings (T, C) of positions start_pos.., or None (rope)."""
+    def positions(self, start_pos: int, T: int, device, pos: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """The learned position embeddings (T, C) of positions start_pos.., or (B, T, C) of the
+        position ids `pos` (B, T); None with rope."""
         if self.wpe is None:
             return None
+        if pos is not None:
+            return self.wpe(pos)
         if start_pos + T > self.seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds the {self.seq_len} learned positions")
         return self.wpe(torch.arange(start_pos, start_pos + T, device=device))
 
-    def forward(self, idx: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, start_pos: int = 0, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.wte(idx)  # (B, T, C)
-        pos = self.positions(start_pos, idx.size(1), idx.device)
-        return self.dropout(x if pos is None else x + pos)  # (T, C) broadcast
+        p = self.positions(start_pos, idx.size(1), idx.device, pos)
+        return self.dropout(x if p is None else x + p)  # (T, C) broadcast, or (B, T, C)
 
 
 class Block(nn.Module):
@@ -238,14 +263,18 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg)
         self.mlp = SwiGLU(cfg) if cfg.mlp == "swiglu" else MLP(cfg)
 
-    def _forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, start_pos: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, start_pos)  # (B, T, C)
+    def _forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, start_pos: int = 0,
+                 doc: Optional[torch.Tensor] = None, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, start_pos, doc, pos)  # (B, T, C)
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
-    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, start_pos: int = 0,
+                doc: Optional[torch.Tensor] = None, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`doc`, `pos` (B, T): document ids and position ids of a packed window (see
+        `CausalSelfAttention`), or None."""
         if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x, cache, start_pos)
+            return checkpoint(self._forward, x, None, 0, doc, pos, use_reentrant=False)
+        return self._forward(x, cache, start_pos, doc, pos)
 
 
 class Head(nn.Module):
@@ -272,9 +301,10 @@ class Head(nn.Module):
         object.__setattr__(self, "tied_embedding", tied_embedding)
 
     def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
-                targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+                targets: Optional[torch.Tensor] = None, denominator: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits (B, T, V); with `targets` (B, T) the mean fp32 loss instead, fused with the
-        projection so the logits are never held whole (`pretrain.model.loss`)."""
+        projection so the logits are never held whole (`pretrain.model.loss`); `denominator`:
+        divide the summed token losses by it instead of by this batch's own count."""
         if weight is None:
             if self.lm_head is not None:
                 weight = self.lm_head.weight
@@ -283,5 +313,5 @@ class Head(nn.Module):
             else:
                 raise ValueError("tied Head without an embedding reference: pass weight=embed.wte.weight")
         if targets is not None:
-            return linear_cross_entropy(self.ln_f(x), weight, targets)
+            return linear_cross_entropy(self.ln_f(x), weight, targets, denominator=denominator)
         return F.linear(self.ln_f(x), weight)  # (B, T, V)

@@ -30,10 +30,11 @@ def _same(t: torch.Tensor) -> torch.Tensor:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, target, ignore_index, want_grad, reduce_max, reduce_sum, vocab_start, chunk):
+    def forward(ctx, h, weight, target, ignore_index, want_grad, reduce_max, reduce_sum, vocab_start, chunk,
+                denominator):
         n, v_local = h.shape[0], weight.shape[0]
         valid = target != ignore_index
-        count = valid.sum().clamp(min=1).float()
+        count = valid.sum().clamp(min=1).float() if denominator is None else denominator.float()
         local_t = target.long() - vocab_start
         here = valid & (local_t >= 0) & (local_t < v_local)
         local_t = local_t.masked_fill(~here, 0)
@@ -74,15 +75,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_loss.to(grad_h.dtype) if ctx.needs_input_grad[0] else None
         gw = (grad_w * grad_loss).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
-        return gh, gw, None, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                          ignore_index: int = -100, reduce_max: Optional[Callable] = None,
                          reduce_sum: Optional[Callable] = None, vocab_start: int = 0,
-                         chunk: int = CHUNK_ELEMENTS) -> torch.Tensor:
+                         chunk: int = CHUNK_ELEMENTS, denominator: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean fp32 cross entropy of `h @ weight.T` (h: (..., C), weight: (V, C) or this rank's
-    vocab rows starting at `vocab_start`; targets: (...) ids in the full vocabulary)."""
+    vocab rows starting at `vocab_start`; targets: (...) ids in the full vocabulary).
+
+    `denominator` (a 0-d tensor): the sum of the token losses is divided by it instead of by the
+    number of targets that are not `ignore_index` (the trainer's global-batch token mean)."""
     want = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), ignore_index, want,
-                                     reduce_max or _same, reduce_sum or _same, vocab_start, chunk)
+                                     reduce_max or _same, reduce_sum or _same, vocab_start, chunk, denominator)

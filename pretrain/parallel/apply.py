@@ -149,12 +149,12 @@ class ParallelEmbedding(Embedding):
     group = None
     sequence_parallel = False
 
-    def forward(self, idx: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, start_pos: int = 0, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.wte(idx)  # (B, T, C), or (B, T/tp, C) under sequence parallelism
-        pos = self.positions(start_pos, idx.size(1), idx.device)  # (T, C) or None
-        if pos is not None and self.sequence_parallel:  # this rank's rows; backward all-gathers the gradient
-            pos = scatter_to_sequence_parallel_region(pos, self.group, dim=0)
-        return self.dropout(x if pos is None else x + pos)
+        p = self.positions(start_pos, idx.size(1), idx.device, pos)  # (T, C), (B, T, C) or None
+        if p is not None and self.sequence_parallel:  # this rank's rows; backward all-gathers the gradient
+            p = scatter_to_sequence_parallel_region(p, self.group, dim=p.dim() - 2)
+        return self.dropout(x if p is None else x + p)
 
 
 def _like(module: nn.Module) -> dict:
@@ -250,8 +250,9 @@ class ParallelHead(nn.Module):
         raise ValueError("tied ParallelHead without an embedding: pass weight=")
 
     def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
-                targets: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """This rank's logits (B, T, V/tp); with `targets` the mean loss, fused and chunked."""
+                targets: Optional[torch.Tensor] = None, denominator: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """This rank's logits (B, T, V/tp); with `targets` the mean loss, fused and chunked
+        (`denominator`: as `Head`)."""
         h = self.ln_f(x)
         if self.sequence_parallel:  # (B, T/tp, C) -> (B, T, C); backward reduce-scatters
             h = gather_from_sequence_parallel_region(h, self.group, tensor_parallel_output_grad=True)
@@ -259,7 +260,7 @@ class ParallelHead(nn.Module):
             h = copy_to_tensor_model_parallel_region(h, self.group)
         weight = self._weight() if weight is None else weight
         if targets is not None:
-            return vocab_parallel_linear_cross_entropy(h, weight, targets, self.group)
+            return vocab_parallel_linear_cross_entropy(h, weight, targets, self.group, denominator=denominator)
         return F.linear(h, weight)  # (B, T, V/tp)
 
 
@@ -304,15 +305,16 @@ class ParallelGPT(GPT):
             materialize(self, cfg, group, device, spec.draw_seed() if seed is None else seed, source=source)
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, cache=None,
-                start_pos: int = 0) -> torch.Tensor:
+                start_pos: int = 0, *, doc: Optional[torch.Tensor] = None, pos: Optional[torch.Tensor] = None,
+                denominator: Optional[torch.Tensor] = None) -> torch.Tensor:
         if cache is not None:
             raise NotImplementedError("KV-cache generation runs on the plain GPT (merge the checkpoint first)")
-        x = self.embed(idx, start_pos)
+        x = self.embed(idx, start_pos, pos)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, doc=doc, pos=pos)  # doc, pos: whole (B, T) on every rank, also under SP
         if targets is None:
             return gather_from_tensor_model_parallel_region(self.head(x), self.group)  # (B, T, V)
-        return self.head(x, targets=targets)  # = parallel_loss(self.head(x), ...), in chunks
+        return self.head(x, targets=targets, denominator=denominator)  # = parallel_loss(self.head(x), ...), in chunks
 
     def make_cache(self, *args, **kwargs):
         raise NotImplementedError("KV-cache generation runs on the plain GPT (merge the checkpoint first)")

@@ -37,14 +37,26 @@ __all__ = ["build_model", "memory_line", "optimizer_group_names"]
 
 
 
-def build_model(cfg, layout, topo, device=None, source: Optional[spec.Source] = None) -> nn.Module:
+def build_model(cfg, layout, topo, device=None, source: Optional[spec.Source] = None,
+                documents=None) -> nn.Module:
     """The model of this rank for `layout` on `device` (default: torch's default device).
     Call under the run's seed: every variant draws the same full weights. `source`: full
-    tensors by plain name instead of the initial values (imported weights)."""
+    tensors by plain name instead of the initial values (imported weights). `documents`: the
+    run's packed-document options (`pretrain.model.documents.Documents`): a pipeline carries
+    the segments between stages, and every attention layer takes its path."""
     device = torch.get_default_device() if device is None else torch.device(device)
+    model = _build(cfg, layout, topo, device, source, documents)
+    if documents is not None:
+        from pretrain.model.layers import use_document_path
+
+        use_document_path(model, documents.path)
+    return model
+
+
+def _build(cfg, layout, topo, device, source, documents) -> nn.Module:
     seed = spec.draw_seed()
     if layout.pp > 1:
-        return build_pipeline(cfg, layout, topo, device, seed, source)
+        return build_pipeline(cfg, layout, topo, device, seed, source, documents)
     V = layout.padded_vocab_size
     if layout.tp > 1:
         model = ParallelGPT(cfg.model, V, topo.tp_group, cfg.parallel.sequence_parallel, device="meta")

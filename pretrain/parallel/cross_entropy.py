@@ -73,7 +73,8 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
 
 
 def vocab_parallel_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                                        group: Optional[ProcessGroup], *, ignore_index: int = -100) -> torch.Tensor:
+                                        group: Optional[ProcessGroup], *, ignore_index: int = -100,
+                                        denominator: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean fp32 cross entropy of `h @ weight.T` with `weight` this rank's vocab rows (rank
     order), fused and chunked (`pretrain.model.loss`): neither the logits nor the softmax are
     held whole. Per chunk of tokens: an all-reduce of the row max and one of [target logit,
@@ -84,4 +85,4 @@ def vocab_parallel_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, t
     return linear_cross_entropy(h, weight, target, ignore_index=ignore_index,
                                 reduce_max=lambda t: all_reduce(t, group, op=dist.ReduceOp.MAX),
                                 reduce_sum=lambda t: all_reduce(t, group),
-                                vocab_start=get_rank(group) * weight.shape[0])
+                                vocab_start=get_rank(group) * weight.shape[0], denominator=denominator)

@@ -33,6 +33,12 @@ through `engine.train_batch(data_iter)` / `engine.eval_batch(...)`, where `data_
 yields (inputs, labels); DeepSpeed reads it only on the first stage (inputs) and the last
 stage (labels).
 
+Packed documents (`pretrain.model.documents`, data.reset_attention_mask / reset_position_ids):
+the first stage computes the document ids and position ids from its tokens, and they travel
+with the activations as the tail of a tuple (x, [doc], [pos]) -- integer tensors DeepSpeed sends
+as they are (only the first, floating tensor is partitioned over TP ranks and gets gradients).
+Stage layers take and return that tuple (`_Carry` subclasses, same parameter names).
+
 Activation checkpointing (model.activation_checkpointing) is per stage: PipelineModule's
 `activation_checkpoint_interval=1` over the `Block` layers with torch's non-reentrant
 checkpoint (the RNG state is restored for the recomputation).
@@ -115,21 +121,68 @@ class _RemoteTied(TiedLayerSpec):
         raise RuntimeError(f"{self.typename.__name__} belongs to another pipeline stage")
 
 
+class _Carry:
+    """A pipeline layer of a run with packed documents: it takes and returns the tuple
+    (x, [doc], [pos]) that travels between stages; `extras` names what is in the tail."""
+
+    extras: tuple = ()
+
+    def _unpack(self, inputs) -> tuple:
+        x, *tail = inputs if isinstance(inputs, tuple) else (inputs,)
+        got = dict(zip(self.extras, tail))
+        return x, got.get("doc"), got.get("pos"), tuple(tail)
+
+
+class _CarryEmbedding(_Carry):
+    """The first stage's embedding: tokens -> (x, [doc], [pos]), the segments computed on the device."""
+
+    documents = None
+
+    def forward(self, idx):
+        doc, pos = self.documents.segments(idx)
+        x = super().forward(idx, 0, pos)
+        return (x, *(t for t in (doc, pos) if t is not None))
+
+
+class _CarryBlock(_Carry):
+    def forward(self, inputs):
+        x, doc, pos, tail = self._unpack(inputs)
+        return (super().forward(x, doc=doc, pos=pos), *tail)
+
+
+_CARRY_CLASSES: dict = {}
+
+
+def _carrying(module: nn.Module, mixin: type, **attrs) -> nn.Module:
+    """Turn `module` (an Embedding, ParallelEmbedding or Block) into its carrying subclass in
+    place: same parameters and names, tuple in and out."""
+    base = type(module)
+    cls = _CARRY_CLASSES.get((base, mixin))
+    if cls is None:
+        cls = _CARRY_CLASSES[(base, mixin)] = type(f"Pipe{base.__name__}", (mixin, base), {})
+    module.__class__ = cls
+    for k, v in attrs.items():
+        setattr(module, k, v)
+    return module
+
+
 class PipeHead(ParallelHead):
     """The last stage's head: final norm and the tensor-parallel region op, without the output
     projection. Its output, the hidden states (B, T, C) -- what DeepSpeed keeps until the
     backward -- goes to `PipeLoss`, which calls `loss` with the labels."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x) -> torch.Tensor:
+        if isinstance(x, tuple):  # (x, doc, pos) of packed documents: the head needs x only
+            x = x[0]
         h = self.ln_f(x)
         if self.sequence_parallel:  # (B, T/tp, C) -> (B, T, C); backward reduce-scatters
             return gather_from_sequence_parallel_region(h, self.group, tensor_parallel_output_grad=True)
         return copy_to_tensor_model_parallel_region(h, self.group)  # backward: all-reduce of the gradient
 
-    def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, h: torch.Tensor, labels: torch.Tensor, denominator=None) -> torch.Tensor:
         """Mean fp32 cross entropy of this rank's logits `h @ weight.T`, fused and chunked: the
         (B, T, V/tp) logits are never held whole (the single-process head's loss, vocab-parallel)."""
-        return vocab_parallel_linear_cross_entropy(h, self._weight(), labels, self.group)
+        return vocab_parallel_linear_cross_entropy(h, self._weight(), labels, self.group, denominator=denominator)
 
 
 class PipeLoss:
@@ -137,16 +190,18 @@ class PipeLoss:
     reduced by the stage's `PipeHead` (`head`, set by `build_pipeline` on the last stage).
 
     `factor` (set by the trainer's fault injection, `pretrain.faults.loss_factor`) multiplies the
-    loss for one step: NaN, or a spike."""
+    loss for one step: NaN, or a spike. `denominator` (set by the trainer each step with
+    data.eod_mask_loss): the global-batch token mean's divisor, as `GPT.forward`'s."""
 
     def __init__(self, group):
         self.group = group
         self.head: PipeHead | None = None
         self.factor = 1.0
+        self.denominator = None
         self.__name__ = "PipeLoss"
 
     def __call__(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = self.head.loss(h, labels)
+        loss = self.head.loss(h, labels, self.denominator)
         if self.factor != 1.0:
             loss = loss * self.factor
         return loss
@@ -157,23 +212,25 @@ class GPTPipe(dsadapter.pipeline_module_base()):
     (each layer counted by its spec's `num_params`, see `dsadapter.pipeline_module_base`)."""
 
     def __init__(self, specs: list, topo, loss: PipeLoss, partition_method: str,
-                 activation_checkpointing: bool):
+                 activation_checkpointing: bool, block_name: str = Block.__name__):
         kwargs = {}
         if activation_checkpointing:
             kwargs = {"activation_checkpoint_interval": 1,
                       "activation_checkpoint_func": functools.partial(torch.utils.checkpoint.checkpoint,
                                                                       use_reentrant=False),
-                      "checkpointable_layers": [Block.__name__]}
+                      "checkpointable_layers": [block_name]}
         # Our grid, not one PipelineModule would build from the topology: the TP layers, the
         # trainer and DeepSpeed share one set of process groups.
         super().__init__(specs, grid=topo.grid, topology=topo.topo, loss_fn=loss, partition_method=partition_method,
                          **kwargs)
 
 
-def build_pipeline(cfg, layout, topo, device=None, seed: int | None = None, source=None) -> GPTPipe:
+def build_pipeline(cfg, layout, topo, device=None, seed: int | None = None, source=None,
+                   documents=None) -> GPTPipe:
     """This rank's pipeline stage, allocated on `device` (default: torch's default device).
     `seed`: the initial weights' (default: drawn from torch's default generator, as `GPT`);
-    `source`: full tensors by plain name instead (imported weights)."""
+    `source`: full tensors by plain name instead (imported weights); `documents`: the run's
+    `pretrain.model.documents.Documents` (segments travel with the activations)."""
     m = cfg.model
     V, L, pp = layout.padded_vocab_size, m.n_layer, layout.pp
     if pp < 2:
@@ -185,16 +242,24 @@ def build_pipeline(cfg, layout, topo, device=None, seed: int | None = None, sour
     ckpt = m.activation_checkpointing
     seed = spec.draw_seed() if seed is None else seed
     device = torch.get_default_device() if device is None else torch.device(device)
+    carry = documents is not None and documents.segmented
+    extras = tuple(name for name, on in (("doc", carry and documents.mask), ("pos", carry and documents.positions))
+                   if on)
+    block_name = Block.__name__
 
     specs: list = []
     for i, layer in enumerate(GPT(m, V, device="meta").layers()):
         if i == 0:
             module = shard_embedding(layer, group, sp)
+            if carry:
+                _carrying(module, _CarryEmbedding, documents=documents, extras=extras)
             kind = Embedding
         elif i <= L:
             module = shard_block(layer, group, sp)
             if ckpt:
                 module.activation_checkpointing = False  # the pipeline checkpoints whole blocks
+            if carry:
+                block_name = type(_carrying(module, _CarryBlock, extras=extras)).__name__
             kind = Block
         else:
             wte = None
@@ -215,7 +280,7 @@ def build_pipeline(cfg, layout, topo, device=None, seed: int | None = None, sour
     loss = PipeLoss(group)
     if lo <= L + 1 < hi:  # the last stage: the loss projects with its head's weight
         loss.head = head
-    pipe = GPTPipe(specs, topo, loss, cfg.parallel.pipeline_partition, ckpt)
+    pipe = GPTPipe(specs, topo, loss, cfg.parallel.pipeline_partition, ckpt, block_name)
     if list(pipe.parts) != list(parts):
         raise RuntimeError(f"DeepSpeed partitioned the pipeline as {pipe.parts}, the plan says {parts}")
     if dsadapter.pipeline_grid(pipe) is not topo.grid:

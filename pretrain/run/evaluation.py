@@ -17,18 +17,22 @@ def mean_over_dp(value: float, group, dp: int) -> float:
     return float(t.item()) / dp
 
 
-def validation_loss(engine, batches, pipe: bool, eval_steps: int, device: torch.device) -> float:
+def validation_loss(engine, batches, pipe: bool, eval_steps: int, device: torch.device, docs=None) -> float:
     """This replica's mean loss over `batches` (micro-batches of seq_len + 1 tokens), the engine
-    back in training mode after."""
+    back in training mode after. `docs`: the run's packed-document options (the same segments
+    and loss mask as in training; each micro-batch's own mean)."""
+    from pretrain.run.batches import pipe_pairs, split
+
     engine.eval()
     total, n = 0.0, 0
     if pipe:  # mean over the micro-batches and data-parallel replicas, on every stage
-        total = float(engine.eval_batch(((b[:, :-1], b[:, 1:]) for b in batches), num_micro_batches=eval_steps))
+        engine.module.loss_fn.denominator = None  # each micro-batch's own mean, not the last step's divisor
+        total = float(engine.eval_batch(pipe_pairs(batches, docs), num_micro_batches=eval_steps))
         n = 1
     with torch.no_grad():
         for batch in ([] if pipe else batches):
-            batch = batch.to(device)
-            total += float(engine(batch[:, :-1], batch[:, 1:]))
+            inputs, labels, kwargs = split(batch.to(device), docs)
+            total += float(engine(inputs, labels, **kwargs))
             n += 1
     engine.train()
     return total / max(n, 1)

@@ -13,12 +13,13 @@ import torch.distributed as dist
 from pretrain import dsadapter, faults
 from pretrain.checkpoint import store
 from pretrain.plan import preflight
-from pretrain.run import init_from, lock, stop, watchdog
+from pretrain.run import batches as feed, init_from, lock, stop, watchdog
 from pretrain.config.load import config_to_yaml
 from pretrain.config.schema import SHAPE_KEYS, Config, to_dict
 from pretrain.config.validate import Layout
 from pretrain.errors import UserError
 from pretrain.checkpoint.resume_check import resolved_config
+from pretrain.model.doc_check import self_check
 from pretrain.run.data import RunData
 from pretrain.run.recovery import EXIT_NONFINITE, Recovery
 from pretrain.run.schedule import lr_at
@@ -98,8 +99,9 @@ class Trainer(Recovery):
         # pretraining); a resume overrides them.
         source, init_tag = (init_from.weights(cfg, lay, self._model_shape(), self.monitor.print)
                             if cfg.checkpoint.init_from else (None, None))
+        self.docs = feed.run_documents(cfg, self.data, self.device)  # packed-document options, or None
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank, in every layout
-        model = build_model(cfg, lay, self.topo, self.device, source)  # only this rank's piece, on its device
+        model = build_model(cfg, lay, self.topo, self.device, source, self.docs)  # this rank's piece, on its device
         print(memory_line(self.rank, self.device), flush=True)
         self.optim_groups = optimizer_group_names(model, cfg, self.topo)  # recorded in every checkpoint
         self.engine, self.opt = build_engine(cfg, lay, model, self.topo)
@@ -131,6 +133,9 @@ class Trainer(Recovery):
                            f"from step {self.step} to {cfg.train.max_steps}")
         for note in layout_advice(cfg, lay):
             self.monitor.print(note)
+        if self.docs is not None:  # before step 1: does the attention path keep documents apart?
+            self_check(cfg.model, self.docs, self.device, self.data.vocab_size)
+            self.monitor.print(self.docs.describe() + " (self-check passed)")
         rc = self._loop()
         if self.writer is not None:
             with self.watchdog.grace("checkpoint"):
@@ -248,27 +253,42 @@ class Trainer(Recovery):
         faults.poison_grad(engine.module, self.step, self.rank)
         factor = faults.loss_factor(self.step, self.rank, self.consumed, lay.global_batch_size)
         loss_sum = torch.zeros((), device=self.device)
+        micro, denominator = self._step_batches(batches)
         if self.pipe:  # 1F1B over grad_accum micro-batches; the loss comes from the last stage
             engine.module.loss_fn.factor = factor
+            engine.module.loss_fn.denominator = denominator
             opt.begin_step()  # the loss is read at step time (GuardedAdamW.loss_source)
-            return loss_sum + engine.train_batch(data_iter=batches).detach().float() * lay.grad_accum
-        for micro in range(lay.grad_accum):
-            batch = next(batches).to(self.device, non_blocking=True)
-            loss = engine(batch[:, :-1], batch[:, 1:])
+            return loss_sum + engine.train_batch(data_iter=micro).detach().float() * lay.grad_accum
+        for k in range(lay.grad_accum):
+            inputs, labels, kwargs = next(micro)
+            loss = engine(inputs, labels, denominator=denominator, **kwargs)
             if factor != 1.0:
                 loss = loss * factor
             loss_sum += loss.detach().float()
             engine.backward(loss)
-            if micro == lay.grad_accum - 1:  # the boundary: DeepSpeed calls opt.step() now
+            if k == lay.grad_accum - 1:  # the boundary: DeepSpeed calls opt.step() now
                 opt.begin_step(loss_sum / lay.grad_accum)
             engine.step()
         return loss_sum
+
+    def _step_batches(self, source):
+        """This step's micro-batches -- (inputs, labels) pairs for the pipeline, (inputs, labels,
+        model keyword arguments) otherwise -- and the loss divisor (None: each micro-batch's own
+        count; with data.eod_mask_loss the global batch's, `pretrain.run.batches`)."""
+        lay = self.layout
+        micro = source if self.pipe else (feed.split(next(source).to(self.device, non_blocking=True), self.docs)
+                                          for _ in range(lay.grad_accum))
+        if not feed.needs_denominator(self.docs):
+            return micro, None
+        micro = [next(micro) for _ in range(lay.grad_accum)]
+        return iter(micro), feed.global_denominator([m[1] for m in micro], self.topo.dp_group,
+                                                       lay.grad_accum, lay.dp)
 
     def _open_data(self) -> None:
         """The training batches from sample `self.consumed` on."""
         self.batches = self.data.train_batches(self.consumed)
         if self.pipe:  # DeepSpeed reads (inputs, labels) on the first and last stages only
-            self.batches = ((b[:, :-1], b[:, 1:]) for b in self.batches)
+            self.batches = feed.pipe_pairs(self.batches, self.docs)
 
     def _open_window(self) -> None:
         """Start a throughput window at this step: its stepped losses, the seconds of validation
@@ -381,7 +401,7 @@ class Trainer(Recovery):
         if batches is None:
             return
         loss = self._mean_over_dp(validation_loss(self.engine, batches, self.pipe, self.cfg.train.eval_steps,
-                                                  self.device))
+                                                  self.device, self.docs))
         ppl = math.exp(loss) if loss < 50 else float("inf")
         self.monitor.log(self.step, {f"{which}/loss": loss, f"{which}/perplexity": ppl},
                          tokens=self.consumed * self.cfg.model.seq_len)

@@ -1,0 +1,144 @@
+"""Documents inside a packed window: document ids, restarted positions, block-causal attention.
+
+A training sample is a window of seq_len + 1 tokens cut from the concatenated documents, each
+ending in an EOD token (Megatron's packing). Three options (data.reset_attention_mask,
+data.reset_position_ids, data.eod_mask_loss) keep documents apart inside a window:
+
+* block-causal attention: token t attends to token s only if s <= t and both lie in the same
+  document;
+* positions restart at 0 at the first token of each document (learned and RoPE positions);
+* no loss where the *input* token is EOD (its target is the next document's first token).
+
+An EOD ends its document: it belongs to the document before it, so token t's document id is
+the number of EODs strictly before t. Everything here is computed on the device from the
+micro-batch's own tokens and never cached across micro-batches (a mask shared by reference
+between batches can drift: Megatron-LM#1269).
+
+Attention paths (`Documents.path`, chosen by `choose_path`, logged once by the trainer):
+'sdpa' -- `F.scaled_dot_product_attention` with a boolean (B, 1, T, T) mask, any device;
+'flex' -- FlexAttention with a `BlockMask` (CUDA: compiled; it skips the masked tiles).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # the loss's ignore index (F.cross_entropy's default)
+PATHS = ("auto", "sdpa", "flex")
+
+
+@dataclasses.dataclass(frozen=True)
+class Documents:
+    """The document options of a run and the EOD id that separates documents."""
+
+    eod: int
+    mask: bool = False  # data.reset_attention_mask
+    positions: bool = False  # data.reset_position_ids
+    mask_loss: bool = False  # data.eod_mask_loss
+    path: str = "sdpa"  # attention path for the mask: 'sdpa' or 'flex'
+
+    @property
+    def segmented(self) -> bool:
+        """Whether the model needs per-token document information (mask or positions)."""
+        return self.mask or self.positions
+
+    def segments(self, idx: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(doc, pos) for the model's forward: document ids (B, T) when the mask is on, restarted
+        position ids (B, T) when positions are; None for what is off."""
+        if not self.segmented:
+            return None, None
+        doc = document_ids(idx, self.eod)
+        return (doc if self.mask else None), (positions(doc) if self.positions else None)
+
+    def labels(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The targets with IGNORE_INDEX where the input token is EOD (eod_mask_loss); a new
+        tensor, the batch itself is never written."""
+        return labels.masked_fill(inputs == self.eod, IGNORE_INDEX) if self.mask_loss else labels
+
+    def describe(self) -> str:
+        on = [name for name, flag in (("reset_attention_mask", self.mask), ("reset_position_ids", self.positions),
+                                      ("eod_mask_loss", self.mask_loss)) if flag]
+        how = f"; block-causal attention by {PATH_NAMES[self.path]}" if self.mask else ""
+        return f"documents: {', '.join(on)} (EOD id {self.eod}){how}"
+
+
+PATH_NAMES = {"sdpa": "SDPA with a boolean block-causal mask", "flex": "FlexAttention with a BlockMask"}
+
+
+def choose_path(setting: str, device: torch.device) -> str:
+    """'auto' -> FlexAttention on CUDA, SDPA with a mask elsewhere; otherwise the setting."""
+    if setting == "auto":
+        return "flex" if device.type == "cuda" and _flex_available() else "sdpa"
+    return setting
+
+
+def _flex_available() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def document_ids(idx: torch.Tensor, eod: int) -> torch.Tensor:
+    """(B, T) int64: the number of EOD tokens strictly before each position (an EOD closes its
+    own document)."""
+    is_eod = (idx == eod).long()
+    return is_eod.cumsum(dim=1) - is_eod
+
+
+def positions(doc: torch.Tensor) -> torch.Tensor:
+    """(B, T) int64 position ids that restart at 0 at the first token of each document."""
+    T = doc.size(1)
+    t = torch.arange(T, device=doc.device).expand_as(doc)
+    first = torch.ones_like(doc, dtype=torch.bool)
+    first[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    start = torch.where(first, t, torch.zeros_like(t)).cummax(dim=1).values  # each token's document start
+    return t - start
+
+
+def block_causal_mask(doc: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) bool, True where query t may attend to key s: s <= t, same document."""
+    T = doc.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
+    return (doc.unsqueeze(2) == doc.unsqueeze(1)).unsqueeze(1) & causal
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: Optional[torch.Tensor],
+           path: str = "sdpa") -> torch.Tensor:
+    """Causal attention of q, k, v (B, h, T, hd), block-causal within documents when `doc`
+    (B, T) is given. `path` 'causal' ignores `doc` (only for the self-check's failure test)."""
+    if doc is None or path == "causal":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if path == "flex":
+        return _flex(q, k, v, doc)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(doc))
+
+
+_compiled_flex = None
+
+
+def _flex(q, k, v, doc):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    global _compiled_flex
+
+    def same_doc_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
+
+    B, T = doc.shape
+    block_mask = create_block_mask(same_doc_causal, B, None, T, T, device=doc.device)
+    if q.device.type != "cuda":  # the unfused reference (tests on CPU); quiet about it
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return flex_attention(q, k, v, block_mask=block_mask)
+    if torch.compiler.is_compiling():  # inside a compiled block: traced with it
+        return flex_attention(q, k, v, block_mask=block_mask)
+    if _compiled_flex is None:  # eager CUDA: FlexAttention is only fast compiled
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask)
