@@ -3,8 +3,9 @@
 * identical 16-token documents at seq_len 64 train exactly like the same corpus at seq_len 16
   with 4x the micro-batch, with data.reset_attention_mask, reset_position_ids and eod_mask_loss
   on (loss curves within 1e-5, fp32); with them off the curves differ;
-* TP=2 (sequence parallel, activation checkpointing), PP=2 (activation checkpointing) and DP=2 x
-  ZeRO-1 give the single process's losses and gradient norms with the options on; documents of
+* TP=2 (sequence parallel, activation checkpointing), PP=2 (activation checkpointing, compiled
+  blocks) and DP=2 x ZeRO-1 give the single process's losses and gradient norms with the
+  options on; documents of
   random lengths put different numbers of masked targets in each micro-batch, and each layout
   splits the global batch of 8 differently (1 x 8, 4 x 2, 2 x 4, 2 ranks x 2 x 2), so equal
   losses also show the global-batch token mean;
@@ -70,8 +71,8 @@ def test_identical_documents_train_the_same_at_seq_len_64_and_16(corpora, tmp_pa
 LAYOUTS = {
     "single": (1, ["train.micro_batch_size=8"]),
     "tp2-sp-ckpt": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true", "model.activation_checkpointing=true"]),
-    "pp2-ckpt": (2, ["parallel.pipeline=2", "parallel.zero_stage=0", "model.activation_checkpointing=true",
-                     "train.micro_batch_size=4"]),
+    "pp2-ckpt-compile": (2, ["parallel.pipeline=2", "parallel.zero_stage=0", "model.activation_checkpointing=true",
+                             "train.compile=true", "train.micro_batch_size=4"]),
     "dp2-zero1": (2, ["parallel.data=2", "parallel.zero_stage=1"]),
 }
 
