@@ -76,11 +76,9 @@ def choose_path(setting: str, device: torch.device) -> str:
 
 
 def _flex_available() -> bool:
-    try:
-        from torch.nn.attention import flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
 def document_ids(idx: torch.Tensor, eod: int) -> torch.Tensor:

@@ -65,6 +65,20 @@ def needs_denominator(docs: Optional[Documents]) -> bool:
     return docs is not None and docs.mask_loss
 
 
+def step_micro_batches(source: Iterator, pipe: bool, layout, docs: Optional[Documents], device: torch.device,
+                       dp_group) -> tuple[Iterator, Optional[torch.Tensor]]:
+    """One optimizer step's micro-batches from `source` -- the (inputs, labels) pairs themselves
+    for a pipeline, (inputs, labels, model keyword arguments) otherwise -- and the loss divisor:
+    None (each micro-batch's own count), or with data.eod_mask_loss the global batch's
+    (`global_denominator`; the step's micro-batches are read first to count them)."""
+    gas = layout.grad_accum
+    micro = source if pipe else (split(next(source).to(device, non_blocking=True), docs) for _ in range(gas))
+    if not needs_denominator(docs):
+        return micro, None
+    micro = [next(micro) for _ in range(gas)]
+    return iter(micro), global_denominator([m[1] for m in micro], dp_group, gas, layout.dp)
+
+
 def global_denominator(labels: list[torch.Tensor], group, grad_accum: int, dp: int) -> torch.Tensor:
     """N / (grad_accum * dp), N the targets that are not IGNORE_INDEX in the global batch
     (`labels`: this rank's micro-batches of the step; summed over `group`, the data-parallel

@@ -3,6 +3,8 @@ data-parallel replicas), and the downstream tasks of eval.tasks (lm-evaluation-h
 pretrain.eval)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -56,3 +58,31 @@ def open_tasks(cfg, layout, topo, tokenizer_dir, log):
 def task_scalars(results: dict) -> dict:
     """{'eval/<task>/<metric>': value} of LiveEval's {task: {metric: value}}."""
     return {f"eval/{task}/{metric}": value for task, ms in results.items() for metric, value in ms.items()}
+
+
+class Evaluating:
+    """The trainer's evaluations (a mixin of `pretrain.run.trainer.Trainer`): the validation or
+    test loss, and eval.tasks on the live model."""
+
+    def _validate(self, which: str = "val") -> None:
+        batches = self.data.valid_batches() if which == "val" else self.data.test_batches()
+        if batches is None:
+            return
+        loss = self._mean_over_dp(validation_loss(self.engine, batches, self.pipe, self.cfg.train.eval_steps,
+                                                  self.device, self.docs))
+        ppl = math.exp(loss) if loss < 50 else float("inf")
+        self.monitor.log(self.step, {f"{which}/loss": loss, f"{which}/perplexity": ppl},
+                         tokens=self.consumed * self.cfg.model.seq_len)
+        self.monitor.print(f"{'validation' if which == 'val' else which} at step {self.step}: loss {loss:.4f} | "
+                           f"perplexity {ppl:.2f}")
+
+    def _live_eval(self):
+        return open_tasks(self.cfg, self.layout, self.topo, self.data.tokenizer_dir, self.monitor.print)
+
+    def _downstream(self) -> None:
+        """eval.tasks on the live model (every rank; RNG states restored, so training goes on
+        exactly as without it): eval/<task>/<metric> scalars at this step."""
+        scalars = task_scalars(self.live_eval(self.engine))
+        if scalars:
+            self.monitor.log(self.step, scalars)
+            self.monitor.print(f"eval at step {self.step}: " + " | ".join(f"{k[5:]} {v:.4f}" for k, v in scalars.items()))

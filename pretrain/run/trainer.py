@@ -3,7 +3,6 @@ group -> data -> model -> DeepSpeed engine -> resume or init -> loop (log, valid
 checkpoint) -> clean exit."""
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -21,12 +20,12 @@ from pretrain.errors import UserError
 from pretrain.checkpoint.resume_check import resolved_config
 from pretrain.model.doc_check import self_check
 from pretrain.run.data import RunData
+from pretrain.run.evaluation import Evaluating
 from pretrain.run.recovery import EXIT_NONFINITE, Recovery
 from pretrain.run.schedule import lr_at
 
 
-
-class Trainer(Recovery):
+class Trainer(Recovery, Evaluating):
     joined = False  # this process joined a process group (see leave)
 
     def __init__(self, cfg: Config, layout: Layout):
@@ -253,7 +252,7 @@ class Trainer(Recovery):
         faults.poison_grad(engine.module, self.step, self.rank)
         factor = faults.loss_factor(self.step, self.rank, self.consumed, lay.global_batch_size)
         loss_sum = torch.zeros((), device=self.device)
-        micro, denominator = self._step_batches(batches)
+        micro, denominator = feed.step_micro_batches(batches, self.pipe, lay, self.docs, self.device, self.topo.dp_group)
         if self.pipe:  # 1F1B over grad_accum micro-batches; the loss comes from the last stage
             engine.module.loss_fn.factor = factor
             engine.module.loss_fn.denominator = denominator
@@ -270,19 +269,6 @@ class Trainer(Recovery):
                 opt.begin_step(loss_sum / lay.grad_accum)
             engine.step()
         return loss_sum
-
-    def _step_batches(self, source):
-        """This step's micro-batches -- (inputs, labels) pairs for the pipeline, (inputs, labels,
-        model keyword arguments) otherwise -- and the loss divisor (None: each micro-batch's own
-        count; with data.eod_mask_loss the global batch's, `pretrain.run.batches`)."""
-        lay = self.layout
-        micro = source if self.pipe else (feed.split(next(source).to(self.device, non_blocking=True), self.docs)
-                                          for _ in range(lay.grad_accum))
-        if not feed.needs_denominator(self.docs):
-            return micro, None
-        micro = [next(micro) for _ in range(lay.grad_accum)]
-        return iter(micro), feed.global_denominator([m[1] for m in micro], self.topo.dp_group,
-                                                       lay.grad_accum, lay.dp)
 
     def _open_data(self) -> None:
         """The training batches from sample `self.consumed` on."""
@@ -393,35 +379,6 @@ class Trainer(Recovery):
             scalars["train/loss_scale_events"] = self.skips.loss_scale_events
         self.monitor.log(self.step, scalars)
         self.monitor.train_line(self.step, scalars)
-
-    def _validate(self, which: str = "val") -> None:
-        from pretrain.run.evaluation import validation_loss
-
-        batches = self.data.valid_batches() if which == "val" else self.data.test_batches()
-        if batches is None:
-            return
-        loss = self._mean_over_dp(validation_loss(self.engine, batches, self.pipe, self.cfg.train.eval_steps,
-                                                  self.device, self.docs))
-        ppl = math.exp(loss) if loss < 50 else float("inf")
-        self.monitor.log(self.step, {f"{which}/loss": loss, f"{which}/perplexity": ppl},
-                         tokens=self.consumed * self.cfg.model.seq_len)
-        self.monitor.print(f"{'validation' if which == 'val' else which} at step {self.step}: loss {loss:.4f} | "
-                           f"perplexity {ppl:.2f}")
-
-    def _live_eval(self):
-        from pretrain.run.evaluation import open_tasks
-
-        return open_tasks(self.cfg, self.layout, self.topo, self.data.tokenizer_dir, self.monitor.print)
-
-    def _downstream(self) -> None:
-        """eval.tasks on the live model (every rank; RNG states restored, so training goes on
-        exactly as without it): eval/<task>/<metric> scalars at this step."""
-        from pretrain.run.evaluation import task_scalars
-
-        scalars = task_scalars(self.live_eval(self.engine))
-        if scalars:
-            self.monitor.log(self.step, scalars)
-            self.monitor.print(f"eval at step {self.step}: " + " | ".join(f"{k[5:]} {v:.4f}" for k, v in scalars.items()))
 
     def _save(self) -> Path:
         """Start the checkpoint of this step (committed in the background with checkpoint.async_save);
