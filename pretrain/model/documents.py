@@ -21,6 +21,7 @@ Attention paths (`Documents.path`, chosen by `choose_path`, logged once by the t
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Optional
 
 import torch
@@ -113,7 +114,23 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: Optional[torc
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if path == "flex":
         return _flex(q, k, v, doc)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(doc))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_mask_of(doc))
+
+
+_masks: dict[int, torch.Tensor] = {}
+
+
+def _mask_of(doc: torch.Tensor) -> torch.Tensor:
+    """block_causal_mask(doc), built once per `doc` tensor: every layer of a forward (and its
+    recomputation under activation checkpointing) gets the same ids object. The mask is dropped
+    with the ids (a finalizer), so none outlives its micro-batch."""
+    if torch.compiler.is_compiling():
+        return block_causal_mask(doc)
+    mask = _masks.get(id(doc))
+    if mask is None:
+        mask = _masks[id(doc)] = block_causal_mask(doc)
+        weakref.finalize(doc, _masks.pop, id(doc), None)
+    return mask
 
 
 _compiled_flex = None

@@ -1,0 +1,145 @@
+"""The cost and effect of packed-document training (docs/DATA.md, "Packing and documents"):
+data.reset_attention_mask + reset_position_ids + eod_mask_loss on against off, on the
+quickstart shape at seq_len 1024 with short documents.
+
+Data: the Python standard library's sources cut at blank lines into short documents (100 to
+2000 bytes, tens to hundreds of tokens each, so a 1024-token window holds several), prepared
+once with a byte-level BPE of 4096 tokens into --workdir.
+
+1. Throughput: `tools/bench_train.py`'s runner (the real trainer, one process, fp32), options
+   on and off alternating for --repeat rounds; the mean step time of the timed steps, tokens/s,
+   and the median of the per-round ratios on/off. Target: on at most 15% slower.
+2. Quality A/B (--ab-steps, 0 to skip): the same data, seed and steps with the options on and
+   off; each run's final validation loss, as that run computes it (with the options on, EOD
+   inputs carry no loss and no token sees another document: not the same quantity).
+
+    python tools/bench_documents.py                      # ~6 min on 2 CPU cores
+    python tools/bench_documents.py --ab-steps 0 --repeat 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_train  # noqa: E402  (the trainer runner and its shape handling)
+
+ON = ["data.reset_attention_mask=true", "data.reset_position_ids=true", "data.eod_mask_loss=true"]
+
+
+def write_corpus(path: Path, mb: float) -> None:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    budget, size = mb * 2**20, 0
+    with open(path, "w", encoding="utf-8") as f:
+        for src in sorted(stdlib.rglob("*.py")):
+            if "site-packages" in src.parts:
+                continue
+            try:
+                text = src.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+            for para in text.split("\n\n"):
+                if 100 <= len(para.encode()) <= 2000:
+                    f.write(json.dumps({"text": para}) + "\n")
+                    size += len(para)
+            if size >= budget:
+                return
+
+
+def prepare(workdir: Path, mb: float) -> Path:
+    data = workdir / "data"
+    if (data / "manifest.json").is_file():
+        return data
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_corpus(workdir / "corpus.jsonl", mb)
+    subprocess.run([sys.executable, "-m", "pretrain.data.prep", str(workdir / "corpus.jsonl"), "-o", str(data),
+                    "--tokenizer", "bpe:4096", "--split", "0.95,0.05", "--quiet"], check=True)
+    return data
+
+
+def throughput(a, data: Path) -> None:
+    sys.argv = [sys.argv[0], "--config", str(bench_train.ROOT / "configs" / "quickstart.yaml"), "--data", str(data),
+                "--steps", str(a.steps), "--warmup", str(a.warmup), "--repeat", str(a.repeat),
+                f"model.seq_len={a.seq_len}", f"train.micro_batch_size={a.micro_batch}", "parallel.zero_stage=0"]
+    b = bench_train._parse()
+    os.chdir(bench_train.ROOT)
+    ov, cfg, layout, _ = bench_train._shape(b)
+    env = bench_train._env(b.threads)
+    tok = layout.micro_batch_size * cfg.model.seq_len
+    ver = bench_train._versions()
+    print(f"throughput: {cfg.model.n_layer}x{cfg.model.d_model}, T {cfg.model.seq_len}, B {layout.micro_batch_size}; "
+          f"{b.warmup} warm-up + {b.steps} timed steps, {b.repeat} round(s); {ver['device']}, torch {ver['torch']}, "
+          f"deepspeed {ver['deepspeed']}", flush=True)
+    ms: dict[str, list[float]] = {"on": [], "off": []}
+    tmp = Path(tempfile.mkdtemp(prefix="bench_documents_"))
+    for r in range(b.repeat):
+        for side in (("on", "off") if r % 2 == 0 else ("off", "on")):
+            saved = b.overrides
+            b.overrides = saved + (ON if side == "on" else [])
+            res = bench_train.run_ours(b, ov, str(tmp / f"{side}{r}"), env, tok, None)
+            b.overrides = saved
+            ms[side].append(res["step_ms"])
+            print(f"  round {r + 1} options {side:3s}: {res['step_ms']:8.1f} ms/step, {res['tokens_per_sec']:,} tok/s",
+                  flush=True)
+    ratios = [on / off for on, off in zip(ms["on"], ms["off"])]
+    on, off = statistics.median(ms["on"]), statistics.median(ms["off"])
+    print(f"throughput: options on {tok / on * 1e3:,.0f} tok/s ({on:.1f} ms/step), off {tok / off * 1e3:,.0f} tok/s "
+          f"({off:.1f} ms/step); on is {100 * (on / off - 1):+.1f}% step time; per-round on/off "
+          f"{[round(x, 3) for x in ratios]}")
+
+
+def quality(a, data: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="bench_documents_ab_"))
+    common = ["--config", str(bench_train.ROOT / "configs" / "quickstart.yaml"), f"data.paths=[{data}]",
+              f"model.seq_len={a.seq_len}", f"train.micro_batch_size={a.micro_batch}", f"train.max_steps={a.ab_steps}",
+              "train.eval_interval=0", "train.eval_steps=20", "checkpoint.interval=0", "logging.interval=50",
+              "logging.tensorboard=false", "parallel.zero_stage=0", f"schedule.warmup_steps={max(1, a.ab_steps // 10)}"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads or os.cpu_count())}
+    finals = {}
+    for side in ("off", "on"):
+        out = tmp / side
+        cmd = [sys.executable, "-m", "pretrain.train", *common, f"train.out_dir={out}", *(ON if side == "on" else [])]
+        subprocess.run(cmd, env=env, cwd=bench_train.ROOT, check=True, stdout=subprocess.DEVNULL)
+        rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+        finals[side] = next(r["val/loss"] for r in reversed(rows) if "val/loss" in r)
+        train = [r["train/loss"] for r in rows if "train/loss" in r]
+        print(f"quality: options {side:3s}: {a.ab_steps} steps, last train loss {train[-1]:.4f}, "
+              f"final validation loss {finals[side]:.4f} (as this run computes it)", flush=True)
+    print(f"quality: validation loss on - off = {finals['on'] - finals['off']:+.4f} "
+          "(the 'on' loss leaves out EOD inputs and cross-document context: not the same quantity)")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__)
+    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bench_documents"),
+                   help="where the corpus and its shards are kept (reused)")
+    p.add_argument("--mb", type=float, default=4.0, help="corpus size in MB of text")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=8, help="timed steps per throughput run")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=3, help="throughput rounds, on/off alternating")
+    p.add_argument("--ab-steps", type=int, default=150, help="steps of each quality run (0: skip)")
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args()
+    data = prepare(Path(a.workdir), a.mb)
+    m = json.loads((data / "manifest.json").read_text())
+    docs, tokens = m["totals"]["documents"], m["totals"]["tokens"]
+    print(f"data: {data}: {docs:,} documents, {tokens:,} tokens ({tokens / docs:.0f} per document, "
+          f"EOD included); seq_len {a.seq_len}")
+    throughput(a, data)
+    if a.ab_steps:
+        quality(a, data)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
