@@ -108,6 +108,31 @@ def test_flex_path_equals_sdpa_path():
     assert (sdpa[0] - documents.attend(q, k, v, None)[0]).abs().max() > 1e-3
 
 
+def test_cpu_tiles_equal_one_masked_attention_outputs_and_gradients():
+    """The CPU path's query tiles (each against the keys its documents reach) give the whole
+    masked attention's outputs and gradients: short documents, a document longer than a tile,
+    and one document filling the window."""
+    torch.manual_seed(0)
+    T = 2 * documents.TILE + 88
+    ids = torch.randint(1, 50, (3, T))
+    ids[0, torch.rand(T) < 1 / 30] = EOD  # short documents
+    ids[1, [5, 400]] = EOD  # one longer than a tile
+    for rows, first_keys in ((2, None), (3, [0, 0, 0])):  # the window-long row reaches key 0
+        doc = documents.document_ids(ids[:rows], EOD)
+        tiles = documents._tiles_of(doc)
+        assert len(tiles) == 3 and [t[2] for t in tiles] == (first_keys or [0, 6, 401])
+        q, k, v = (torch.randn(rows, 2, T, 8, requires_grad=True) for _ in range(3))
+        got = documents.attend(q, k, v, doc)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=documents.block_causal_mask(doc))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        g_got = torch.autograd.grad(got.square().sum(), [q, k, v])
+        g_want = torch.autograd.grad(want.square().sum(), [q, k, v])
+        for a, b in zip(g_got, g_want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    short = documents.document_ids(ids[:1], EOD)
+    assert documents._tiles_of(short)[2][2] > documents.TILE  # short documents: a band near the diagonal
+
+
 def test_global_token_mean_over_micro_batches_with_different_masked_counts():
     """Each micro-batch's summed token loss over N / grad_accum is the whole batch's token mean,
     whatever the split; each micro-batch's own mean (averaged) is not."""

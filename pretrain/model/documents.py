@@ -15,7 +15,8 @@ micro-batch's own tokens and never cached across micro-batches (a mask shared by
 between batches can drift: Megatron-LM#1269).
 
 Attention paths (`Documents.path`, chosen by `choose_path`, logged once by the trainer):
-'sdpa' -- `F.scaled_dot_product_attention` with a boolean (B, 1, T, T) mask, any device;
+'sdpa' -- `F.scaled_dot_product_attention` with a boolean block-causal mask, any device (on CPU
+          per tile of 256 queries, against the keys their documents reach);
 'flex' -- FlexAttention with a `BlockMask` (CUDA: compiled; it skips the masked tiles).
 """
 from __future__ import annotations
@@ -114,23 +115,34 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: Optional[torc
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if path == "flex":
         return _flex(q, k, v, doc)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=_mask_of(doc))
+    if q.device.type != "cpu" or torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(doc))
+    # CPU: query tiles, each against the keys from the earliest document start in the tile on
+    # (a mask computes every (query, key) pair, twice the causal kernel's work: with short
+    # documents the tiles read a band near the diagonal instead, less than causal attention)
+    out = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, k0:e], v[:, :, k0:e], attn_mask=m)
+           for s, e, k0, m in _tiles_of(doc)]
+    return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
 
-_masks: dict[int, torch.Tensor] = {}
+TILE = 256  # query rows per tile of the CPU path (measured: docs/PERFORMANCE.md, "Packed documents")
+_tiles: dict[int, list] = {}
 
 
-def _mask_of(doc: torch.Tensor) -> torch.Tensor:
-    """block_causal_mask(doc), built once per `doc` tensor: every layer of a forward (and its
-    recomputation under activation checkpointing) gets the same ids object. The mask is dropped
-    with the ids (a finalizer), so none outlives its micro-batch."""
-    if torch.compiler.is_compiling():
-        return block_causal_mask(doc)
-    mask = _masks.get(id(doc))
-    if mask is None:
-        mask = _masks[id(doc)] = block_causal_mask(doc)
-        weakref.finalize(doc, _masks.pop, id(doc), None)
-    return mask
+def _tiles_of(doc: torch.Tensor) -> list[tuple[int, int, int, torch.Tensor]]:
+    """[(first query, end, first key, mask tile)] of the CPU path, made once per `doc` tensor:
+    every layer of a forward (and its recomputation under activation checkpointing) gets the
+    same ids object. Dropped with the ids (a finalizer), so none outlives its micro-batch."""
+    tiles = _tiles.get(id(doc))
+    if tiles is None:
+        T = doc.size(1)
+        mask = block_causal_mask(doc)
+        starts = list(range(0, T, TILE))
+        first = (torch.arange(T, device=doc.device) - positions(doc))[:, starts].amin(dim=0).tolist()
+        tiles = _tiles[id(doc)] = [(s, min(T, s + TILE), k0, mask[:, :, s:s + TILE, k0:s + TILE].contiguous())
+                                   for s, k0 in zip(starts, first)]
+        weakref.finalize(doc, _tiles.pop, id(doc), None)
+    return tiles
 
 
 _compiled_flex = None
