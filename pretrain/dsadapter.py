@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "version", "set_default_pg_timeout", "skip_cpu_shm_comm_build", "parse_config",
+    "version", "set_default_pg_timeout", "skip_cpu_shm_comm_build", "skip_muon_compile", "parse_config",
     "disable_backward_allreduce", "global_grad_norm", "device_side_invalid_grad_norm", "last_stage_loss",
     "checkpoint_engine_base", "swap_checkpoint_engine", "defer_recovery_scripts", "recovery_script_files",
     "universal_checkpoint_load", "convert_to_universal", "universal_args", "zero_fp32_state_dict",
@@ -69,6 +69,27 @@ def skip_cpu_shm_comm_build() -> None:
 
     if get_accelerator().device_name() == "cpu":  # (GPU accelerators have no such op: no probe needed)
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def skip_muon_compile() -> None:
+    """Spare every start DeepSpeed's torch.compile of its Muon kernels (1.2 s of CPU on 2 cores).
+
+    DeepSpeed imports its Muon optimizer module lazily from ZeRO's engine check and gradient
+    reduction, bf16 and stage-3 code, on every run; the module decorates three kernels with
+    `deepspeed.runtime.compiler.compile()` (torch.compile: inductor's imports and set-up). We never
+    use Muon, so we import the module first, once, with that decorator as DeepSpeed's own no-op
+    `dummy_decorator`: later imports find it loaded, the kernels stay eager."""
+    if "deepspeed.runtime.zero.muon.original_muon" in sys.modules:
+        return
+    from deepspeed.runtime import compiler
+
+    saved = compiler.compile
+    compiler.compile = lambda: compiler.dummy_decorator
+    try:
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+        import deepspeed.runtime.zero.muon.original_muon  # noqa: F401
+    finally:
+        compiler.compile = saved
 
 
 def parse_config(ds_config: dict):

@@ -304,6 +304,22 @@ def test_shm_comm_build_consults_compatible_ops():
                                                                    f"the op is now {ShareMemCommBuilder.NAME}")
 
 
+def test_muon_kernels_are_compiled_by_the_decorator_we_replace():
+    import subprocess
+
+    internal = "deepspeed.runtime.zero.muon.original_muon's @deepspeed.runtime.compiler.compile() kernels"
+    src = inspect.getsource(__import__("deepspeed.runtime.compiler", fromlist=["x"]))
+    assert "def compile(" in src and "def dummy_decorator(" in src, broke(internal, "skip_muon_compile")
+    # In a fresh interpreter: after the adapter's import, DeepSpeed's lazy imports of Muon (as
+    # ZeRO's gradient reduction makes them) compile nothing: inductor is never imported.
+    code = ("import sys; from pretrain import dsadapter; dsadapter.skip_muon_compile(); "
+            "from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam; "
+            "from deepspeed.runtime.zero.muon.original_muon import muon_update; "
+            "print('inductor' if 'torch._inductor' in sys.modules else 'eager')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().endswith("eager"), broke(internal, "skip_muon_compile", out.stdout + out.stderr[-2000:])
+
+
 def test_pipe_tied_comms():
     import torch
     from deepspeed.runtime.pipe.module import PipelineModule

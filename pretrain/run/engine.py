@@ -282,6 +282,7 @@ def build_engine(cfg: Config, layout: Layout, model: torch.nn.Module, topo=None)
         # The head reads the embedding's weight outside the embedding's forward.
         deepspeed.zero.register_external_parameter(model.head, model.embed.wte.weight)
     mpu = None if pipe or topo is None else topo.mpu()
+    dsadapter.skip_muon_compile()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
     if layout.zero_stage == 0 and layout.dp == 1 and not pipe:
         dsadapter.disable_backward_allreduce(engine)  # one replica: no all-reduce over a group of one
