@@ -35,7 +35,8 @@ _S: Optional[Settings] = None
 _TOK = None
 
 
-def init_worker(settings: Settings) -> None:
+def init_worker(settings: Settings, tok=None) -> None:
+    """`tok`: the tokenizer already loaded (a forked worker inherits the main process's)."""
     global _S, _TOK
     if settings.single_thread:
         _die_with_parent()
@@ -44,7 +45,10 @@ def init_worker(settings: Settings) -> None:
     from pretrain.data.tokenizer import load_tokenizer
 
     _S = settings
-    _TOK = load_tokenizer(settings.tokenizer) if settings.tokenizer else None
+    if tok is not None:
+        _TOK = tok
+    else:
+        _TOK = load_tokenizer(settings.tokenizer) if settings.tokenizer else None
 
 
 def _die_with_parent() -> None:
