@@ -65,29 +65,18 @@ def prepare(workdir: Path, mb: float) -> Path:
 
 
 def throughput(a, data: Path) -> None:
-    sys.argv = [sys.argv[0], "--config", str(bench_train.ROOT / "configs" / "quickstart.yaml"), "--data", str(data),
-                "--steps", str(a.steps), "--warmup", str(a.warmup), "--repeat", str(a.repeat),
-                f"model.seq_len={a.seq_len}", f"train.micro_batch_size={a.micro_batch}", "parallel.zero_stage=0"]
-    b = bench_train._parse()
-    os.chdir(bench_train.ROOT)
-    ov, cfg, layout, _ = bench_train._shape(b)
-    env = bench_train._env(b.threads)
-    tok = layout.micro_batch_size * cfg.model.seq_len
-    ver = bench_train._versions()
-    print(f"throughput: {cfg.model.n_layer}x{cfg.model.d_model}, T {cfg.model.seq_len}, B {layout.micro_batch_size}; "
-          f"{b.warmup} warm-up + {b.steps} timed steps, {b.repeat} round(s); {ver['device']}, torch {ver['torch']}, "
-          f"deepspeed {ver['deepspeed']}", flush=True)
-    ms: dict[str, list[float]] = {"on": [], "off": []}
+    argv = ["--config", str(bench_train.ROOT / "configs" / "quickstart.yaml"), "--data", str(data),
+            "--steps", str(a.steps), "--warmup", str(a.warmup), "--repeat", str(a.repeat),
+            f"model.seq_len={a.seq_len}", f"train.micro_batch_size={a.micro_batch}", "parallel.zero_stage=0"]
+    b, ov, env, tok = bench_train.ab_setup(argv, "throughput")
     tmp = Path(tempfile.mkdtemp(prefix="bench_documents_"))
-    for r in range(b.repeat):
-        for side in (("on", "off") if r % 2 == 0 else ("off", "on")):
-            saved = b.overrides
-            b.overrides = saved + (ON if side == "on" else [])
-            res = bench_train.run_ours(b, ov, str(tmp / f"{side}{r}"), env, tok, None)
-            b.overrides = saved
-            ms[side].append(res["step_ms"])
-            print(f"  round {r + 1} options {side:3s}: {res['step_ms']:8.1f} ms/step, {res['tokens_per_sec']:,} tok/s",
-                  flush=True)
+
+    def show(r, side, res):
+        print(f"  round {r + 1} options {side:3s}: {res['step_ms']:8.1f} ms/step, {res['tokens_per_sec']:,} tok/s",
+              flush=True)
+
+    got = bench_train.alternate(b, ov, env, tok, {"on": ON, "off": []}, tmp, show)
+    ms = {side: [r["step_ms"] for r in rs] for side, rs in got.items()}
     ratios = [on / off for on, off in zip(ms["on"], ms["off"])]
     on, off = statistics.median(ms["on"]), statistics.median(ms["off"])
     print(f"throughput: options on {tok / on * 1e3:,.0f} tok/s ({on:.1f} ms/step), off {tok / off * 1e3:,.0f} tok/s "

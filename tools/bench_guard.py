@@ -12,7 +12,6 @@ of the per-round ratios on/off.
 """
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import tempfile
@@ -28,29 +27,17 @@ def main() -> int:
     argv = sys.argv[1:]
     defaults = ["--config", str(bench_train.ROOT / "configs" / "quickstart.yaml"), "--steps", "40",
                 "--warmup", "5", "--repeat", "3", "model.vocab_size=4096"]
-    sys.argv = [sys.argv[0], *defaults, *argv]  # later arguments win
-    a = bench_train._parse()
-    os.chdir(bench_train.ROOT)
-    ov, cfg, layout, _ = bench_train._shape(a)
-    env = bench_train._env(a.threads)
-    tok = layout.micro_batch_size * cfg.model.seq_len
-    ver = bench_train._versions()
-    print(f"bench_guard: {cfg.model.n_layer}x{cfg.model.d_model}, T {cfg.model.seq_len}, B {layout.micro_batch_size}; "
-          f"{a.warmup} warm-up + {a.steps} timed steps, {a.repeat} round(s); {ver['device']}, torch {ver['torch']}, "
-          f"deepspeed {ver['deepspeed']}", flush=True)
-    runs: dict[str, list[float]] = {"on": [], "off": []}
-    cpu: dict[str, list[float]] = {"on": [], "off": []}  # CPU seconds per step: less exposed to scheduling
+    a, ov, env, tok = bench_train.ab_setup([*defaults, *argv], "bench_guard")  # later arguments win
     tmp = Path(tempfile.mkdtemp(prefix="bench_guard_"))
-    for r in range(a.repeat):
-        for side in (("on", "off") if r % 2 == 0 else ("off", "on")):
-            saved = a.overrides
-            a.overrides = saved + (OFF if side == "off" else [])
-            res = bench_train.run_ours(a, ov, str(tmp / f"{side}{r}"), env, tok, None)
-            a.overrides = saved
-            runs[side].append(res["step_ms"])
-            cpu[side].append(res["cpu_s_per_step"] or float("nan"))
-            print(f"  round {r + 1} guard {side:3s}: {res['step_ms']:8.2f} ms/step, "
-                  f"{1e3 * cpu[side][-1]:8.2f} ms CPU/step", flush=True)
+
+    def show(r, side, res):
+        print(f"  round {r + 1} guard {side:3s}: {res['step_ms']:8.2f} ms/step, "
+              f"{1e3 * (res['cpu_s_per_step'] or float('nan')):8.2f} ms CPU/step", flush=True)
+
+    got = bench_train.alternate(a, ov, env, tok, {"on": [], "off": OFF}, tmp, show)
+    runs = {side: [r["step_ms"] for r in rs] for side, rs in got.items()}
+    # CPU seconds per step: less exposed to scheduling
+    cpu = {side: [r["cpu_s_per_step"] or float("nan") for r in rs] for side, rs in got.items()}
     for what, xs, unit in (("wall", runs, 1.0), ("CPU", cpu, 1e3)):
         ratios = [on / off for on, off in zip(xs["on"], xs["off"])]
         print(f"{what}: guard on {unit * statistics.median(xs['on']):.2f} ms/step, off "

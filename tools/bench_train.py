@@ -105,7 +105,7 @@ def _parse():
     p.add_argument("--keep", action="store_true", help="keep the run directories")
     p.add_argument("--smoke", action="store_true", help="a tiny model for a few steps (seconds)")
     p.add_argument("overrides", nargs="*", help="extra trainer overrides section.key=value")
-    a = p.parse_args()
+    a = p.parse_intermixed_args()  # overrides may come before and after options (bench_guard adds its own)
     if a.smoke:
         fill_defaults(a, SMOKE)
         a.steps, a.warmup, a.repeat = min(a.steps, 3), min(a.warmup, 1), 1
@@ -200,6 +200,39 @@ def run_ours(a, ov, run_dir, env, tok, compiled: bool | None):
     return {"step_ms": round(step_ms, 2), "tokens_per_sec": round(tok / (step_ms / 1e3)), "peak_rss": rss,
             "cpu_s_per_step": _cpu_per_step(cpu, a.warmup, a.steps),
             "peak_gpu_gib": round(gpu, 2) if gpu else None, "loss": timed[-1].get("train/loss")}
+
+
+def ab_setup(argv: list[str], label: str):
+    """For an A/B of our trainer against itself (bench_guard, bench_documents): parse `argv` as
+    this tool's arguments, resolve the shape and print it with the machine and versions under
+    `label`. Returns (args, shape overrides, environment, tokens per step)."""
+    sys.argv = [sys.argv[0], *argv]
+    a = _parse()
+    os.chdir(ROOT)
+    ov, cfg, layout, _ = _shape(a)
+    tok = layout.micro_batch_size * cfg.model.seq_len
+    ver = _versions()
+    print(f"{label}: {cfg.model.n_layer}x{cfg.model.d_model}, T {cfg.model.seq_len}, B {layout.micro_batch_size}; "
+          f"{a.warmup} warm-up + {a.steps} timed steps, {a.repeat} round(s); {ver['device']}, torch {ver['torch']}, "
+          f"deepspeed {ver['deepspeed']}", flush=True)
+    return a, ov, _env(a.threads), tok
+
+
+def alternate(a, ov, env, tok, sides: dict, tmp: Path, show) -> dict:
+    """Run our trainer for `a.repeat` rounds, each side once per round (order alternating round by
+    round, so drift hits both alike): `sides` maps a name to its extra overrides. `show(round,
+    name, result)` prints as it goes. Returns {name: [run_ours result per round]}."""
+    names = list(sides)
+    runs: dict = {name: [] for name in names}
+    for r in range(a.repeat):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            saved = a.overrides
+            a.overrides = saved + sides[name]
+            res = run_ours(a, ov, str(tmp / f"{name}{r}"), env, tok, None)
+            a.overrides = saved
+            runs[name].append(res)
+            show(r, name, res)
+    return runs
 
 
 def _versions() -> dict:

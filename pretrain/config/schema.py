@@ -104,19 +104,23 @@ class DataConfig:
     """Use random tokens instead of shards (benchmarks and smoke tests); needs model.vocab_size."""
     reset_attention_mask: bool = False
     """Block-causal attention: a token attends only to the tokens of its own document in a packed
-    window (EOD tokens separate documents). Megatron's --reset-attention-mask, torchtitan's
-    block_causal mask (docs/DATA.md, "Packing and documents")."""
+    window of seq_len + 1 tokens cut across documents (EOD tokens separate them). Megatron's
+    --reset-attention-mask, torchtitan's block_causal mask; GPT-NeoX has none (docs/DATA.md,
+    "Packing and documents")."""
     reset_position_ids: bool = False
     """Positions restart at 0 at each document of a window, for learned and RoPE positions.
-    Megatron's --reset-position-ids."""
+    Megatron's --reset-position-ids (GPT-NeoX has none)."""
     eod_mask_loss: bool = False
     """No loss where the input token is EOD (its target is the next document's first token).
     Megatron's --eod-mask-loss, GPT-NeoX's eod_mask_loss. The training loss is then the mean over the
     unmasked tokens of the whole global batch, the same in every layout and micro-batch split."""
     eod_token_id: Optional[int] = None
-    """The token id that ends each document, for the three options above. null = the eos_id that
-    pretrain-prep appended to every document (from the data's manifest). Needed for Megatron
-    prefixes without a manifest and for data.synthetic; with a manifest it must equal its eos_id."""
+    """The token id that ends each document, for the three options above (an EOD belongs to the
+    document it ends). null = the eos_id that pretrain-prep appended to every document (from the
+    data's manifest). Needed for Megatron prefixes without a manifest and for data.synthetic; with a
+    manifest it must equal its eos_id. Refused before step 1: data prepared with --no-eos, sources
+    with different EOD ids, an EOD that is also the BOS prep put before every document, or a
+    padding/unknown/mask token (docs/DATA.md, "Packing and documents")."""
     document_attention: str = "auto"
     """How block-causal attention runs: 'auto' (FlexAttention on CUDA, SDPA with a boolean mask
     elsewhere), 'sdpa' or 'flex'. Logged once at start-up."""

@@ -11,12 +11,9 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import sys
-import threading
 import time
-import warnings
 
 import numpy as np
 
@@ -25,6 +22,7 @@ from pretrain.data import encode
 from pretrain.data.indexed import sha256_file as _sha
 from pretrain.data.indexed import token_dtype
 from pretrain.data.manifest import FORMAT, FORMAT_VERSION, MANIFEST, write_json_atomic
+from pretrain.data.pool import NoBar, ordered_map, start_pool
 from pretrain.data.shards import Outputs, RestoreFailed, clean_outputs
 from pretrain.data.sources import check_extras, expand_inputs, iter_chunks, source_info
 from pretrain.data.tokenizer import load_tokenizer, parse_bpe_spec, train_bpe
@@ -39,67 +37,6 @@ CHECKPOINT_SECONDS = 60.0
 def _fingerprint(cfg: dict, sources: list[dict], tok_sha: str | None) -> str:
     blob = json.dumps({"cfg": cfg, "sources": sources, "tokenizer_sha256": tok_sha}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _start_method(tokenizer_arg: str) -> str:
-    """'fork' where it is safe, else 'spawn'. A forked worker is ready in milliseconds; a spawned one
-    starts Python and imports numpy, tokenizers and this package again first: 0.17-0.27 s, the
-    largest cost of the tool beyond the tokenizer on a 20 MB corpus with 2 cores (docs/PERFORMANCE.md).
-    Not while another Python thread runs (a lock it holds would stay held in the child), and not in
-    a bpe: run (it trains the tokenizer here: the tokenizers library's thread pool has run)."""
-    if (sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods()
-            and threading.active_count() == 1 and parse_bpe_spec(tokenizer_arg) is None):
-        return "fork"
-    return "spawn"
-
-
-def _init_forked_worker(settings, tok, lock) -> None:
-    lock.close()  # the child's copy of the output lock: the lock must end with the main process alone
-    encode.init_worker(settings, tok)
-
-
-def _start_pool(settings, workers: int, tokenizer_arg: str, tok, lock):
-    """The worker pool (None for --workers 1), started before anything else in this process could
-    start a thread (the progress bar's monitor does): see _start_method. `tokenizer_arg`: --tokenizer;
-    `tok`: the loaded tokenizer; `lock`: the output directory's lock file."""
-    if workers <= 1:
-        return None
-    settings.single_thread = True
-    method = _start_method(tokenizer_arg)
-    ctx = mp.get_context(method)
-    if method == "spawn":
-        return ctx.Pool(workers, initializer=encode.init_worker, initargs=(settings,))
-    # Forked workers reuse the loaded tokenizer. The tokenizers library warns in a forked child when
-    # this process used its parallelism before (in-process callers) unless the variable is set; the
-    # workers run single-threaded anyway (init_worker), and no other thread runs here to see it.
-    old = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        with warnings.catch_warnings():  # Python >= 3.12 warns of native threads (numpy's BLAS pool, fork-safe)
-            warnings.filterwarnings("ignore", r".*multi-threaded, use of fork\(\)", DeprecationWarning)
-            return ctx.Pool(workers, initializer=_init_forked_worker, initargs=(settings, tok, lock))
-    finally:
-        if old is None:
-            del os.environ["TOKENIZERS_PARALLELISM"]
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = old
-
-
-def _ordered_map(pool, settings, chunks, workers):
-    """Results of encode.process_chunk in input order, at most 2*workers+1 chunks in flight
-    (inline when `pool` is None)."""
-    if pool is None:
-        encode.init_worker(settings)
-        for c in chunks:
-            yield encode.process_chunk(c)
-        return
-    pending = collections.deque()
-    for c in chunks:
-        pending.append(pool.apply_async(encode.process_chunk, (c,)))
-        if len(pending) > 2 * workers:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
 
 
 def _lock(out: str):
@@ -298,7 +235,7 @@ def _outputs(out: str, journal, fractions, dtype, shard_size: int, quiet: bool):
 def _run(args, sources, settings, outputs, start, workers, total_in, checkpoint, sizes, parent):
     """Stream every chunk from `start` through the workers into `outputs`, with a progress bar.
     `parent`: (the loaded tokenizer, the output lock) for forked workers."""
-    pool = _start_pool(settings, workers, args.tokenizer, *parent)
+    pool = start_pool(settings, workers, args.tokenizer, *parent)
     try:
         return _stream(args, sources, settings, outputs, start, workers, total_in, checkpoint, sizes, pool)
     finally:
@@ -307,23 +244,10 @@ def _run(args, sources, settings, outputs, start, workers, total_in, checkpoint,
             pool.join()
 
 
-class _NoBar:
-    """The progress bar under --quiet: importing tqdm costs the start of a run 20-40 ms."""
-
-    def update(self, n):
-        pass
-
-    def set_postfix_str(self, s, refresh=True):
-        pass
-
-    def close(self):
-        pass
-
-
 def _stream(args, sources, settings, outputs, start, workers, total_in, checkpoint, sizes, pool):
     max_doc, chunk_bytes = sizes
     if args.quiet:
-        bar = _NoBar()
+        bar = NoBar()
     else:
         from tqdm import tqdm
 
@@ -348,7 +272,7 @@ def _stream(args, sources, settings, outputs, start, workers, total_in, checkpoi
     chunk_i = start
     meta: dict = {}
     examples: dict = {}  # the first bad record of each kind, for the error when too few survive
-    results = _ordered_map(pool, settings, _tag(todo(), meta), workers)
+    results = ordered_map(pool, settings, _tag(todo(), meta), workers)
     try:
         for res, (sid, progress) in _zip_with_meta(results, meta):
             tokens, lengths, splits, nbytes, flags, bad = res
