@@ -72,7 +72,7 @@ def skip_cpu_shm_comm_build() -> None:
 
 
 def skip_muon_compile() -> None:
-    """Spare every start DeepSpeed's torch.compile of its Muon kernels (1.2 s of CPU on 2 cores).
+    """Spare every start DeepSpeed's torch.compile of its Muon kernels (docs/PERFORMANCE.md, "Trainer start-up").
 
     DeepSpeed imports its Muon optimizer module lazily from ZeRO's engine check and gradient
     reduction, bf16 and stage-3 code, on every run; the module decorates three kernels with
@@ -86,8 +86,7 @@ def skip_muon_compile() -> None:
     saved = compiler.compile
     compiler.compile = lambda: compiler.dummy_decorator
     try:
-        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
-        import deepspeed.runtime.zero.muon.original_muon  # noqa: F401
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401  (imports original_muon, the kernels)
     finally:
         compiler.compile = saved
 

@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # the loss's ignore index (F.cross_entropy's default)
-PATHS = ("auto", "sdpa", "flex")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,14 +89,17 @@ def document_ids(idx: torch.Tensor, eod: int) -> torch.Tensor:
     return is_eod.cumsum(dim=1) - is_eod
 
 
-def positions(doc: torch.Tensor) -> torch.Tensor:
-    """(B, T) int64 position ids that restart at 0 at the first token of each document."""
-    T = doc.size(1)
-    t = torch.arange(T, device=doc.device).expand_as(doc)
+def document_starts(doc: torch.Tensor) -> torch.Tensor:
+    """(B, T) int64: the window position where each token's document starts."""
+    t = torch.arange(doc.size(1), device=doc.device).expand_as(doc)
     first = torch.ones_like(doc, dtype=torch.bool)
     first[:, 1:] = doc[:, 1:] != doc[:, :-1]
-    start = torch.where(first, t, torch.zeros_like(t)).cummax(dim=1).values  # each token's document start
-    return t - start
+    return torch.where(first, t, torch.zeros_like(t)).cummax(dim=1).values
+
+
+def positions(doc: torch.Tensor) -> torch.Tensor:
+    """(B, T) int64 position ids that restart at 0 at the first token of each document."""
+    return torch.arange(doc.size(1), device=doc.device) - document_starts(doc)
 
 
 def block_causal_mask(doc: torch.Tensor) -> torch.Tensor:
@@ -138,7 +140,7 @@ def _tiles_of(doc: torch.Tensor) -> list[tuple[int, int, int, torch.Tensor]]:
         T = doc.size(1)
         mask = block_causal_mask(doc)
         starts = list(range(0, T, TILE))
-        first = (torch.arange(T, device=doc.device) - positions(doc))[:, starts].amin(dim=0).tolist()
+        first = document_starts(doc)[:, starts].amin(dim=0).tolist()
         tiles = _tiles[id(doc)] = [(s, min(T, s + TILE), k0, mask[:, :, s:s + TILE, k0:s + TILE].contiguous())
                                    for s, k0 in zip(starts, first)]
         weakref.finalize(doc, _tiles.pop, id(doc), None)

@@ -43,36 +43,40 @@ def run_documents(cfg: Config, data, device: torch.device) -> Optional[Documents
     return Documents(eod, d.reset_attention_mask, d.reset_position_ids, d.eod_mask_loss, path)
 
 
+def pair(batch: torch.Tensor, docs: Optional[Documents]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of a (B, T + 1) window batch, the targets masked where docs say so."""
+    inputs, labels = batch[:, :-1], batch[:, 1:]
+    return inputs, (labels if docs is None else docs.labels(inputs, labels))
+
+
 def split(batch: torch.Tensor, docs: Optional[Documents]) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(inputs, targets, the model's keyword arguments doc/pos) of a (B, T + 1) window batch."""
-    inputs, labels = batch[:, :-1], batch[:, 1:]
+    inputs, labels = pair(batch, docs)
     if docs is None:
         return inputs, labels, {}
     doc, pos = docs.segments(inputs)
-    kwargs = {k: v for k, v in (("doc", doc), ("pos", pos)) if v is not None}
-    return inputs, docs.labels(inputs, labels), kwargs
+    return inputs, labels, {k: v for k, v in (("doc", doc), ("pos", pos)) if v is not None}
 
 
 def pipe_pairs(batches: Iterator[torch.Tensor], docs: Optional[Documents]) -> Iterator[tuple]:
     """(inputs, targets) per micro-batch, as DeepSpeed's pipeline reads them (the first stage
     computes the segments from the inputs itself)."""
-    for b in batches:
-        inputs = b[:, :-1]
-        yield inputs, (b[:, 1:] if docs is None else docs.labels(inputs, b[:, 1:]))
+    return (pair(b, docs) for b in batches)
 
 
 def needs_denominator(docs: Optional[Documents]) -> bool:
     return docs is not None and docs.mask_loss
 
 
-def step_micro_batches(source: Iterator, pipe: bool, layout, docs: Optional[Documents], device: torch.device,
+def step_micro_batches(source: Iterator, pipe: bool, layout, docs: Optional[Documents],
                        dp_group) -> tuple[Iterator, Optional[torch.Tensor]]:
-    """One optimizer step's micro-batches from `source` -- the (inputs, labels) pairs themselves
-    for a pipeline, (inputs, labels, model keyword arguments) otherwise -- and the loss divisor:
+    """One optimizer step's micro-batches from `source` (already on the device, `RunData.train_batches`)
+    -- the (inputs, labels) pairs themselves for a pipeline, (inputs, labels, model keyword
+    arguments) otherwise -- and the loss divisor:
     None (each micro-batch's own count), or with data.eod_mask_loss the global batch's
     (`global_denominator`; the step's micro-batches are read first to count them)."""
     gas = layout.grad_accum
-    micro = source if pipe else (split(next(source).to(device, non_blocking=True), docs) for _ in range(gas))
+    micro = source if pipe else (split(next(source), docs) for _ in range(gas))
     if not needs_denominator(docs):
         return micro, None
     micro = [next(micro) for _ in range(gas)]

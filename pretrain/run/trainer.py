@@ -252,7 +252,7 @@ class Trainer(Recovery, Evaluating):
         faults.poison_grad(engine.module, self.step, self.rank)
         factor = faults.loss_factor(self.step, self.rank, self.consumed, lay.global_batch_size)
         loss_sum = torch.zeros((), device=self.device)
-        micro, denominator = feed.step_micro_batches(batches, self.pipe, lay, self.docs, self.device, self.topo.dp_group)
+        micro, denominator = feed.step_micro_batches(batches, self.pipe, lay, self.docs, self.topo.dp_group)
         if self.pipe:  # 1F1B over grad_accum micro-batches; the loss comes from the last stage
             engine.module.loss_fn.factor = factor
             engine.module.loss_fn.denominator = denominator
