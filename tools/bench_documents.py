@@ -9,12 +9,15 @@ once with a byte-level BPE of 4096 tokens into --workdir.
 1. Throughput: `tools/bench_train.py`'s runner (the real trainer, one process, fp32), options
    on and off alternating for --repeat rounds; the mean step time of the timed steps, tokens/s,
    and the median of the per-round ratios on/off. Target: on at most 15% slower.
-2. Quality A/B (--ab-steps, 0 to skip): the same data, seed and steps with the options on and
+2. Attention alone (--kernels): forward + backward of one attention at the same shape (4 heads of
+   32, windows of the real data), in process: causal SDPA (options off), one SDPA over the whole
+   block-causal mask, and the CPU path's query tiles that the trainer uses.
+3. Quality A/B (--ab-steps, 0 to skip): the same data, seed and steps with the options on and
    off; each run's final validation loss, as that run computes it (with the options on, EOD
    inputs carry no loss and no token sees another document: not the same quantity).
 
     python tools/bench_documents.py                      # ~6 min on 2 CPU cores
-    python tools/bench_documents.py --ab-steps 0 --repeat 2
+    python tools/bench_documents.py --ab-steps 0 --repeat 2 --kernels
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -84,6 +88,36 @@ def throughput(a, data: Path) -> None:
           f"{[round(x, 3) for x in ratios]}")
 
 
+def kernels(a, data: Path) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from pretrain.data.loader import open_dataset
+    from pretrain.model import documents
+
+    eod = json.loads((data / "manifest.json").read_text())["eos_id"]
+    ds = open_dataset([str(data)], None, "train", a.seq_len, 1234, 0)
+    windows = torch.stack([torch.from_numpy(ds[i]) for i in range(a.micro_batch)])[:, :-1]
+    doc = documents.document_ids(windows, eod)
+    B, T, h, hd = a.micro_batch, a.seq_len, 4, 32
+    ways = {"causal (options off)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+            "whole block-causal mask": lambda q, k, v: F.scaled_dot_product_attention(
+                q, k, v, attn_mask=documents.block_causal_mask(doc)),
+            "query tiles (the trainer's CPU path)": lambda q, k, v: documents.attend(q, k, v, doc)}
+    ms: dict = {name: [] for name in ways}
+    q, k, v = (torch.randn(B, h, T, hd, requires_grad=True) for _ in range(3))
+    for r in range(2 + a.repeat * 3):
+        for name, fn in ways.items():
+            t = time.perf_counter()
+            fn(q, k, v).sum().backward()
+            if r >= 2:  # two warm-up rounds
+                ms[name].append(1e3 * (time.perf_counter() - t))
+    print(f"attention forward + backward, B {B}, {h} heads of {hd}, T {T}, {int(doc[:, -1].float().mean()) + 1} "
+          f"documents per window on average, {torch.get_num_threads()} thread(s):")
+    for name, xs in ms.items():
+        print(f"  {name:38s} {statistics.median(xs):8.1f} ms (median of {len(xs)})")
+
+
 def quality(a, data: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_documents_ab_"))
     common = ["--config", str(bench_train.ROOT / "configs" / "quickstart.yaml"), f"data.paths=[{data}]",
@@ -118,6 +152,7 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=3, help="throughput rounds, on/off alternating")
     p.add_argument("--ab-steps", type=int, default=150, help="steps of each quality run (0: skip)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--kernels", action="store_true", help="also time the attention alone, three ways")
     a = p.parse_args()
     data = prepare(Path(a.workdir), a.mb)
     m = json.loads((data / "manifest.json").read_text())
@@ -125,6 +160,8 @@ def main() -> int:
     print(f"data: {data}: {docs:,} documents, {tokens:,} tokens ({tokens / docs:.0f} per document, "
           f"EOD included); seq_len {a.seq_len}")
     throughput(a, data)
+    if a.kernels:
+        kernels(a, data)
     if a.ab_steps:
         quality(a, data)
     return 0

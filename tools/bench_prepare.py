@@ -7,9 +7,13 @@ byte-level BPE on it, then at 1x and 10x corpus size measures:
   - the raw tokenizer: HF tokenizers `encode_batch` (and `encode_batch_fast`, which the tool
     uses) over batches of 256 documents, RAYON_NUM_THREADS=W, timing the encode calls only.
 The ratio is tool MB/s / raw MB/s. Peak memory of the tool should not grow from 1x to 10x.
+With --profile, also where the tool's time goes besides the tokenizer, in a separate process on
+one core: the per-chunk work of the largest corpus under cProfile (tokenizer, ids to lists, lists
+to numpy, parsing, the rest), and the start of a worker pool, spawned and forked.
 
     python tools/bench_prepare.py --smoke          # seconds (CI)
     python tools/bench_prepare.py --mb 4           # 4 MB and 40 MB corpora
+    python tools/bench_prepare.py --mb 2 --repeat 2 --profile
 """
 from __future__ import annotations
 
@@ -51,6 +55,56 @@ if batch:
     run(batch)
 print(json.dumps({"seconds": t_enc, "cpu": cpu, "tokens": n_tok, "bytes": n_bytes,
                   "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+PROFILE = r"""
+import cProfile, multiprocessing as mp, sys, time
+from pretrain.data import encode
+from pretrain.data.pool import start_pool
+from pretrain.data.prep import CHUNK_DOCS
+from pretrain.data.sources import expand_inputs, iter_chunks
+from pretrain.data.tokenizer import load_tokenizer
+tok_spec, corpus, workers = f"hf:{sys.argv[1]}", sys.argv[2], int(sys.argv[3])
+max_doc = 16 * 2**20
+def settings():
+    return encode.Settings(tok_spec, "text", True, False, encode.split_thresholds([0.98, 0.02]), 1234, max_doc, "uint16")
+chunks = list(iter_chunks(expand_inputs([corpus]), "doc", "text", max_doc, 256 * 1024, CHUNK_DOCS))
+encode.init_worker(settings())
+prof = cProfile.Profile()
+prof.enable()
+for c in chunks:
+    encode.process_chunk(c)
+prof.disable()
+import pstats
+st = pstats.Stats(prof).stats  # {(file, line, function): (calls, primitive calls, own s, cumulative s, callers)}
+def ct(pred):
+    return sum(v[3] for k, v in st.items() if pred(k))
+total = ct(lambda k: k[2] == "process_chunk")
+fast = ct(lambda k: "encode_batch_fast" in k[2])
+batch = ct(lambda k: k[2] == "encode_batch" and k[0].endswith("tokenizer.py"))
+arrays = ct(lambda k: k[2] == "encode_arrays")
+parse = ct(lambda k: k[2] == "texts_of_chunk")
+rows = [("tokenizer encode_batch_fast", fast), ("Encoding.ids -> Python lists", batch - fast),
+        ("lists -> one int64 array", arrays - batch), ("parse: UTF-8, JSON, split hash", parse),
+        ("the rest of process_chunk (EOS, per-chunk arrays)", total - arrays - parse)]
+print(f"per-chunk work, {len(chunks)} chunks, one core, under cProfile (its overhead inflates the many small calls):")
+print("| step | CPU s | share |")
+print("|---|---|---|")
+for name, sec in rows:
+    print(f"| {name} | {sec:.3f} | {100 * sec / total:.1f}% |")
+for method in ("spawn", "fork"):
+    t = time.perf_counter()
+    s = settings()
+    if method == "spawn":
+        pool = mp.get_context("spawn").Pool(workers, initializer=encode.init_worker, initargs=(s,))
+    else:
+        lock = open(corpus)  # stands in for the output lock a forked worker closes
+        pool = start_pool(s, workers, tok_spec, load_tokenizer(tok_spec), lock)
+    pool.map(abs, range(4 * workers), chunksize=1)  # every worker started and initialised
+    print(f"pool of {workers} worker(s), {method}: ready in {time.perf_counter() - t:.3f} s")
+    pool.terminate()
+    pool.join()
 """
 
 
@@ -130,6 +184,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="runs of each measurement; the fastest is reported "
                     "(use 2-3 on a shared machine)")
     ap.add_argument("--workdir", default=None, help="keep files here (default: a temporary directory)")
+    ap.add_argument("--profile", action="store_true", help="also profile the tool's per-chunk work and its pool "
+                    "start (one core, a separate process)")
     a = ap.parse_args(argv)
     base_mb = 0.05 if a.smoke else a.mb
     a.vocab = a.vocab or (1024 if a.smoke else 8192)
@@ -200,6 +256,10 @@ def main(argv=None) -> int:
     if len(rows) > 1:
         print(f"\npeak RSS main+workers {rows[0][5] / 2**20:.0f} MiB at {rows[0][0]}x -> {rows[-1][5] / 2**20:.0f} MiB "
               f"at {rows[-1][0]}x (tool wall {rows[0][7]:.1f} s -> {rows[-1][7]:.1f} s)")
+    if a.profile:
+        print()
+        prof_env = dict(os.environ, RAYON_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+        subprocess.run([sys.executable, "-c", PROFILE, tok_path, corpus, str(a.workers)], env=prof_env, check=True)
     print(f"load average after the runs: {', '.join(f'{x:.1f}' for x in os.getloadavg())} "
           f"(other processes share these cores when above 0)")
     if tmp:
