@@ -27,7 +27,6 @@ import os
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -39,17 +38,15 @@ ON = ["data.reset_attention_mask=true", "data.reset_position_ids=true", "data.eo
 
 
 def write_corpus(path: Path, mb: float) -> None:
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    """The quickstart's corpus (the stdlib's sources, one document per file) cut at blank lines:
+    the paragraphs of 100-2000 bytes, about `mb` MB of them."""
+    from pretrain.quickstart import write_corpus as stdlib_corpus
+
     budget, size = mb * 2**20, 0
-    with open(path, "w", encoding="utf-8") as f:
-        for src in sorted(stdlib.rglob("*.py")):
-            if "site-packages" in src.parts:
-                continue
-            try:
-                text = src.read_text(encoding="utf-8")
-            except (UnicodeDecodeError, OSError):
-                continue
-            for para in text.split("\n\n"):
+    with open(stdlib_corpus(path.parent / "stdlib", None), encoding="utf-8") as src, \
+            open(path, "w", encoding="utf-8") as f:
+        for line in src:
+            for para in json.loads(line)["text"].split("\n\n"):
                 if 100 <= len(para.encode()) <= 2000:
                     f.write(json.dumps({"text": para}) + "\n")
                     size += len(para)
