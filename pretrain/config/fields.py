@@ -74,7 +74,7 @@ def _data_fields(cfg: Config) -> None:
     if d.eod_token_id is not None and (isinstance(d.eod_token_id, bool) or not isinstance(d.eod_token_id, int)
                                        or d.eod_token_id < 0):
         raise UserError(f"data.eod_token_id must be a token id >= 0 or null, got {d.eod_token_id!r}")
-    if d.synthetic and d.eod_token_id is None and (d.reset_attention_mask or d.reset_position_ids or d.eod_mask_loss):
+    if d.synthetic and d.eod_token_id is None and d.separates_documents():
         raise UserError("data.reset_attention_mask, reset_position_ids and eod_mask_loss need data.eod_token_id "
                         "with data.synthetic (random tokens have no manifest); set it, e.g. 0")
 

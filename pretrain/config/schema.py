@@ -125,6 +125,10 @@ class DataConfig:
     """How block-causal attention runs: 'auto' (FlexAttention on CUDA, SDPA with a boolean mask
     elsewhere), 'sdpa' or 'flex'. Logged once at start-up."""
 
+    def separates_documents(self) -> bool:
+        """Whether any of reset_attention_mask, reset_position_ids, eod_mask_loss is on (they need the EOD)."""
+        return bool(self.reset_attention_mask or self.reset_position_ids or self.eod_mask_loss)
+
 
 @dataclass
 class ParallelConfig:

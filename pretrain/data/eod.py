@@ -20,11 +20,6 @@ _NOT_EOD = re.compile(r"pad|unk|mask|bos|begin|start|cls|sep", re.IGNORECASE)
 _EOD_LIKE = re.compile(r"end|eos|eot|eod", re.IGNORECASE)
 
 
-def needed(d) -> bool:
-    """Whether the data section asks for document boundaries."""
-    return bool(d.reset_attention_mask or d.reset_position_ids or d.eod_mask_loss)
-
-
 def resolve_eod(d, paths: Iterable[str], vocab_size: int) -> int:
     """The EOD id of the data section `d` whose sources are `paths` (train, validation and test),
     or UserError naming the source or field and the fix."""

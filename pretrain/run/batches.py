@@ -27,10 +27,10 @@ def run_documents(cfg: Config, data, device: torch.device) -> Optional[Documents
     """The run's document options (None when all three are off): the EOD id from the data
     (`pretrain.data.eod`), the attention path for the device."""
     from pretrain import faults
-    from pretrain.data.eod import needed, resolve_eod
+    from pretrain.data.eod import resolve_eod
 
     d = cfg.data
-    if not needed(d):
+    if not d.separates_documents():
         return None
     paths = [] if d.synthetic else [s.path for ds in (data.train, data.valid, data.test) if ds is not None
                                     for s in ds.sources]

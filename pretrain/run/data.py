@@ -112,9 +112,9 @@ def epoch_report(ds, train_samples: int) -> list[str]:
 def to_device(batches: Iterator[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
     """Each batch moved to `device` without the host waiting: on a GPU it is first copied to
     page-locked (pinned) host memory, since a copy from pageable memory (or one without
-    non_blocking) blocks the host until the device has drained its queue. The trainer's own
-    `.to(device)` and DeepSpeed's pipeline copy (`clone().to(device)`, blocking) then find the
-    batch there. The caching host allocator keeps a pinned block until the copy out of it has
+    non_blocking) blocks the host until the device has drained its queue. The trainer takes the
+    batches as they are, and DeepSpeed's pipeline copy (`clone().to(device)`, blocking) finds them
+    there. The caching host allocator keeps a pinned block until the copy out of it has
     run, so a batch's buffer can be dropped at once. On CPU the move returns the batch itself."""
     if device.type == "cuda":
         return (b.pin_memory().to(device, non_blocking=True) for b in batches)
