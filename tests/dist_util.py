@@ -1,4 +1,4 @@
-"""Run a test body in N local processes (torch.multiprocessing spawn + gloo).
+"""Run a test body in N local processes (forked from tests/warm.py's server, or spawned; gloo).
 
     def _body(rank, world_size, a, b):      # top-level, so spawn can pickle it
         group = dist.group.WORLD
@@ -34,6 +34,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+import warm
 
 
 class DistributedTestError(AssertionError):
@@ -108,7 +110,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any,
     it); ``startup_timeout`` bounds getting there."""
     name = getattr(fn, "__name__", repr(fn))
     result_dir = tempfile.mkdtemp(prefix="dist_util_")
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("spawn") if os.environ.get(warm.FRESH) == "1" else warm.context()
     port = free_port()
     procs = [ctx.Process(target=_child, daemon=True,
                          args=(rank, fn, world_size, port, float(timeout), float(startup_timeout), backend,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import warm
 from train_util import TINY
 
 
@@ -54,4 +55,6 @@ def run_split(cmd, faults: str = "", wait: bool = True, timeout: float = 300):
         env["PRETRAIN_FAULTS"] = faults
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if warm.enabled(cmd):
+        return warm.run(cmd, env, timeout, split=True)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

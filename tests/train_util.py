@@ -9,6 +9,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import warm
+
 # A tiny model on seeded random tokens: fast on 2 CPU cores, exercises dropout RNG too.
 TINY = [
     "data.synthetic=true", "model.vocab_size=258", "model.n_layer=2", "model.d_model=64",
@@ -41,6 +43,8 @@ def run_train(out_dir: Path, overrides=(), nproc: int = 1, faults: str = "", tim
         cmd = [sys.executable, *args]
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if warm.enabled(cmd):
+        return warm.run(cmd, env, timeout)
     return subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=timeout)
 
@@ -53,9 +57,9 @@ def run_ranks(cmd: list[str], env: dict, nproc: int, timeout: float = 300) -> su
 
     env = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc),
            "LOCAL_WORLD_SIZE": str(nproc)}
-    logs = [tempfile.TemporaryFile("w+") for _ in range(nproc)]
-    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=logs[r],
-                              stderr=subprocess.STDOUT, text=True) for r in range(nproc)]
+    logs = tempfile.TemporaryDirectory(prefix="ranks_")
+    paths = [os.path.join(logs.name, f"rank{r}.log") for r in range(nproc)]
+    procs = [_start(cmd, {**env, "RANK": str(r), "LOCAL_RANK": str(r)}, paths[r]) for r in range(nproc)]
     deadline, rc = time.monotonic() + timeout, None
     try:
         while rc is None:
@@ -75,11 +79,18 @@ def run_ranks(cmd: list[str], env: dict, nproc: int, timeout: float = 300) -> su
                 p.kill()
             p.wait()
     text = []
-    for r, f in enumerate(logs):
-        f.seek(0)
-        text.append(f.read() if r == 0 else "".join(f"[rank {r}] {line}" for line in f))
-        f.close()
+    for r, path in enumerate(paths):
+        with open(path) as f:
+            text.append(f.read() if r == 0 else "".join(f"[rank {r}] {line}" for line in f))
+    logs.cleanup()
     return subprocess.CompletedProcess(cmd, rc, stdout="".join(text))
+
+
+def _start(cmd, env: dict, log: str):
+    if warm.enabled(cmd):
+        return warm.start(cmd, env, log)
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
 
 
 def metrics(out_dir: Path) -> list[dict]:
