@@ -1,14 +1,9 @@
 """Everything we rely on in DeepSpeed beyond its documented API, in one place.
 
-Each function below wraps one private attribute, monkeypatch or version-dependent behaviour of
-DeepSpeed (and one of torch.distributed), says why we need it, and is checked by a test of
-tests/test_deepspeed_internals.py that names the function when a new DeepSpeed changes the
-internal. docs/DEEPSPEED.md lists them. The tested range is pinned in pyproject.toml.
-
-Apart from this module only `pretrain.run.engine` (deepspeed.initialize), `pretrain.parallel.pipeline`
-(LayerSpec, TiedLayerSpec) and `pretrain.parallel.topology` (the topology classes) import
-deepspeed, and only its public API. DeepSpeed is imported inside the functions: importing it
-costs seconds that `--print-config` and `--plan` need not pay (so is torch, imported likewise).
+Each function wraps one private attribute, monkeypatch or version-dependent behaviour of
+DeepSpeed (and one of torch.distributed); docs/DEEPSPEED.md says why we need each and which test
+of tests/test_deepspeed_internals.py names it when a DeepSpeed release changes it. DeepSpeed
+(and torch) are imported inside the functions: seconds that `--print-config` and `--plan` skip.
 """
 from __future__ import annotations
 
@@ -44,9 +39,8 @@ def version() -> str:
 
 # ---------------------------------------------------------------------- start-up
 def set_default_pg_timeout(timeout: datetime.timedelta) -> None:
-    """Make `timeout` torch's default for process groups created later without one (DeepSpeed's
-    ZeRO and pipeline groups, our TP groups), so a dead peer fails them in time too: torch reads
-    these module globals of `distributed_c10d` whenever a group gets no explicit timeout."""
+    """Make `timeout` torch's default for groups created later without one (DeepSpeed's, our TP
+    groups): torch reads these `distributed_c10d` globals whenever a group gets no timeout."""
     import torch.distributed.distributed_c10d as c10d
 
     c10d.default_pg_timeout = timeout
@@ -56,14 +50,10 @@ def set_default_pg_timeout(timeout: datetime.timedelta) -> None:
 def skip_cpu_shm_comm_build() -> None:
     """Stop DeepSpeed from compiling its C++ shared-memory all-reduce on a CPU run.
 
-    DeepSpeed's TorchBackend (comm/torch.py, `build_shm_op`) JIT-compiles `deepspeed_shm_comm`
-    whenever the accelerator is the CPU: 60-90 s with a C++ compiler on the first launch (and
-    on every launch when another venv shares the extension cache), an error without one. The op
-    only serves `inference_all_reduce` (DeepSpeed-Inference tensor parallelism), which training
-    never calls; our all-reduces go through torch.distributed (gloo). DeepSpeed consults its
-    `deepspeed.ops.__compatible_ops__` dict (probed once, and documented to keep edits) before
-    building, so marking the op incompatible there skips the build and nothing else.
-    """
+    TorchBackend's `build_shm_op` JIT-compiles `deepspeed_shm_comm` on a CPU accelerator (60-90 s
+    with a C++ compiler, an error without one) for `inference_all_reduce` alone, which training
+    never calls. It consults `deepspeed.ops.__compatible_ops__` first: marking the op
+    incompatible there skips the build and nothing else."""
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
@@ -74,11 +64,9 @@ def skip_cpu_shm_comm_build() -> None:
 def skip_muon_compile() -> None:
     """Spare every start DeepSpeed's torch.compile of its Muon kernels (docs/PERFORMANCE.md, "Trainer start-up").
 
-    DeepSpeed imports its Muon optimizer module lazily from ZeRO's engine check and gradient
-    reduction, bf16 and stage-3 code, on every run; the module decorates three kernels with
-    `deepspeed.runtime.compiler.compile()` (torch.compile: inductor's imports and set-up). We never
-    use Muon, so we import the module first, once, with that decorator as DeepSpeed's own no-op
-    `dummy_decorator`: later imports find it loaded, the kernels stay eager."""
+    DeepSpeed imports its Muon module lazily on every ZeRO/bf16 run, which wraps three kernels in
+    `deepspeed.runtime.compiler.compile()`. We import it first, once, with that decorator as
+    DeepSpeed's own no-op `dummy_decorator`: later imports find it loaded, the kernels stay eager."""
     if "deepspeed.runtime.zero.muon.original_muon" in sys.modules:
         return
     from deepspeed.runtime import compiler
@@ -125,18 +113,12 @@ def global_grad_norm(zero_optimizer):
 def device_side_invalid_grad_norm(zero_optimizer) -> None:
     """Let `zero_optimizer.step()` accept a tensor norm without reading it on the host.
 
-    DeepSpeed's ZeRO step() reads its global gradient norm on the host to skip a non-finite
-    step (`is_invalid_grad_norm`: a device-to-host copy every step; always at ZeRO-3, at
-    ZeRO-1/2 unless bf16). GuardedAdamW takes the same verdict from the same norm on the device,
-    so while this optimizer's step() runs, a tensor norm is reported valid to it: the step goes
-    on and the fused kernel leaves weights and moments as they were. Not for fp16, whose loss
-    scaler needs DeepSpeed's own verdict. Another DeepSpeed without the function keeps its check.
-
-    Also during step(): the norm's NaN/inf sentinel, `torch.tensor(-1.0, device=...)` -- a blocking
-    host-to-device copy (a wait for the device) every step -- is not made on the device: ZeRO 1/2's
-    mask (`mask_nan_or_inf_with_val_inplace`, a module global) fills with a scalar instead, and
-    ZeRO-3's `get_grad_norm_direct` runs with the optimizer's `device` None, so its sentinel is a
-    0-d host tensor, which its `torch.where` takes as a scalar."""
+    ZeRO's step() reads its global norm on the host (`is_invalid_grad_norm`) to skip a non-finite
+    step; GuardedAdamW takes the same verdict on the device, so during this optimizer's step() a
+    tensor norm is reported valid (not for fp16: its loss scaler needs DeepSpeed's verdict). Also
+    during step(), the norm's NaN sentinel is not a blocking host-to-device copy: ZeRO 1/2's
+    `mask_nan_or_inf_with_val_inplace` fills with a scalar, and ZeRO-3's `get_grad_norm_direct`
+    runs with `device` None (a 0-d host sentinel, which its `torch.where` takes as a scalar)."""
     import torch
 
     module = sys.modules[type(zero_optimizer).__module__]  # zero/stage3.py or zero/stage_1_and_2.py
@@ -224,11 +206,9 @@ def universal_checkpoint_load(engine):
     """While inside, `engine.load_checkpoint` reads a universal checkpoint (DeepSpeed reads the
     flag from its config only inside load_checkpoint, so it is set for this load alone).
 
-    After a successful load two DeepSpeed behaviours are undone: ZeRO-3's universal load copies
-    group 0's hyperparameters onto every group (which would give the no-decay group the weight
-    decay), so every group gets this run's back; and it gives every flat group the *same* `step`
-    tensor, which torch's AdamW increments in place once per group (advancing the bias
-    correction twice per step), so each state gets its own, as a fresh optimizer has."""
+    After the load, two ZeRO-3 universal-load behaviours are undone: group 0's hyperparameters
+    copied onto every group (weight decay on the no-decay group), and one `step` tensor shared by
+    every group (AdamW would advance it once per group)."""
     import torch
 
     cfg = engine._config
@@ -260,9 +240,8 @@ def convert_to_universal(src: Path, dst: Path) -> None:
 
 
 def universal_args(src: Path, dst: Path) -> argparse.Namespace:
-    """The options `convert_to_universal` hands ds_to_universal's `main` (one worker each: the
-    conversion runs inside a training process or the converter's; strict; Adam's missing state
-    injected)."""
+    """The options `convert_to_universal` hands ds_to_universal's `main` (one worker each: it runs
+    inside a training or converter process; strict; Adam's missing state injected)."""
     return argparse.Namespace(input_folder=str(src), output_folder=str(dst), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
 
@@ -345,11 +324,9 @@ def partition_zero3(module: torch.nn.Module, *, data_parallel_group, config: dic
     keeping its own partition of what its tensors hold: the caller writes every partition
     after (`zero3_partition`), so the values need not agree across ranks beforehand.
 
-    `deepspeed.zero.Init(module=...)` first broadcasts every full parameter from rank 0
-    (`Init._zero_init_param`), so that all ranks partition the same values: a full-size
-    message per parameter on every rank. Our ranks write their partitions themselves, so the
-    Init used here leaves the broadcast out (a DeepSpeed without that method would broadcast
-    as before: slower, same result; tests/test_init_share.py checks it is still called)."""
+    `deepspeed.zero.Init(module=...)` would first broadcast every full parameter from rank 0
+    (`Init._zero_init_param`); ours leaves that out (without the method DeepSpeed broadcasts as
+    before: slower, same result; tests/test_init_share.py checks it is still called)."""
     _partitioning_init()(module=module, data_parallel_group=data_parallel_group, config_dict_or_path=config,
                          mpu=mpu, dtype=dtype)
 
@@ -397,9 +374,8 @@ def pipeline_grid_patch(grid):
 
 @functools.cache
 def pipeline_module_base() -> type:
-    """DeepSpeed's PipelineModule, taking `grid=` (adopted through `pipeline_grid_patch`), and
-    counting each layer's parameters by its spec's `num_params`: DeepSpeed would build every layer
-    to count it; ours are the counts `--plan` partitions with (and need no building)."""
+    """DeepSpeed's PipelineModule taking `grid=` (through `pipeline_grid_patch`) and counting each
+    layer's parameters by its spec's `num_params` (the `--plan` counts) instead of building it."""
     from deepspeed.runtime.pipe.module import PipelineModule
 
     class PresizedPipelineModule(PipelineModule):
