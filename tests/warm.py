@@ -7,8 +7,10 @@ each process from it. The child is otherwise the program: it runs MODULE as `__m
 (runpy, like `python -m`) with its own environment, argv, cwd and stdout/stderr, and runs
 the atexit handlers at the end. Only third-party modules are preloaded: pretrain's own are
 imported fresh in each child, so anything they read at import (PRETRAIN_FAULTS) is the
-child's. Tests about the command itself (signals, launchers, the installed script) keep
-starting real interpreters.
+child's. What the children do share is the server's hash seed (str hashes, hence set order),
+which fresh interpreters draw each; the tests that start real interpreters (signals, launchers,
+torchrun, the installed script) keep covering ranks that disagree on it. PRETRAIN_TEST_FRESH=1
+starts every process fresh.
 """
 from __future__ import annotations
 
