@@ -224,18 +224,7 @@ def load_consolidated(engine, tag_dir: Path, topo=None) -> None:
     tp, tp_rank = (topo.tp, topo.tp_rank) if topo is not None else (1, 0)
     zero3 = dsadapter.is_zero3_partitioned(module)
     mapped = dsadapter.has_zero_fp32_views(module)  # ZeRO-1/2: fp32 partition views
-    # Adam's state with the saved step count, one `step` tensor per state as torch makes it (fused or
-    # capturable: fp32 on the parameter's device); DeepSpeed 0.19 creates none before the first step.
-    for p, g in dsadapter.stepped_params(opt):
-        on_dev = g.get("fused") or g.get("capturable")
-        st = base.state.setdefault(p, {})
-        st["step"] = torch.tensor(float(meta["adam_step"]), device=p.device if on_dev else "cpu",
-                                  dtype=torch.float32 if on_dev else torch.get_default_dtype())
-        for kind in ("exp_avg", "exp_avg_sq"):  # existing tensors are kept: DeepSpeed may hold views of them
-            if torch.is_tensor(st.get(kind)) and st[kind].shape == p.shape:
-                st[kind].zero_()
-            else:
-                st[kind] = torch.zeros_like(p)
+    _zero_adam_state(opt, int(meta["adam_step"]))
     if mapped:
         dsadapter.link_hp_optimizer_states(opt)  # DeepSpeed would make its views of the moments at the first step
     src, files = cons.consolidated_dir(tag_dir), Files()
@@ -258,29 +247,59 @@ def load_consolidated(engine, tag_dir: Path, topo=None) -> None:
                 fill_piece(stored[kind][plain].block, plain, full, m, tp, tp_rank, start, val[kind])
             files.release()
             if zero3:
-                # DeepSpeed's setters take the whole piece and keep this rank's range of it: a buffer of
-                # that size holding the range only (pages never written are never allocated).
-                for kind in cons.STATES:
-                    whole = torch.empty(local, dtype=p.dtype)
-                    whole.view(-1)[start:stop] = val[kind]
-                    if kind == "fp32":
-                        dsadapter.set_full_fp32_param(p, whole)
-                    else:
-                        dsadapter.set_full_optimizer_state(p, whole, kind)
-                part = held[0]
-                part[:stop - start].copy_(val["fp32"])  # the module's own partition
-                part[stop - start:].zero_()
-                continue
-            val = {k: v.view(local) for k, v in val.items()}
-            if mapped:  # the fp32 partition and the moments (each rank keeps its part)
-                dsadapter.set_full_fp32_param(p, val["fp32"])
-                for kind in ("exp_avg", "exp_avg_sq"):
-                    dsadapter.set_full_optimizer_state(p, val[kind], kind)
-            elif p in base.state:  # ZeRO-0: torch's AdamW steps the module's own parameters
-                for kind in ("exp_avg", "exp_avg_sq"):
-                    base.state[p][kind].copy_(val[kind])
+                _set_partition(p, held, local, val)
+            elif mapped or p in base.state:
+                _set_local(p, {k: v.view(local) for k, v in val.items()}, mapped, base)
             else:
                 raise UserError(f"{tag_dir}: cannot place the optimizer state of {name} in this engine "
                                 f"({type(opt).__name__}); resume with the saved parallel.* settings")
-            p.data.copy_(val["fp32"])  # the module's own weights
     dsadapter.set_progress(engine, int(state["step"]), int(state["consumed_samples"]))
+
+
+def _zero_adam_state(opt, adam_step: int) -> None:
+    """Adam's state with the saved step count and zeroed moments (filled next), one `step` tensor per
+    state as torch makes it (fused or capturable: fp32 on the parameter's device); DeepSpeed 0.19
+    creates none before the first step."""
+    import torch
+
+    base = dsadapter.base_optimizer(opt)
+    for p, g in dsadapter.stepped_params(opt):
+        on_dev = g.get("fused") or g.get("capturable")
+        st = base.state.setdefault(p, {})
+        st["step"] = torch.tensor(float(adam_step), device=p.device if on_dev else "cpu",
+                                  dtype=torch.float32 if on_dev else torch.get_default_dtype())
+        for kind in ("exp_avg", "exp_avg_sq"):  # existing tensors are kept: DeepSpeed may hold views of them
+            if torch.is_tensor(st.get(kind)) and st[kind].shape == p.shape:
+                st[kind].zero_()
+            else:
+                st[kind] = torch.zeros_like(p)
+
+
+def _set_partition(p, held, local: tuple, val: dict) -> None:
+    """ZeRO-3: this rank's range [start, stop) of the weights, fp32 master weights and moments.
+    DeepSpeed's setters take the whole piece and keep this rank's range of it: a buffer of that size
+    holding the range only (pages never written are never allocated)."""
+    import torch
+
+    part, start, stop = held
+    for kind, v in val.items():
+        whole = torch.empty(local, dtype=p.dtype)
+        whole.view(-1)[start:stop] = v
+        if kind == "fp32":
+            dsadapter.set_full_fp32_param(p, whole)
+        else:
+            dsadapter.set_full_optimizer_state(p, whole, kind)
+    part[:stop - start].copy_(val["fp32"])  # the module's own partition
+    part[stop - start:].zero_()
+
+
+def _set_local(p, val: dict, mapped: bool, base) -> None:
+    """ZeRO 0-2: the local piece's fp32 master weights and moments, then the module's own weights."""
+    if mapped:  # ZeRO-1/2: the fp32 partition and the moments (each rank keeps its part)
+        dsadapter.set_full_fp32_param(p, val["fp32"])
+        for kind in ("exp_avg", "exp_avg_sq"):
+            dsadapter.set_full_optimizer_state(p, val[kind], kind)
+    else:  # ZeRO-0: torch's AdamW steps the module's own parameters
+        for kind in ("exp_avg", "exp_avg_sq"):
+            base.state[p][kind].copy_(val[kind])
+    p.data.copy_(val["fp32"])
