@@ -109,6 +109,24 @@ def test_flex_path_equals_sdpa_path():
     assert (sdpa[0] - documents.attend(q, k, v, None)[0]).abs().max() > 1e-3
 
 
+@torch.no_grad()
+def test_the_block_mask_is_made_once_per_micro_batch_not_per_layer(monkeypatch):
+    """Every layer of a forward gets the same ids tensor: FlexAttention's BlockMask (and the CPU
+    tiles) are made from it once; a new micro-batch's ids make new ones."""
+    import torch.nn.attention.flex_attention as fa
+
+    made = []
+    real = fa.create_block_mask
+    monkeypatch.setattr(fa, "create_block_mask", lambda *a, **kw: made.append(1) or real(*a, **kw))
+    q, k, v = (torch.randn(1, 2, 24, 8) for _ in range(3))
+    doc = torch.tensor([[0] * 10 + [1] * 14])
+    first = [documents.attend(q, k, v, doc, "flex") for _ in range(3)]  # three layers
+    assert len(made) == 1 and all(torch.equal(first[0], o) for o in first[1:])
+    documents.attend(q, k, v, doc.clone(), "flex")  # the next micro-batch
+    assert len(made) == 2
+    assert documents._tiles_of(doc) is documents._tiles_of(doc)
+
+
 def test_cpu_tiles_equal_one_masked_attention_outputs_and_gradients():
     """The CPU path's query tiles (each against the keys its documents reach) give the whole
     masked attention's outputs and gradients: short documents, a document longer than a tile,

@@ -128,38 +128,56 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc: Optional[torc
 
 
 TILE = 256  # query rows per tile of the CPU path (measured: docs/PERFORMANCE.md, "Packed documents")
-_tiles: dict[int, list] = {}
+_made: dict[tuple[int, str], object] = {}
+
+
+def _once_per_doc(doc: torch.Tensor, what: str, make):
+    """`make(doc)`, made once per `doc` tensor: every layer of a forward (and its recomputation
+    under activation checkpointing) gets the same ids object. Dropped with the ids (a
+    finalizer), so nothing outlives its micro-batch."""
+    key = (id(doc), what)
+    made = _made.get(key)
+    if made is None:
+        made = _made[key] = make(doc)
+        weakref.finalize(doc, _made.pop, key, None)
+    return made
 
 
 def _tiles_of(doc: torch.Tensor) -> list[tuple[int, int, int, torch.Tensor]]:
-    """[(first query, end, first key, mask tile)] of the CPU path, made once per `doc` tensor:
-    every layer of a forward (and its recomputation under activation checkpointing) gets the
-    same ids object. Dropped with the ids (a finalizer), so none outlives its micro-batch."""
-    tiles = _tiles.get(id(doc))
-    if tiles is None:
-        T = doc.size(1)
-        mask = block_causal_mask(doc)
-        starts = list(range(0, T, TILE))
-        first = document_starts(doc)[:, starts].amin(dim=0).tolist()
-        tiles = _tiles[id(doc)] = [(s, min(T, s + TILE), k0, mask[:, :, s:s + TILE, k0:s + TILE].contiguous())
-                                   for s, k0 in zip(starts, first)]
-        weakref.finalize(doc, _tiles.pop, id(doc), None)
-    return tiles
+    """[(first query, end, first key, mask tile)] of the CPU path, once per `doc` tensor."""
+    return _once_per_doc(doc, "tiles", _make_tiles)
+
+
+def _make_tiles(doc: torch.Tensor) -> list[tuple[int, int, int, torch.Tensor]]:
+    T = doc.size(1)
+    mask = block_causal_mask(doc)
+    starts = list(range(0, T, TILE))
+    first = document_starts(doc)[:, starts].amin(dim=0).tolist()
+    return [(s, min(T, s + TILE), k0, mask[:, :, s:s + TILE, k0:s + TILE].contiguous())
+            for s, k0 in zip(starts, first)]
 
 
 _compiled_flex = None
 
 
-def _flex(q, k, v, doc):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    global _compiled_flex
+def _block_mask(doc: torch.Tensor):
+    """FlexAttention's BlockMask of block-causal attention within the documents of `doc` (B, T)."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
     def same_doc_causal(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
 
     B, T = doc.shape
-    block_mask = create_block_mask(same_doc_causal, B, None, T, T, device=doc.device)
+    return create_block_mask(same_doc_causal, B, None, T, T, device=doc.device)
+
+
+def _flex(q, k, v, doc):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    global _compiled_flex
+
+    # Once per micro-batch, not per layer, except while a compiled block traces it.
+    block_mask = _block_mask(doc) if torch.compiler.is_compiling() else _once_per_doc(doc, "block mask", _block_mask)
     if q.device.type != "cuda":  # the unfused reference (tests on CPU); quiet about it
         import warnings
 
