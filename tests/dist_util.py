@@ -110,7 +110,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any,
     it); ``startup_timeout`` bounds getting there."""
     name = getattr(fn, "__name__", repr(fn))
     result_dir = tempfile.mkdtemp(prefix="dist_util_")
-    ctx = mp.get_context("spawn") if os.environ.get(warm.FRESH) == "1" else warm.context()
+    ctx = warm.context() if warm.forking() else mp.get_context("spawn")
     port = free_port()
     procs = [ctx.Process(target=_child, daemon=True,
                          args=(rank, fn, world_size, port, float(timeout), float(startup_timeout), backend,

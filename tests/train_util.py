@@ -57,32 +57,31 @@ def run_ranks(cmd: list[str], env: dict, nproc: int, timeout: float = 300) -> su
 
     env = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc),
            "LOCAL_WORLD_SIZE": str(nproc)}
-    logs = tempfile.TemporaryDirectory(prefix="ranks_")
-    paths = [os.path.join(logs.name, f"rank{r}.log") for r in range(nproc)]
-    procs = [_start(cmd, {**env, "RANK": str(r), "LOCAL_RANK": str(r)}, paths[r]) for r in range(nproc)]
-    deadline, rc = time.monotonic() + timeout, None
-    try:
-        while rc is None:
-            codes = [p.poll() for p in procs]
-            failed = [c for c in codes if c not in (None, 0)]
-            if failed:
-                rc = failed[0]
-            elif all(c == 0 for c in codes):
-                rc = 0
-            elif time.monotonic() > deadline:
-                rc = -9
-            else:
-                time.sleep(0.05)
-    finally:
-        for p in procs:  # only the processes started here
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-    text = []
-    for r, path in enumerate(paths):
-        with open(path) as f:
-            text.append(f.read() if r == 0 else "".join(f"[rank {r}] {line}" for line in f))
-    logs.cleanup()
+    with tempfile.TemporaryDirectory(prefix="ranks_") as logs:
+        paths = [os.path.join(logs, f"rank{r}.log") for r in range(nproc)]
+        procs = [_start(cmd, {**env, "RANK": str(r), "LOCAL_RANK": str(r)}, paths[r]) for r in range(nproc)]
+        deadline, rc = time.monotonic() + timeout, None
+        try:
+            while rc is None:
+                codes = [p.poll() for p in procs]
+                failed = [c for c in codes if c not in (None, 0)]
+                if failed:
+                    rc = failed[0]
+                elif all(c == 0 for c in codes):
+                    rc = 0
+                elif time.monotonic() > deadline:
+                    rc = -9
+                else:
+                    time.sleep(0.05)
+        finally:
+            for p in procs:  # only the processes started here
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+        text = []
+        for r, path in enumerate(paths):
+            with open(path) as f:
+                text.append(f.read() if r == 0 else "".join(f"[rank {r}] {line}" for line in f))
     return subprocess.CompletedProcess(cmd, rc, stdout="".join(text))
 
 

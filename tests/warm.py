@@ -32,33 +32,36 @@ FRESH = "PRETRAIN_TEST_FRESH"  # =1: every process a fresh interpreter, as befor
 _context = None
 
 
-def enabled(cmd=None) -> bool:
-    """Whether to fork (and, given `cmd`, whether it is `python -m pretrain...`)."""
-    if os.environ.get(FRESH) == "1":
-        return False
-    found = module_of(cmd) if cmd is not None else ("pretrain.", [])
-    return found is not None and found[0].startswith("pretrain.")
+def forking() -> bool:
+    """Whether processes are forked from the server (not with PRETRAIN_TEST_FRESH=1)."""
+    return os.environ.get(FRESH) != "1"
+
+
+def enabled(cmd) -> bool:
+    """Whether `cmd` is forked: `python -m pretrain...`, while forking."""
+    found = module_of(cmd)
+    return forking() and found is not None and found[0].startswith("pretrain.")
 
 
 def context():
-    """The forkserver context (its server starts on first use, with OMP_NUM_THREADS=1 as every
-    test process has: the OpenMP runtime reads it when torch loads)."""
+    """The forkserver context. Its server starts here, once, with OMP_NUM_THREADS=1 as every test
+    process has: the OpenMP runtime reads it when torch loads."""
     global _context
     if _context is None:
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(PRELOAD)
-        _context = ctx
-    old = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
         from multiprocessing import forkserver
 
-        forkserver.ensure_running()
-    finally:
-        if old is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        else:
-            os.environ["OMP_NUM_THREADS"] = old
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(PRELOAD)
+        old = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = "1"
+        try:
+            forkserver.ensure_running()
+        finally:
+            if old is None:
+                os.environ.pop("OMP_NUM_THREADS")
+            else:
+                os.environ["OMP_NUM_THREADS"] = old
+        _context = ctx
     return _context
 
 
@@ -90,14 +93,10 @@ def _main(module: str, args: list[str], env: dict, cwd: str, out: str, err: str)
 
 
 class Forked:
-    """Popen's poll / wait / kill / send_signal for a forkserver child."""
+    """Popen's poll / wait / kill for a forkserver child."""
 
     def __init__(self, proc, args):
-        self.proc, self.args, self.pid = proc, args, proc.pid
-
-    @property
-    def returncode(self):
-        return self.proc.exitcode
+        self.proc, self.args = proc, args
 
     def poll(self):
         return self.proc.exitcode
@@ -112,10 +111,6 @@ class Forked:
         if self.proc.exitcode is None:
             self.proc.kill()
 
-    def send_signal(self, sig):
-        if self.proc.exitcode is None:
-            os.kill(self.pid, sig)
-
 
 def module_of(cmd) -> tuple[str, list[str]] | None:
     """(MODULE, ARGS) for `[sys.executable, "-m", MODULE, *ARGS]`, else None."""
@@ -125,10 +120,10 @@ def module_of(cmd) -> tuple[str, list[str]] | None:
     return None
 
 
-def start(cmd, env: dict, out: str, err: str | None = None, cwd: str | None = None) -> Forked:
+def start(cmd, env: dict, out: str, err: str | None = None) -> Forked:
+    """Fork `cmd` (`python -m MODULE ...`) in this cwd, stdout to `out`, stderr to `err` or `out`."""
     module, args = module_of(cmd)
-    proc = context().Process(target=_main, args=(module, args, dict(env), cwd or os.getcwd(), str(out),
-                                                  str(err or out)))
+    proc = context().Process(target=_main, args=(module, args, dict(env), os.getcwd(), str(out), str(err or out)))
     proc.start()
     return Forked(proc, [str(c) for c in cmd])
 
