@@ -1,8 +1,8 @@
 """`python -m MODULE ARGS` as a process forked from a warm interpreter.
 
-A fresh interpreter spends about 2.7 s of CPU importing torch, torch._dynamo and DeepSpeed
-before the trainer does anything, and the suite starts hundreds of trainer processes on 2
-cores. multiprocessing's forkserver imports those libraries once, in its server, and forks
+A fresh interpreter spends seconds of CPU importing torch, torch._dynamo and DeepSpeed before
+the trainer does anything (docs/PERFORMANCE.md, "Test suite"), and the suite starts hundreds
+of trainer processes on 2 cores. multiprocessing's forkserver imports those libraries once, in its server, and forks
 each process from it. The child is otherwise the program: it runs MODULE as `__main__`
 (runpy, like `python -m`) with its own environment, argv, cwd and stdout/stderr, and runs
 the atexit handlers at the end. Only third-party modules are preloaded: pretrain's own are
