@@ -50,9 +50,9 @@ def set_default_pg_timeout(timeout: datetime.timedelta) -> None:
 def skip_cpu_shm_comm_build() -> None:
     """Stop DeepSpeed from compiling its C++ shared-memory all-reduce on a CPU run.
 
-    TorchBackend's `build_shm_op` JIT-compiles `deepspeed_shm_comm` on a CPU accelerator (60-90 s
-    with a C++ compiler, an error without one) for `inference_all_reduce` alone, which training
-    never calls. It consults `deepspeed.ops.__compatible_ops__` first: marking the op
+    TorchBackend's `build_shm_op` JIT-compiles `deepspeed_shm_comm` on a CPU accelerator (slow with a
+    C++ compiler, docs/DEEPSPEED.md; an error without one) for `inference_all_reduce` alone, which
+    training never calls. It consults `deepspeed.ops.__compatible_ops__` first: marking the op
     incompatible there skips the build and nothing else."""
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator

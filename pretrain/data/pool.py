@@ -1,8 +1,8 @@
 """pretrain-prep's worker processes: a pool that encodes chunks in order, a bounded number in
-flight, forked where that is safe (a forked worker is ready in milliseconds and reuses the loaded
+flight, forked where that is safe (a forked worker is ready at once and reuses the loaded
 tokenizer; a spawned one first starts Python and imports numpy, tokenizers and this package again:
-0.17-0.27 s, the largest cost of the tool beyond the tokenizer on a 20 MB corpus with 2 cores,
-docs/PERFORMANCE.md), and the progress bar that --quiet replaces."""
+the largest cost of the tool beyond the tokenizer on a small corpus, docs/PERFORMANCE.md "Data
+preparation"), and the progress bar that --quiet replaces."""
 from __future__ import annotations
 
 import collections
@@ -33,7 +33,7 @@ def _init_forked_worker(settings, tok, lock) -> None:
 
 def start_pool(settings, workers: int, tokenizer_arg: str, tok, lock):
     """The worker pool (None for --workers 1), started before anything else in this process could
-    start a thread (the progress bar's monitor does): see _start_method. `tokenizer_arg`: --tokenizer;
+    start a thread (the progress bar's monitor does): see start_method. `tokenizer_arg`: --tokenizer;
     `tok`: the loaded tokenizer; `lock`: the output directory's lock file."""
     if workers <= 1:
         return None
@@ -76,7 +76,7 @@ def ordered_map(pool, settings, chunks, workers):
 
 
 class NoBar:
-    """The progress bar under --quiet: importing tqdm costs the start of a run 20-40 ms."""
+    """The progress bar under --quiet (which need not import tqdm)."""
 
     def update(self, n):
         pass
